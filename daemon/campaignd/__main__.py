@@ -1,0 +1,5 @@
+import sys
+
+from campaignd.cli import main
+
+sys.exit(main())

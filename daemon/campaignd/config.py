@@ -1,0 +1,208 @@
+"""Configuration: a TOML file, every field overridable from the environment.
+
+Precedence, highest first: explicit overrides (CLI flags), environment variables
+(``CAMPAIGND_DISPATCH__CONCURRENCY=128``), the TOML file, the defaults below.
+A bad configuration raises :class:`ConfigError` whose message names each bad field;
+the CLI turns it into exit code 2 so that systemd's ``RestartPreventExitStatus=2``
+stops a crash loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "CAMPAIGND_"
+CONFIG_PATH_ENV = "CAMPAIGND_CONFIG"
+SECRET_REFERENCE_PREFIX = "env:"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field and why."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: SecretStr = SecretStr("postgresql://localhost/campaignd")
+    pool_size: int = Field(default=10, ge=2, le=500)
+    # Session guards: a stuck query or a client that died mid-transaction must not hold
+    # locks that every other daemon waits on.
+    statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    lock_timeout_seconds: float = Field(default=5.0, gt=0)
+    idle_in_transaction_timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class DispatchConfig(_Section):
+    concurrency: int = Field(default=64, ge=1, le=100_000)
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    lease_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
+    poll_seconds: float = Field(default=1.0, gt=0, le=3600.0)
+    drain_seconds: float = Field(default=20.0, ge=0, le=3600.0)
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0)
+    # How often buffered outcomes are written when the buffer is not yet full.
+    flush_seconds: float = Field(default=0.05, gt=0, le=10.0)
+    owner: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DispatchConfig:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds must be >= backoff_base_seconds")
+        return self
+
+
+class LogConfig(_Section):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class SenderConfig(_Section):
+    provider: Literal["http"] = "http"
+    url: str = Field(min_length=1)
+    rate_per_second: float = Field(default=50.0, gt=0, le=1_000_000)
+    burst: int = Field(default=10, ge=1, le=1_000_000)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    resend_in_doubt: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _resolve_secret_references(cls, value: Any) -> Any:
+        """Values written ``env:NAME`` are read from the environment, so tokens stay out of files."""
+        if not isinstance(value, dict):
+            return value
+        resolved: dict[str, Any] = {}
+        for name, raw in value.items():
+            text = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
+            if isinstance(text, str) and text.startswith(SECRET_REFERENCE_PREFIX):
+                variable = text[len(SECRET_REFERENCE_PREFIX) :]
+                if variable not in os.environ:
+                    raise ValueError(
+                        f"header {name!r} refers to environment variable {variable} which is not set"
+                    )
+                text = os.environ[variable]
+            resolved[name] = text
+        return resolved
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database: DatabaseConfig = DatabaseConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    log: LogConfig = LogConfig()
+    senders: dict[str, SenderConfig] = Field(default_factory=dict)
+
+    @field_validator("senders")
+    @classmethod
+    def _sender_ids(cls, value: dict[str, SenderConfig]) -> dict[str, SenderConfig]:
+        for sender_id in value:
+            if (
+                not sender_id
+                or len(sender_id) > 100
+                or not sender_id.replace("-", "").replace("_", "").isalnum()
+            ):
+                raise ValueError(f"sender id {sender_id!r} must be 1-100 letters, digits, '-' or '_'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives through init_settings (see load_settings), but the
+        # environment must win over it, so the file is merged beneath the env source.
+        return (env_settings, init_settings)
+
+
+def _describe_location(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(top level)"
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors(include_url=False, include_input=False):
+        lines.append(f"  {_describe_location(problem['loc'])}: {problem['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build settings from a file (or ``$CAMPAIGND_CONFIG``), the environment and overrides."""
+    if path is None and os.environ.get(CONFIG_PATH_ENV):
+        path = Path(os.environ[CONFIG_PATH_ENV])
+    file_values = read_toml(path) if path is not None else {}
+    if not isinstance(file_values, dict):
+        raise ConfigError("config file must be a TOML table")
+    try:
+        settings = Settings(**file_values)
+        if overrides:
+            settings = Settings(**_deep_merge(settings.model_dump(mode="python"), overrides))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    return settings

@@ -1,0 +1,222 @@
+"""The daemon: connect, take sender lanes as work appears, serve them, stop cleanly.
+
+Lifecycle, in order (each step undone in reverse on the way out):
+1. the connection pool (retried with backoff: the database may start after us);
+2. the schema check and the sender rows mirrored from config;
+3. provider sessions;
+4. the NOTIFY listener, which wakes lane acquisition the moment a campaign starts;
+5. the lane manager, which acquires free or expired lanes and runs one Lane task each.
+On shutdown the manager stops acquiring and waits for every lane to drain and release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import structlog
+
+from campaignd import db, leasing
+from campaignd.asyncutil import wait_any
+from campaignd.config import Settings
+from campaignd.dispatch import Lane, Shutdown
+from campaignd.providers import Provider, build_provider
+from campaignd.schema import require_current
+from campaignd.sql import QUERIES
+
+log = structlog.get_logger("campaignd.daemon")
+
+NOTIFY_CHANNEL = "campaignd_work"
+
+
+class Daemon:
+    def __init__(self, settings: Settings, shutdown: Shutdown) -> None:
+        self.settings = settings
+        self.shutdown = shutdown
+        self._owner = settings.dispatch.owner
+        self._wake_manager = asyncio.Event()
+        self._lane_wakes: dict[str, asyncio.Event] = {s: asyncio.Event() for s in settings.senders}
+        self._lanes: dict[str, asyncio.Task[None]] = {}
+        self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
+        self.lanes_served = 0
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        pool = await db.retry_until(
+            lambda: db.create_pool(self.settings.database), stop=self.shutdown.requested, what="connect"
+        )
+        if pool is None:
+            return
+        providers: dict[str, Provider] = {}
+        try:
+            async with pool.acquire() as connection:
+                await require_current(connection)
+                await sync_senders(connection, self.settings)
+            providers = {
+                sender_id: build_provider(
+                    sender_id, sender, connection_limit=self.settings.dispatch.concurrency
+                )
+                for sender_id, sender in self.settings.senders.items()
+            }
+            log.info(
+                "daemon_started",
+                owner=self._owner,
+                senders=sorted(providers),
+                concurrency=self.settings.dispatch.concurrency,
+            )
+            async with asyncio.TaskGroup() as group:
+                listener = group.create_task(self._listen(), name="listener")
+                await self._manage_lanes(pool, providers)
+                listener.cancel()
+        finally:
+            for provider in providers.values():
+                await provider.close()
+            await pool.close()
+            log.info("daemon_stopped", owner=self._owner)
+
+    # ------------------------------------------------------------------ lanes
+
+    async def _manage_lanes(self, pool: asyncpg.Pool, providers: dict[str, Provider]) -> None:
+        config = self.settings.dispatch
+        backoff = db.Backoff()
+        while not self.shutdown.requested.is_set():
+            free = [sender_id for sender_id in self.settings.senders if sender_id not in self._lanes]
+            if free:
+                try:
+                    async with pool.acquire() as connection:
+                        leases = await leasing.acquire_lanes(
+                            connection, free, self._owner, config.lease_seconds
+                        )
+                    backoff.reset()
+                except Exception as exc:
+                    if not db.is_transient_db_error(exc):
+                        raise
+                    delay = backoff.next()
+                    log.warning(
+                        "database_unavailable",
+                        during="acquire_lanes",
+                        error=type(exc).__name__,
+                        retry_in=round(delay, 2),
+                    )
+                    await self._sleep(delay)
+                    continue
+                for lease in leases:
+                    self._start_lane(lease, pool, providers[lease.sender_id])
+            self.ready.set()
+            await self._sleep(config.poll_seconds)
+        if self._lanes:
+            log.info("draining", lanes=sorted(self._lanes), drain_seconds=config.drain_seconds)
+            await asyncio.gather(*self._lanes.values(), return_exceptions=True)
+
+    def _start_lane(self, lease: leasing.LaneLease, pool: asyncpg.Pool, provider: Provider) -> None:
+        lane = Lane(
+            lease=lease,
+            sender=self.settings.senders[lease.sender_id],
+            provider=provider,
+            pool=pool,
+            dispatch=self.settings.dispatch,
+            send_slots=self._send_slots,
+            shutdown=self.shutdown,
+            wake=self._lane_wakes[lease.sender_id],
+        )
+        task = asyncio.create_task(lane.run(), name=f"lane:{lease.sender_id}")
+        self._lanes[lease.sender_id] = task
+        self.lanes_served += 1
+        task.add_done_callback(self._lane_done(lease.sender_id))
+
+    def _lane_done(self, sender_id: str) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._lanes.pop(sender_id, None)
+            if not task.cancelled() and task.exception() is not None:
+                # A lane never takes the daemon down: its lease expires or is re-acquired,
+                # and its in-flight claims are recovered as in doubt.
+                log.error(
+                    "lane_crashed",
+                    sender_id=sender_id,
+                    error=repr(task.exception()),
+                    exc_info=task.exception(),
+                )
+            # Look for more work (or re-acquire this lane) without waiting for the poll.
+            self._wake_manager.set()
+
+        return done
+
+    async def _sleep(self, seconds: float) -> None:
+        await wait_any(self._wake_manager, self.shutdown.requested, seconds=seconds)
+        self._wake_manager.clear()
+
+    # --------------------------------------------------------------- listening
+
+    def _on_notify(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        wake = self._lane_wakes.get(payload)
+        if wake is None:
+            return
+        wake.set()
+        self._wake_manager.set()
+
+    def _wake_everything(self) -> None:
+        for wake in self._lane_wakes.values():
+            wake.set()
+        self._wake_manager.set()
+
+    async def _listen(self) -> None:
+        backoff = db.Backoff()
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await db.connect(self.settings.database)
+                closed = asyncio.Event()
+                connection.add_termination_listener(lambda _c, closed=closed: closed.set())
+                await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                backoff.reset()
+                # Notifications sent while we were not listening are gone: look now.
+                self._wake_everything()
+                await closed.wait()
+                log.warning("listener_disconnected")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not db.is_transient_db_error(exc):
+                    raise
+                delay = backoff.next()
+                log.warning(
+                    "database_unavailable",
+                    during="listen",
+                    error=type(exc).__name__,
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(connection.close(), timeout=2)
+
+
+async def sync_senders(connection: asyncpg.Connection, settings: Settings) -> None:
+    """Mirror configured senders into the database so hosts can reference them."""
+    for sender_id, sender in settings.senders.items():
+        await connection.execute(
+            QUERIES["upsert_sender"], sender_id, sender.provider, sender.rate_per_second, sender.burst
+        )
+
+
+@contextlib.contextmanager
+def shutdown_on_signals(shutdown: Shutdown) -> Iterator[None]:
+    """SIGTERM/SIGINT request a drain; a second one cuts the drain short."""
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, _signalled, shutdown, signum)
+    try:
+        yield
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+def _signalled(shutdown: Shutdown, signum: int) -> None:
+    log.info("shutdown_requested", signal=signal.Signals(signum).name, again=shutdown.requested.is_set())
+    shutdown.request()

@@ -1,0 +1,136 @@
+"""Connections to PostgreSQL: session guards, JSON codecs, and telling outages from bugs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import orjson
+import structlog
+
+from campaignd.asyncutil import wait_any
+from campaignd.config import DatabaseConfig
+
+log = structlog.get_logger("campaignd.db")
+
+T = TypeVar("T")
+
+# Errors that mean "the database is unreachable, restarting or overloaded right now":
+# the daemon waits and retries them. Anything else is a bug and is raised.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
+def session_settings(config: DatabaseConfig) -> dict[str, str]:
+    # Guards so that a stuck query or a client that died mid-transaction cannot hold locks
+    # that every other daemon then waits on.
+    return {
+        "application_name": "campaignd",
+        "statement_timeout": str(int(config.statement_timeout_seconds * 1000)),
+        "lock_timeout": str(int(config.lock_timeout_seconds * 1000)),
+        "idle_in_transaction_session_timeout": str(int(config.idle_in_transaction_timeout_seconds * 1000)),
+    }
+
+
+def _encode_jsonb(value: object) -> bytes:
+    # jsonb's binary wire format is a version byte (1) followed by the JSON text; binary
+    # codecs let COPY (bulk recipient loads) carry jsonb columns too.
+    return b"\x01" + orjson.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return orjson.loads(data[1:])
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await connection.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+    await connection.set_type_codec(
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
+
+
+async def connect(config: DatabaseConfig) -> asyncpg.Connection:
+    connection: asyncpg.Connection = await asyncpg.connect(
+        config.url.get_secret_value(), server_settings=session_settings(config), timeout=10
+    )
+    await _init_connection(connection)
+    return connection
+
+
+async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        config.url.get_secret_value(),
+        min_size=1,
+        max_size=config.pool_size,
+        server_settings=session_settings(config),
+        init=_init_connection,
+        timeout=10,
+        # Connections are recycled after an outage; an idle one is closed after a while so
+        # a failover does not leave the pool full of sockets to the old primary.
+        max_inactive_connection_lifetime=60,
+    )
+    return pool
+
+
+class Backoff:
+    """Delays for reconnecting: 0.2 s doubling to a cap, with jitter so that many daemons
+    coming back after a database restart do not knock at the same instant."""
+
+    def __init__(self, first: float = 0.2, cap: float = 10.0) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._cap, self._next * 2)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._next = self._first
+
+
+async def retry_until(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    stop: asyncio.Event,
+    what: str,
+    **log_fields: object,
+) -> T | None:
+    """Run ``operation`` until it succeeds despite database outages; None if ``stop`` is set first."""
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            return await operation()
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            delay = backoff.next()
+            log.warning(
+                "database_unavailable",
+                during=what,
+                error=type(exc).__name__,
+                retry_in=round(delay, 2),
+                **log_fields,
+            )
+            await wait_any(stop, seconds=delay)
+    return None

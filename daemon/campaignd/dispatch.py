@@ -1,0 +1,634 @@
+"""A sender lane at work: claim recipients, send them under the rate limit, record outcomes.
+
+The order of durable steps is what makes a message neither lost nor doubled silently:
+
+1. a claim (pending -> in_flight) is committed before its send starts, so a crash leaves
+   the recipient visibly in flight, and the next lane owner resends it with the same
+   idempotency key (or fails it as ``in_doubt``);
+2. the outcome (sent / retry / failed / skipped) and the campaign counters are committed
+   in one statement, fenced by the lane's epoch, before anything counts it as done;
+3. a campaign completes in one statement that checks no recipient is pending or in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from campaignd import leasing
+from campaignd.asyncutil import wait_any
+from campaignd.config import DispatchConfig, SenderConfig
+from campaignd.db import Backoff, is_transient_db_error
+from campaignd.leasing import LaneLease
+from campaignd.limits import CampaignCap, SenderLimiter
+from campaignd.outcomes import (
+    RecipientState,
+    RecipientUpdate,
+    ResultKind,
+    SendResult,
+    decide,
+    in_doubt,
+    released,
+)
+from campaignd.providers import Delivery, InvalidAddress, Provider
+from campaignd.render import RenderError, Template, TemplateError
+from campaignd.sql import QUERIES
+
+log = structlog.get_logger("campaignd.dispatch")
+
+# A lane keeps at most this many seconds of sending claimed ahead: enough to keep the
+# connection pool busy while the next claim is in the air, little enough that a pause
+# takes effect quickly and few claims are in doubt after a crash.
+CLAIM_HORIZON_SECONDS = 2.0
+
+
+class Shutdown:
+    """SIGTERM asks lanes to stop claiming and drain; a second signal ends the drain now."""
+
+    def __init__(self, drain_seconds: float) -> None:
+        self.requested = asyncio.Event()
+        self.drain_seconds = drain_seconds
+        self.drain_deadline: float | None = None
+
+    def request(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.requested.is_set():
+            self.drain_deadline = loop.time() + self.drain_seconds
+            self.requested.set()
+        else:
+            self.drain_deadline = loop.time()
+
+    def drain_remaining(self) -> float | None:
+        if self.drain_deadline is None:
+            return None
+        return max(0.0, self.drain_deadline - asyncio.get_running_loop().time())
+
+
+@dataclass(slots=True)
+class Claim:
+    recipient_id: int
+    address: str | None
+    variables: Any
+    attempts: int
+
+
+@dataclass
+class CampaignRun:
+    campaign_id: str
+    template: Template
+    cap: CampaignCap | None
+    cursor: int = 0
+    outstanding: int = 0
+    active: bool = True
+
+
+@dataclass(slots=True)
+class Flight:
+    """One claimed recipient between its claim and its recorded outcome."""
+
+    claim: Claim
+    run: CampaignRun
+    request_started: bool = False
+    settled: bool = False
+
+
+@dataclass
+class LaneStats:
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retried: int = 0
+    released: int = 0
+    rejected: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+class LaneLost(Exception):
+    """Another daemon holds this sender lane now."""
+
+
+class Lane:
+    def __init__(
+        self,
+        *,
+        lease: LaneLease,
+        sender: SenderConfig,
+        provider: Provider,
+        pool: asyncpg.Pool,
+        dispatch: DispatchConfig,
+        send_slots: asyncio.Semaphore,
+        shutdown: Shutdown,
+        wake: asyncio.Event,
+    ) -> None:
+        self.lease = lease
+        self._sender = sender
+        self._provider = provider
+        self._pool = pool
+        self._config = dispatch
+        self._slots = send_slots
+        self._shutdown = shutdown
+        self._wake = wake
+        self._limiter = SenderLimiter(sender.rate_per_second, sender.burst)
+        self._rng = random.Random()
+        self._runs: dict[str, CampaignRun] = {}
+        self._flights: dict[asyncio.Task[None], Flight] = {}
+        self._outstanding = 0
+        self._room = asyncio.Event()
+        self._buffer: list[RecipientUpdate] = []
+        self._flush_wanted = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._pause_reason: str | None = None
+        self.stats = LaneStats()
+        self._log = log.bind(sender_id=lease.sender_id, lane_epoch=lease.epoch, owner=lease.owner)
+        horizon = math.ceil(sender.rate_per_second * CLAIM_HORIZON_SECONDS) + sender.burst
+        self._max_outstanding = max(1, min(dispatch.concurrency + dispatch.batch_size, horizon))
+        # Claim when this much room is free, so claims come in batches, not one by one.
+        self._claim_threshold = max(1, min(dispatch.batch_size, self._max_outstanding) // 2)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        self._log.info("lane_acquired")
+        try:
+            await self._recover_in_doubt()
+            async with asyncio.TaskGroup() as group:
+                renewer = group.create_task(self._renew_loop(), name=f"renew:{self.lease.sender_id}")
+                flusher = group.create_task(self._flush_loop(), name=f"flush:{self.lease.sender_id}")
+                try:
+                    await self._feed()
+                    await self._drain()
+                    await self._final_flush()
+                finally:
+                    renewer.cancel()
+                    flusher.cancel()
+                    for task in list(self._flights):
+                        task.cancel()
+                    if self._flights:
+                        await asyncio.gather(*self._flights, return_exceptions=True)
+        finally:
+            await self._release()
+
+    async def _recover_in_doubt(self) -> None:
+        async def recover() -> tuple[int, int]:
+            async with self._pool.acquire() as connection:
+                return await leasing.recover_in_doubt(connection, self.lease, self._provider.resend_in_doubt)
+
+        result = await self._with_db(recover, "recover_in_doubt")
+        if result is None:
+            return
+        recovered, failed = result
+        if recovered:
+            self._log.warning(
+                "in_doubt_recovered", recipients=recovered, failed_in_doubt=failed, resent=recovered - failed
+            )
+
+    async def _release(self) -> None:
+        if self.lease.lost:
+            self._log.info("lane_lost" if self._pause_reason is None else "lane_paused")
+            return
+        try:
+            async with self._pool.acquire() as connection:
+                await leasing.release(connection, self.lease)
+            self._log.info("lane_released")
+        except Exception as exc:
+            # The lease simply expires and the next owner takes over.
+            self._log.warning("lane_release_failed", error=type(exc).__name__)
+
+    # ---------------------------------------------------------------- feeding
+
+    def _stopping(self) -> bool:
+        return self._shutdown.requested.is_set() or self.lease.lost or self._pause_reason is not None
+
+    async def _feed(self) -> None:
+        backoff = Backoff()
+        while not self._stopping():
+            if not self.lease.may_send():
+                # The renewer is late (database unreachable): send nothing we may not record.
+                await self._wait(self._config.poll_seconds)
+                continue
+            try:
+                runs = await self._refresh_campaigns()
+                if not runs and self._outstanding == 0 and not self._buffer:
+                    self._log.info("lane_idle")
+                    return
+                claimed = await self._claim_round(runs)
+                backoff.reset()
+            except Exception as exc:
+                if isinstance(exc, LaneLost):
+                    return
+                if not is_transient_db_error(exc):
+                    raise
+                delay = backoff.next()
+                self._log.warning(
+                    "database_unavailable", during="claim", error=type(exc).__name__, retry_in=round(delay, 2)
+                )
+                await self._wait(delay)
+                continue
+            if self._pause_reason is not None:
+                await self._pause_sender()
+                return
+            if not claimed:
+                await self._wait(self._config.poll_seconds)
+            elif self._max_outstanding - self._outstanding < self._claim_threshold:
+                await self._wait_for_room()
+
+    async def _wait(self, seconds: float) -> None:
+        """Until woken by NOTIFY, a shutdown, or the timeout."""
+        await wait_any(self._wake, self._shutdown.requested, seconds=seconds)
+        self._wake.clear()
+
+    async def _wait_for_room(self) -> None:
+        self._room.clear()
+        await wait_any(self._room, self._shutdown.requested, seconds=self._config.poll_seconds)
+
+    async def _refresh_campaigns(self) -> list[CampaignRun]:
+        async with self._pool.acquire() as connection:
+            rows = await connection.fetch(QUERIES["sending_campaigns"], self.lease.sender_id)
+        sending = {str(row["id"]): row for row in rows}
+        for campaign_id, run in list(self._runs.items()):
+            if campaign_id not in sending:
+                if run.active:
+                    self._log.info("campaign_no_longer_sending", campaign_id=campaign_id)
+                run.active = False
+                if run.outstanding == 0:
+                    del self._runs[campaign_id]
+        for campaign_id, row in sending.items():
+            if campaign_id not in self._runs:
+                run = await self._start_campaign(campaign_id, row)
+                if run is not None:
+                    self._runs[campaign_id] = run
+        return [run for run in self._runs.values() if run.active]
+
+    async def _start_campaign(self, campaign_id: str, row: asyncpg.Record) -> CampaignRun | None:
+        bound = self._log.bind(campaign_id=campaign_id)
+        try:
+            template = Template(row["message"])
+        except TemplateError as exc:
+            async with self._pool.acquire() as connection:
+                failed = await connection.fetchval(
+                    QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"invalid message: {exc}"
+                )
+            if failed:
+                bound.warning("campaign_failed", reason=f"invalid message: {exc}")
+            return None
+        if not row["prepared"]:
+            async with self._pool.acquire() as connection, connection.transaction():
+                if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token) is None:
+                    self.lease.lost = True
+                    raise LaneLost
+                await connection.execute(QUERIES["prepare_skip_no_address"], campaign_id)
+                await connection.execute(QUERIES["prepare_skip_duplicates"], campaign_id)
+                if template.variables:
+                    await connection.execute(
+                        QUERIES["prepare_skip_missing_variables"], campaign_id, sorted(template.variables)
+                    )
+                prepared = await connection.fetchrow(QUERIES["prepare_finish"], campaign_id)
+            if prepared is None:
+                return None
+            if prepared["status"] == "failed":
+                bound.warning("campaign_failed", reason=prepared["status_reason"], total=prepared["total"])
+                return None
+            bound.info(
+                "campaign_started",
+                total=prepared["total"],
+                skipped=prepared["skipped"],
+                to_send=prepared["open"],
+            )
+        cap = CampaignCap(row["rate_per_second"]) if row["rate_per_second"] else None
+        return CampaignRun(campaign_id, template, cap)
+
+    async def _claim_round(self, runs: list[CampaignRun]) -> int:
+        claimed_total = 0
+        # Rotate the starting campaign so campaigns of one sender share it fairly.
+        if runs:
+            start = self._rng.randrange(len(runs))
+            runs = runs[start:] + runs[:start]
+        for run in runs:
+            room = self._max_outstanding - self._outstanding
+            if room <= 0:
+                break
+            limit = min(self._config.batch_size, room)
+            claims = await self._claim(run, limit)
+            claimed_total += len(claims)
+            for claim in claims:
+                self._launch(run, claim)
+            if not claims and run.outstanding == 0:
+                await self._try_complete(run)
+        return claimed_total
+
+    async def _claim(self, run: CampaignRun, limit: int) -> list[Claim]:
+        async with self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                QUERIES["claim_recipients"],
+                *self.lease.token,
+                run.campaign_id,
+                run.cursor,
+                limit,
+                self.lease.lease_seconds,
+            )
+        fresh_ids = [row["id"] for row in rows if row["fresh"]]
+        if fresh_ids:
+            run.cursor = max(run.cursor, max(fresh_ids))
+        elif len(rows) < limit:
+            # Nothing fresh after the cursor: rows skipped while locked by someone else would
+            # otherwise hide below it, so the next round looks from the start again.
+            run.cursor = 0
+        return [Claim(row["id"], row["address"], row["variables"], row["attempts"]) for row in rows]
+
+    async def _try_complete(self, run: CampaignRun) -> None:
+        await self._flush()
+        async with self._pool.acquire() as connection:
+            row = await connection.fetchrow(QUERIES["complete_campaign"], *self.lease.token, run.campaign_id)
+        if row is not None:
+            run.active = False
+            self._runs.pop(run.campaign_id, None)
+            self._log.info(
+                "campaign_completed",
+                campaign_id=run.campaign_id,
+                total=row["total_count"],
+                sent=row["sent_count"],
+                failed=row["failed_count"],
+                skipped=row["skipped_count"],
+            )
+
+    async def _pause_sender(self) -> None:
+        reason = self._pause_reason
+        assert reason is not None
+
+        async def pause() -> list[asyncpg.Record]:
+            async with self._pool.acquire() as connection:
+                rows: list[asyncpg.Record] = await connection.fetch(
+                    QUERIES["pause_sender"], *self.lease.token, reason
+                )
+                return rows
+
+        paused = await self._with_db(pause, "pause_sender")
+        for run in self._runs.values():
+            run.active = False
+        self._log.error("sender_paused", reason=reason, campaigns=[str(row["id"]) for row in paused or []])
+
+    # ---------------------------------------------------------------- sending
+
+    def _launch(self, run: CampaignRun, claim: Claim) -> None:
+        run.outstanding += 1
+        self._outstanding += 1
+        flight = Flight(claim, run)
+        task = asyncio.create_task(self._send(flight))
+        self._flights[task] = flight
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        flight = self._flights.pop(task)
+        flight.run.outstanding -= 1
+        self._outstanding -= 1
+        self._room.set()
+        if not flight.settled:
+            # Cancelled (shutdown, lost lease), possibly before its first line ran: a request
+            # that may have reached the provider is in doubt; one that did not goes back.
+            recipient_id = flight.claim.recipient_id
+            if flight.request_started:
+                self._record(in_doubt(recipient_id, resend=self._provider.resend_in_doubt))
+            else:
+                self._record(released(recipient_id))
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error(
+                "send_task_crashed", recipient_id=flight.claim.recipient_id, error=repr(task.exception())
+            )
+
+    def _may_start(self, run: CampaignRun) -> bool:
+        return run.active and not self._stopping() and self.lease.may_send()
+
+    async def _send(self, flight: Flight) -> None:
+        claim, run = flight.claim, flight.run
+        try:
+            async with self._slots:
+                if not self._may_start(run):
+                    self._settle(flight, None)
+                    return
+                try:
+                    address = self._provider.normalize_address(claim.address or "")
+                    message = run.template.render(claim.variables)
+                except InvalidAddress as exc:
+                    result = SendResult(
+                        ResultKind.SKIPPED, error_code="invalid_address", error_message=str(exc)
+                    )
+                except RenderError as exc:
+                    result = SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
+                else:
+                    if run.cap is not None:
+                        await run.cap.acquire()
+                    await self._limiter.acquire()
+                    # Waiting for a token can take long; the world may have changed.
+                    if not self._may_start(run):
+                        self._settle(flight, None)
+                        return
+                    flight.request_started = True
+                    result = await self._provider.send(
+                        Delivery(run.campaign_id, claim.recipient_id, address, message)
+                    )
+            self._settle(flight, result)
+        except Exception as exc:
+            # A bug, not a provider answer: spend an attempt so it cannot loop forever.
+            self._log.exception(
+                "send_failed_unexpectedly", campaign_id=run.campaign_id, recipient_id=claim.recipient_id
+            )
+            self._settle(
+                flight,
+                SendResult(
+                    ResultKind.TRANSIENT, error_code="internal_error", error_message=type(exc).__name__
+                ),
+            )
+
+    def _settle(self, flight: Flight, result: SendResult | None) -> None:
+        """Decide the recipient's outcome; None gives the claim back unsent."""
+        flight.settled = True
+        if result is None:
+            self._record(released(flight.claim.recipient_id))
+            return
+        update = decide(
+            flight.claim.recipient_id,
+            result,
+            attempts=flight.claim.attempts,
+            max_attempts=self._config.max_attempts,
+            backoff_base=self._config.backoff_base_seconds,
+            backoff_max=self._config.backoff_max_seconds,
+            rng=self._rng,
+        )
+        if result.kind is ResultKind.THROTTLED:
+            self._limiter.throttled(result.retry_after_seconds)
+            self._log.info(
+                "sender_throttled",
+                campaign_id=flight.run.campaign_id,
+                retry_after=result.retry_after_seconds,
+                rate_factor=self._limiter.factor,
+            )
+        elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
+            self._pause_reason = f"provider rejected the sender: {result.error_code}: {result.error_message}"
+            self._wake.set()
+        self._record(update)
+
+    def _record(self, update: RecipientUpdate) -> None:
+        self._buffer.append(update)
+        if len(self._buffer) >= self._config.batch_size:
+            self._flush_wanted.set()
+
+    async def _drain(self) -> None:
+        """Let requests already at the provider finish (within drain_seconds on shutdown)."""
+        if not self._flights:
+            return
+        # Claims not yet sent go straight back; only requests in the air are waited for.
+        for task, flight in list(self._flights.items()):
+            if not flight.request_started:
+                task.cancel()
+        tasks = list(self._flights)
+        timeout = self._shutdown.drain_remaining()
+        if self.lease.lost:
+            timeout = 0.0
+        _, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        if pending:
+            self._log.warning("drain_timeout", in_doubt=len(pending))
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- recording
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await wait_any(self._flush_wanted, seconds=self._config.flush_seconds)
+            self._flush_wanted.clear()
+            await self._flush()
+
+    async def _final_flush(self) -> None:
+        """Write every outcome still held, retrying through an outage for a bounded time."""
+        deadline = asyncio.get_running_loop().time() + max(
+            self._config.drain_seconds, self.lease.lease_seconds
+        )
+        backoff = Backoff()
+        while self._buffer and not self.lease.lost:
+            try:
+                await self._flush(raise_errors=True)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                if asyncio.get_running_loop().time() >= deadline:
+                    self._log.error(
+                        "outcomes_unrecorded",
+                        recipients=len(self._buffer),
+                        note="left in_flight; the next lane owner resends them as in doubt",
+                    )
+                    return
+                await asyncio.sleep(backoff.next())
+
+    async def _flush(self, *, raise_errors: bool = False) -> None:
+        async with self._flush_lock:
+            while self._buffer and not self.lease.lost:
+                batch = self._buffer[: self._config.batch_size]
+                try:
+                    lane_held = await self._write(batch)
+                except Exception as exc:
+                    if raise_errors or not is_transient_db_error(exc):
+                        raise
+                    self._log.warning(
+                        "database_unavailable",
+                        during="record_outcomes",
+                        error=type(exc).__name__,
+                        waiting=len(self._buffer),
+                    )
+                    return
+                del self._buffer[: len(batch)]
+                if not lane_held:
+                    self.lease.lost = True
+                    self.stats.rejected += len(batch) + len(self._buffer)
+                    self._log.warning("lane_taken_over", outcomes_rejected=len(batch) + len(self._buffer))
+                    self._buffer.clear()
+                    return
+                self._count(batch)
+
+    async def _write(self, batch: list[RecipientUpdate]) -> bool:
+        async with self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                QUERIES["record_outcomes"],
+                *self.lease.token,
+                [u.recipient_id for u in batch],
+                [u.state.value for u in batch],
+                [u.provider_message_id for u in batch],
+                [u.error_code for u in batch],
+                [u.error_message for u in batch],
+                [u.retry_in_seconds for u in batch],
+                [u.attempt_adjust for u in batch],
+            )
+        assert row is not None
+        return bool(row["lane_held"])
+
+    def _count(self, batch: Iterable[RecipientUpdate]) -> None:
+        """Counted only after the batch is committed."""
+        summary = {"sent": 0, "failed": 0, "skipped": 0, "retry": 0, "released": 0}
+        for update in batch:
+            if update.state is RecipientState.PENDING:
+                key = "retry" if update.error_code else "released"
+            else:
+                key = update.state.value
+            summary[key] += 1
+            if update.error_code:
+                self.stats.by_code[update.error_code] = self.stats.by_code.get(update.error_code, 0) + 1
+        self.stats.sent += summary["sent"]
+        self.stats.failed += summary["failed"]
+        self.stats.skipped += summary["skipped"]
+        self.stats.retried += summary["retry"]
+        self.stats.released += summary["released"]
+        self._log.debug("outcomes_recorded", **summary)
+
+    # ---------------------------------------------------------------- renewing
+
+    async def _renew_loop(self) -> None:
+        interval = self.lease.renew_interval
+        while True:
+            await asyncio.sleep(interval)
+            campaign_ids = [run.campaign_id for run in self._runs.values() if run.outstanding]
+            try:
+                async with self._pool.acquire() as connection:
+                    renewal = await leasing.renew(connection, self.lease, campaign_ids)
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                self._log.warning(
+                    "lease_renewal_failed", error=type(exc).__name__, may_send=self.lease.may_send()
+                )
+                interval = min(1.0, self.lease.renew_interval)
+                continue
+            interval = self.lease.renew_interval
+            if not renewal.held:
+                self._log.warning("lane_taken_over")
+                self._wake.set()
+                return
+            if renewal.paused_reason is not None and self._pause_reason is None:
+                # Paused from outside (operator or host): stop like a provider rejection.
+                self._pause_reason = renewal.paused_reason
+                self._wake.set()
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _with_db(self, operation: Any, what: str) -> Any:
+        backoff = Backoff()
+        while not self.lease.lost:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_transient_db_error(exc):
+                    raise
+                if not self.lease.may_send() and self._shutdown.requested.is_set():
+                    return None
+                delay = backoff.next()
+                self._log.warning(
+                    "database_unavailable", during=what, error=type(exc).__name__, retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+        return None

@@ -1,0 +1,94 @@
+"""Sender lanes: one daemon at a time serves all SENDING campaigns of a sender.
+
+A lane is a lease on the sender's row: (lease_owner, lease_epoch, lease_expires_at). The
+epoch is bumped at every acquisition and is the fencing token that every write made for
+the lane carries (see sql/queries.sql). Locally, a lane may start a send only until its
+*local* deadline: the time the last renewal was *sent* plus the lease length, less a
+margin. The clock is CLOCK_BOOTTIME, which keeps counting while the process is stopped or
+the machine sleeps, so a daemon thawed after a long freeze knows at once that its lease is
+gone and sends nothing more before asking the database.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from campaignd.sql import QUERIES
+
+# Renew three times per lease: two renewals may be lost before the lease runs out.
+RENEWALS_PER_LEASE = 3
+# Stop sending this fraction of the lease before it ends, for clock-rate differences
+# between this host and the database.
+SAFETY_FRACTION = 0.1
+
+
+def local_clock() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@dataclass
+class LaneLease:
+    sender_id: str
+    owner: str
+    epoch: int
+    lease_seconds: float
+    deadline: float
+    lost: bool = field(default=False)
+
+    @property
+    def token(self) -> tuple[str, str, int]:
+        return (self.sender_id, self.owner, self.epoch)
+
+    @property
+    def renew_interval(self) -> float:
+        return self.lease_seconds / RENEWALS_PER_LEASE
+
+    def may_send(self) -> bool:
+        return not self.lost and local_clock() < self.deadline
+
+    def extend_from(self, asked_at: float) -> None:
+        self.deadline = asked_at + self.lease_seconds * (1 - SAFETY_FRACTION)
+
+
+async def acquire_lanes(
+    connection: asyncpg.Connection, sender_ids: list[str], owner: str, lease_seconds: float
+) -> list[LaneLease]:
+    asked_at = local_clock()
+    rows = await connection.fetch(QUERIES["acquire_lanes"], sender_ids, owner, lease_seconds)
+    leases = []
+    for row in rows:
+        lease = LaneLease(row["id"], owner, row["lease_epoch"], lease_seconds, deadline=0.0)
+        lease.extend_from(asked_at)
+        leases.append(lease)
+    return leases
+
+
+async def recover_in_doubt(connection: asyncpg.Connection, lease: LaneLease, resend: bool) -> tuple[int, int]:
+    """Claims left in flight by an earlier holder: (recovered, of which ended failed)."""
+    row = await connection.fetchrow(QUERIES["recover_in_doubt"], *lease.token, resend)
+    assert row is not None
+    return int(row["recovered"]), int(row["failed"])
+
+
+@dataclass(frozen=True)
+class Renewal:
+    held: bool
+    paused_reason: str | None = None
+
+
+async def renew(connection: asyncpg.Connection, lease: LaneLease, campaign_ids: list[str]) -> Renewal:
+    asked_at = local_clock()
+    row = await connection.fetchrow(QUERIES["renew_lane"], *lease.token, lease.lease_seconds, campaign_ids)
+    if row is None:
+        lease.lost = True
+        return Renewal(held=False)
+    lease.extend_from(asked_at)
+    return Renewal(held=True, paused_reason=row["paused_reason"])
+
+
+async def release(connection: asyncpg.Connection, lease: LaneLease) -> None:
+    await connection.execute(QUERIES["release_lane"], *lease.token)
+    lease.lost = True

@@ -1,0 +1,88 @@
+"""Rate limits: the sender's token bucket, its slow-down when the provider throttles,
+and the optional per-campaign cap."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiolimiter import AsyncLimiter
+
+# After a throttle the sender's rate is cut multiplicatively, then climbs back
+# additively (AIMD), so a provider that keeps throttling converges on what it accepts.
+THROTTLE_CUT = 0.5
+MIN_RATE_FACTOR = 0.05
+RECOVERY_STEP = 0.1
+RECOVERY_INTERVAL_SECONDS = 2.0
+
+
+def token_bucket(rate_per_second: float, burst: int) -> AsyncLimiter:
+    """A bucket of ``burst`` tokens refilled at ``rate_per_second``.
+
+    aiolimiter's leaky bucket admits ``max_rate`` at once and then drains at
+    ``max_rate / time_period`` per second; so no one-second window ever sees more than
+    ``rate_per_second + burst`` acquisitions.
+    """
+    capacity = max(1.0, float(burst))
+    return AsyncLimiter(capacity, capacity / rate_per_second)
+
+
+class SenderLimiter:
+    """Every request that reaches the provider, whatever its outcome, takes one token."""
+
+    def __init__(self, rate_per_second: float, burst: int) -> None:
+        self.rate_per_second = rate_per_second
+        self.burst = burst
+        self._bucket = token_bucket(rate_per_second, burst)
+        self._slowdown: AsyncLimiter | None = None
+        self._factor = 1.0
+        self._hold_until = 0.0
+        self._last_adjust = 0.0
+
+    @property
+    def factor(self) -> float:
+        return self._factor
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._hold_until - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            self._maybe_recover(loop.time())
+            slowdown = self._slowdown
+            if slowdown is not None:
+                await slowdown.acquire()
+            await self._bucket.acquire()
+            # A throttle that arrived while this task waited for a token wins.
+            if loop.time() >= self._hold_until:
+                return
+
+    def throttled(self, retry_after_seconds: float | None) -> None:
+        now = asyncio.get_running_loop().time()
+        if retry_after_seconds:
+            self._hold_until = max(self._hold_until, now + retry_after_seconds)
+        # One cut per recovery interval: fifty throttled answers to requests that were
+        # already in flight together are one signal, not fifty.
+        if now - self._last_adjust >= RECOVERY_INTERVAL_SECONDS or self._factor == 1.0:
+            self._set_factor(max(MIN_RATE_FACTOR, self._factor * THROTTLE_CUT), now)
+
+    def _maybe_recover(self, now: float) -> None:
+        if self._factor < 1.0 and now - self._last_adjust >= RECOVERY_INTERVAL_SECONDS:
+            self._set_factor(min(1.0, self._factor + RECOVERY_STEP), now)
+
+    def _set_factor(self, factor: float, now: float) -> None:
+        self._factor = factor
+        self._last_adjust = now
+        self._slowdown = None if factor >= 1.0 else token_bucket(self.rate_per_second * factor, 1)
+
+
+class CampaignCap:
+    """The campaign's own ``rate_per_second``, applied beneath the sender's bucket."""
+
+    def __init__(self, rate_per_second: float) -> None:
+        self.rate_per_second = rate_per_second
+        self._bucket = token_bucket(rate_per_second, max(1, int(rate_per_second // 10)))
+
+    async def acquire(self) -> None:
+        await self._bucket.acquire()

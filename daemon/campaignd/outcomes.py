@@ -1,0 +1,183 @@
+"""Pure decisions about a send's result: what the recipient becomes, and when it is retried.
+
+No I/O here; the dispatcher applies these decisions in batches.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+
+class ResultKind(enum.StrEnum):
+    SENT = "sent"
+    # Worth retrying this recipient later; spends an attempt.
+    TRANSIENT = "transient"
+    # The provider asks the whole sender to slow down; spends no attempt.
+    THROTTLED = "throttled"
+    # This recipient can never succeed (bad number, blocked user...).
+    PERMANENT = "permanent"
+    # The sender itself is rejected (bad token, no permission): pause the sender.
+    SENDER_FATAL = "sender_fatal"
+    # Nothing was sent: the recipient cannot be sent to (invalid address, bad variables).
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    kind: ResultKind
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after_seconds: float | None = None
+
+
+class RecipientState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """What an in-flight recipient becomes; the columns of ``record_outcomes``."""
+
+    recipient_id: int
+    state: RecipientState
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    # For PENDING: seconds from now until the recipient may be claimed again.
+    retry_in_seconds: float | None = None
+    # -1 gives back the attempt its claim took (throttling, lost claims, sender pauses).
+    attempt_adjust: int = 0
+
+
+THROTTLE_DEFAULT_SECONDS = 1.0
+ERROR_MESSAGE_LIMIT = 500
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random.
+
+    The fixed half keeps retries from coming back almost at once; the random half spreads
+    a wave of failures (one provider blip hitting thousands of recipients) over time.
+    """
+    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def _clip(message: str | None) -> str | None:
+    if message is None or len(message) <= ERROR_MESSAGE_LIMIT:
+        return message
+    return message[: ERROR_MESSAGE_LIMIT - 1] + "…"
+
+
+def decide(
+    recipient_id: int,
+    result: SendResult,
+    *,
+    attempts: int,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_max: float,
+    rng: random.Random,
+) -> RecipientUpdate:
+    """The recipient's next state after one send; ``attempts`` includes this one."""
+    message = _clip(result.error_message)
+    match result.kind:
+        case ResultKind.SENT:
+            return RecipientUpdate(
+                recipient_id, RecipientState.SENT, provider_message_id=result.provider_message_id
+            )
+        case ResultKind.SKIPPED:
+            return RecipientUpdate(
+                recipient_id, RecipientState.SKIPPED, error_code=result.error_code, error_message=message
+            )
+        case ResultKind.PERMANENT:
+            return RecipientUpdate(
+                recipient_id, RecipientState.FAILED, error_code=result.error_code, error_message=message
+            )
+        case ResultKind.TRANSIENT:
+            if attempts >= max_attempts:
+                return RecipientUpdate(
+                    recipient_id,
+                    RecipientState.FAILED,
+                    error_code=result.error_code,
+                    error_message=_clip(f"gave up after {attempts} attempts: {message or result.error_code}"),
+                )
+            return RecipientUpdate(
+                recipient_id,
+                RecipientState.PENDING,
+                error_code=result.error_code,
+                error_message=message,
+                retry_in_seconds=backoff_seconds(attempts, backoff_base, backoff_max, rng),
+            )
+        case ResultKind.THROTTLED:
+            return RecipientUpdate(
+                recipient_id,
+                RecipientState.PENDING,
+                error_code=result.error_code,
+                error_message=message,
+                retry_in_seconds=result.retry_after_seconds or THROTTLE_DEFAULT_SECONDS,
+                attempt_adjust=-1,
+            )
+        case ResultKind.SENDER_FATAL:
+            # Not this recipient's fault: it waits, unspent, for the sender to be resumed.
+            return RecipientUpdate(
+                recipient_id,
+                RecipientState.PENDING,
+                error_code=result.error_code,
+                error_message=message,
+                retry_in_seconds=0.0,
+                attempt_adjust=-1,
+            )
+    raise AssertionError(f"unhandled result kind {result.kind}")
+
+
+def released(recipient_id: int) -> RecipientUpdate:
+    """A claim given back unsent (shutdown, pause, lost lease): due again at once, attempt returned."""
+    return RecipientUpdate(recipient_id, RecipientState.PENDING, retry_in_seconds=0.0, attempt_adjust=-1)
+
+
+def in_doubt(recipient_id: int, *, resend: bool) -> RecipientUpdate:
+    """A send that was cut off after its request may have reached the provider."""
+    reason = "the send was interrupted; whether the provider received it is unknown"
+    if resend:
+        return RecipientUpdate(
+            recipient_id,
+            RecipientState.PENDING,
+            error_code="in_doubt",
+            error_message=reason,
+            retry_in_seconds=0.0,
+            attempt_adjust=-1,
+        )
+    return RecipientUpdate(recipient_id, RecipientState.FAILED, error_code="in_doubt", error_message=reason)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as delay-seconds or an HTTP date; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    # A provider asking for hours is almost certainly confused; cap so a sender never
+    # sleeps for a day on one header, and never negative.
+    return min(max(seconds, 0.0), 3600.0)

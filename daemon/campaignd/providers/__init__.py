@@ -1,0 +1,15 @@
+"""Provider adapters, chosen by ``provider = ...`` in a ``[senders.<id>]`` section."""
+
+from __future__ import annotations
+
+from campaignd.config import SenderConfig
+from campaignd.providers.base import Delivery, InvalidAddress, Provider
+from campaignd.providers.http import HttpProvider
+
+__all__ = ["Delivery", "InvalidAddress", "Provider", "build_provider"]
+
+
+def build_provider(sender_id: str, config: SenderConfig, *, connection_limit: int) -> Provider:
+    if config.provider == "http":
+        return HttpProvider(sender_id, config, connection_limit=connection_limit)
+    raise ValueError(f"unknown provider {config.provider!r}")

@@ -1,0 +1,41 @@
+"""What every provider adapter offers the dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from campaignd.outcomes import SendResult
+
+
+class InvalidAddress(ValueError):
+    """The address cannot be sent to by this provider; the recipient is skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    campaign_id: str
+    recipient_id: int
+    address: str
+    message: Any
+
+    @property
+    def idempotency_key(self) -> str:
+        # Stable across retries and in-doubt resends, so a provider that deduplicates
+        # by key delivers a resent message once.
+        return f"{self.campaign_id}:{self.recipient_id}"
+
+
+class Provider(Protocol):
+    sender_id: str
+    resend_in_doubt: bool
+
+    def normalize_address(self, address: str) -> str:
+        """The address as the provider wants it, or raise InvalidAddress."""
+        ...
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        """Send once; never raises for provider or network errors, it classifies them."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,108 @@
+"""Campaign message templates: ``{{name}}`` placeholders in JSON string values.
+
+A campaign's message is compiled once; rendering a recipient is then a walk over
+pre-split string parts, with no parsing per message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+MAX_VARIABLE_LENGTH = 4096
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+class TemplateError(ValueError):
+    """The campaign's message cannot be compiled: the whole campaign fails with this reason."""
+
+
+class RenderError(ValueError):
+    """One recipient's variables cannot fill the template: that recipient is skipped."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+Renderer = Callable[[Mapping[str, Any]], Any]
+
+
+def _variable_text(variables: Mapping[str, Any], name: str) -> str:
+    value = variables.get(name)
+    if value is None:
+        raise RenderError("missing_variable", f"missing variable: {name}")
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    else:
+        raise RenderError(
+            "bad_variable", f"variable {name} is a {type(value).__name__}, not text or a number"
+        )
+    if len(text) > MAX_VARIABLE_LENGTH:
+        raise RenderError("bad_variable", f"variable {name} is longer than {MAX_VARIABLE_LENGTH} characters")
+    return text
+
+
+def _compile_string(text: str, names: set[str]) -> Renderer | str:
+    pieces: list[str | tuple[str]] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(text):
+        pieces.append(text[position : match.start()])
+        pieces.append((match.group(1),))
+        names.add(match.group(1))
+        position = match.end()
+    pieces.append(text[position:])
+    literal_parts = [p for p in pieces if isinstance(p, str)]
+    if any("{{" in part or "}}" in part for part in literal_parts):
+        raise TemplateError(f"malformed placeholder in {text[:80]!r}: use {{{{name}}}} with a plain name")
+    if len(pieces) == 1:
+        return text
+    frozen = tuple(pieces)
+
+    def render(variables: Mapping[str, Any]) -> str:
+        return "".join(p if isinstance(p, str) else _variable_text(variables, p[0]) for p in frozen)
+
+    return render
+
+
+def _compile_node(node: Any, names: set[str], depth: int) -> Renderer | Any:
+    if depth > 32:
+        raise TemplateError("message nests deeper than 32 levels")
+    if isinstance(node, str):
+        return _compile_string(node, names)
+    if isinstance(node, list):
+        items = [_compile_node(item, names, depth + 1) for item in node]
+        if not any(callable(item) for item in items):
+            return node
+        return lambda v: [item(v) if callable(item) else item for item in items]
+    if isinstance(node, dict):
+        fields = [(key, _compile_node(value, names, depth + 1)) for key, value in node.items()]
+        if not any(callable(value) for _, value in fields):
+            return node
+        return lambda v: {key: value(v) if callable(value) else value for key, value in fields}
+    if node is None or isinstance(node, (bool, int, float)):
+        return node
+    raise TemplateError(f"message holds a {type(node).__name__}, which is not JSON")
+
+
+class Template:
+    """A compiled campaign message."""
+
+    def __init__(self, message: Any) -> None:
+        if not isinstance(message, dict) or not message:
+            raise TemplateError("message must be a non-empty JSON object")
+        names: set[str] = set()
+        self._compiled = _compile_node(message, names, 0)
+        self.variables: frozenset[str] = frozenset(names)
+
+    def render(self, variables: Any) -> Any:
+        if not isinstance(variables, Mapping):
+            if self.variables:
+                raise RenderError("bad_variable", "variables must be a JSON object")
+            variables = {}
+        compiled = self._compiled
+        return compiled(variables) if callable(compiled) else compiled

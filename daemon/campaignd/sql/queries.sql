@@ -1,0 +1,385 @@
+-- Every statement campaignd runs, by name. Loaded by campaignd.sql; callers use QUERIES["name"].
+--
+-- Fencing: a daemon serves a sender's campaigns only while it holds the sender lane
+-- (senders.lease_owner, senders.lease_epoch). Every write made on behalf of a lane locks
+-- the lane row FOR SHARE with the writer's (owner, epoch): a takeover must UPDATE that row
+-- (bumping the epoch), so it waits for in-progress fenced writes, and any fenced write that
+-- starts after the takeover finds no lane row and changes nothing. A daemon that stalled
+-- past its lease therefore cannot overwrite what the new owner did.
+
+-- name: migrations_lock
+-- One migrator at a time; the lock is released at the end of the transaction.
+SELECT pg_advisory_xact_lock(hashtext('campaignd.migrate'));
+
+-- name: migrations_bootstrap
+CREATE SCHEMA IF NOT EXISTS campaignd;
+CREATE TABLE IF NOT EXISTS campaignd.schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT version FROM campaignd.schema_migrations ORDER BY version;
+
+-- name: migrations_record
+INSERT INTO campaignd.schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: schema_version
+-- NULL when campaignd was never migrated into this database.
+SELECT CASE WHEN to_regclass('campaignd.schema_migrations') IS NULL THEN NULL
+            ELSE (SELECT max(version) FROM campaignd.schema_migrations) END;
+
+-- name: upsert_sender
+INSERT INTO campaignd.senders (id, provider, rate_per_second, burst)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (id) DO UPDATE
+SET provider = EXCLUDED.provider,
+    rate_per_second = EXCLUDED.rate_per_second,
+    burst = EXCLUDED.burst,
+    updated_at = now()
+WHERE (senders.provider, senders.rate_per_second, senders.burst)
+      IS DISTINCT FROM (EXCLUDED.provider, EXCLUDED.rate_per_second, EXCLUDED.burst);
+
+-- name: acquire_lanes
+-- Takes every free or expired lane of the given senders that has SENDING work.
+-- SKIP LOCKED: two daemons polling at once split the lanes instead of queueing on them.
+-- $1 sender ids, $2 owner, $3 lease seconds
+WITH candidates AS (
+    SELECT s.id
+    FROM campaignd.senders s
+    WHERE s.id = ANY($1::text[])
+      AND s.paused_reason IS NULL
+      AND (s.lease_owner IS NULL OR s.lease_expires_at < now())
+      AND EXISTS (SELECT 1 FROM campaignd.campaigns c WHERE c.sender_id = s.id AND c.status = 'sending')
+    ORDER BY s.id
+    FOR UPDATE OF s SKIP LOCKED
+)
+UPDATE campaignd.senders s
+SET lease_owner = $2,
+    lease_epoch = s.lease_epoch + 1,
+    lease_expires_at = now() + make_interval(secs => $3),
+    updated_at = now()
+FROM candidates
+WHERE s.id = candidates.id
+RETURNING s.id, s.lease_epoch, s.lease_owner;
+
+-- name: recover_in_doubt
+-- Run by a new lane owner right after acquiring: any recipient still in_flight on this
+-- sender was claimed under an earlier epoch by a daemon that died or stalled, so whether
+-- the provider got it is unknown. It goes back to pending (resent with the same
+-- idempotency key) or, for providers that cannot deduplicate, ends failed 'in_doubt'.
+-- The lost claim never spends an attempt.
+-- $1 sender id, $2 owner, $3 epoch, $4 resend_in_doubt
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+), doubt AS (
+    SELECT r.id
+    FROM campaignd.campaigns c
+    JOIN campaignd.recipients r ON r.campaign_id = c.id AND r.state = 'in_flight'
+    WHERE c.sender_id = $1
+      AND r.lease_epoch IS DISTINCT FROM $3
+      AND EXISTS (SELECT 1 FROM lane)
+    FOR UPDATE OF r
+), recovered AS (
+    UPDATE campaignd.recipients r
+    SET state = CASE WHEN $4::boolean THEN 'pending' ELSE 'failed' END,
+        attempts = greatest(r.attempts - 1, 0),
+        next_attempt_at = CASE WHEN $4::boolean THEN now() END,
+        error_code = 'in_doubt',
+        error_message = 'the daemon holding this claim stopped before recording its outcome',
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        updated_at = now()
+    FROM doubt
+    WHERE r.id = doubt.id
+    RETURNING r.campaign_id, r.state
+), failed AS (
+    UPDATE campaignd.campaigns c
+    SET failed_count = c.failed_count + f.n, updated_at = now()
+    FROM (SELECT campaign_id, count(*) AS n FROM recovered WHERE state = 'failed' GROUP BY campaign_id) f
+    WHERE c.id = f.campaign_id
+)
+SELECT count(*) AS recovered,
+       count(*) FILTER (WHERE state = 'failed') AS failed
+FROM recovered;
+
+-- name: renew_lane
+-- Extends the lane and the leases of its in-flight claims. No row back: the lane was
+-- taken over (or released), and the caller must stop sending at once.
+-- $1 sender id, $2 owner, $3 epoch, $4 lease seconds, $5 campaign ids with claims in flight
+WITH lane AS (
+    UPDATE campaignd.senders
+    SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    RETURNING lease_expires_at, paused_reason
+), claims AS (
+    UPDATE campaignd.recipients r
+    SET lease_expires_at = lane.lease_expires_at
+    FROM lane
+    WHERE r.campaign_id = ANY($5::uuid[]) AND r.state = 'in_flight'
+      AND r.lease_owner = $2 AND r.lease_epoch = $3
+), campaigns AS (
+    UPDATE campaignd.campaigns c
+    SET lease_owner = $2, lease_expires_at = lane.lease_expires_at
+    FROM lane
+    WHERE c.sender_id = $1 AND c.status = 'sending'
+)
+SELECT lease_expires_at, paused_reason FROM lane;
+
+-- name: release_lane
+-- $1 sender id, $2 owner, $3 epoch
+WITH lane AS (
+    UPDATE campaignd.senders
+    SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    RETURNING id
+)
+UPDATE campaignd.campaigns c
+SET lease_owner = NULL, lease_expires_at = NULL
+FROM lane
+WHERE c.sender_id = lane.id AND c.lease_owner = $2;
+
+-- name: sending_campaigns
+-- $1 sender id
+SELECT id, message, rate_per_second, prepared_at IS NOT NULL AS prepared
+FROM campaignd.campaigns
+WHERE sender_id = $1 AND status = 'sending'
+ORDER BY created_at, id;
+
+-- name: lock_lane
+-- First statement of a fenced multi-statement transaction. $1 sender id, $2 owner, $3 epoch
+SELECT id FROM campaignd.senders
+WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+FOR SHARE;
+
+-- name: prepare_skip_no_address
+-- $1 campaign id
+UPDATE campaignd.recipients
+SET state = 'skipped', error_code = 'no_address',
+    error_message = 'recipient has no address', updated_at = now()
+WHERE campaign_id = $1 AND state = 'pending' AND (address IS NULL OR btrim(address) = '');
+
+-- name: prepare_skip_duplicates
+-- The lowest id of each address is kept. $1 campaign id
+UPDATE campaignd.recipients r
+SET state = 'skipped', error_code = 'duplicate_address',
+    error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
+FROM (
+    SELECT id, min(id) OVER (PARTITION BY btrim(address)) AS kept_id
+    FROM campaignd.recipients
+    WHERE campaign_id = $1 AND state <> 'skipped' AND address IS NOT NULL
+) d
+WHERE r.id = d.id AND d.id <> d.kept_id AND r.state = 'pending';
+
+-- name: prepare_skip_missing_variables
+-- A variable that is absent or JSON null cannot fill a placeholder. $1 campaign id, $2 names
+UPDATE campaignd.recipients r
+SET state = 'skipped', error_code = 'missing_variable',
+    error_message = 'missing variable: ' || (
+        SELECT string_agg(k, ', ' ORDER BY k) FROM unnest($2::text[]) AS k
+        WHERE r.variables -> k IS NULL OR r.variables -> k = 'null'::jsonb),
+    updated_at = now()
+WHERE r.campaign_id = $1 AND r.state = 'pending'
+  AND EXISTS (SELECT 1 FROM unnest($2::text[]) AS k
+              WHERE r.variables -> k IS NULL OR r.variables -> k = 'null'::jsonb);
+
+-- name: prepare_finish
+-- Counters recomputed from recipient states (hosts need not fill total_count); a campaign
+-- with nothing left to send fails with a reason instead of sitting in SENDING.
+-- $1 campaign id
+WITH counts AS (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE state = 'sent') AS sent,
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           count(*) FILTER (WHERE state = 'skipped') AS skipped,
+           count(*) FILTER (WHERE state IN ('pending', 'in_flight')) AS open
+    FROM campaignd.recipients
+    WHERE campaign_id = $1
+)
+UPDATE campaignd.campaigns c
+SET total_count = counts.total,
+    sent_count = counts.sent,
+    failed_count = counts.failed,
+    skipped_count = counts.skipped,
+    prepared_at = now(),
+    started_at = coalesce(c.started_at, now()),
+    status = CASE WHEN counts.open = 0 THEN 'failed' ELSE c.status END,
+    status_reason = CASE
+        WHEN counts.total = 0 THEN 'campaign has no recipients'
+        WHEN counts.open = 0 THEN 'no valid recipient: all ' || counts.total || ' were skipped or already final'
+        ELSE c.status_reason END,
+    completed_at = CASE WHEN counts.open = 0 THEN now() ELSE c.completed_at END,
+    updated_at = now()
+FROM counts
+WHERE c.id = $1 AND c.status = 'sending'
+RETURNING c.status, c.status_reason, counts.total, counts.skipped, counts.open;
+
+-- name: fail_campaign
+-- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+)
+UPDATE campaignd.campaigns
+SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = now()
+WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
+RETURNING id;
+
+-- name: claim_recipients
+-- Due retries first, then fresh recipients after the keyset cursor. The claim commits
+-- before any send starts, so a crash leaves the recipient visibly in_flight (in doubt),
+-- never silently pending-but-sent.
+-- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 cursor (last fresh id claimed),
+-- $6 limit, $7 lease seconds
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+), campaign AS (
+    SELECT id FROM campaignd.campaigns
+    WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
+), due AS (
+    SELECT r.id
+    FROM campaignd.recipients r
+    WHERE r.campaign_id = (SELECT id FROM campaign)
+      AND r.state = 'pending' AND r.next_attempt_at IS NOT NULL AND r.next_attempt_at <= now()
+    ORDER BY r.next_attempt_at
+    LIMIT $6
+    FOR UPDATE SKIP LOCKED
+), fresh AS (
+    SELECT r.id
+    FROM campaignd.recipients r
+    WHERE r.campaign_id = (SELECT id FROM campaign)
+      AND r.state = 'pending' AND r.next_attempt_at IS NULL AND r.id > $5
+    ORDER BY r.id
+    LIMIT $6
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    (SELECT id, false AS fresh FROM due)
+    UNION ALL
+    (SELECT id, true AS fresh FROM fresh)
+    LIMIT $6
+)
+UPDATE campaignd.recipients r
+SET state = 'in_flight',
+    attempts = r.attempts + 1,
+    lease_owner = $2,
+    lease_epoch = $3,
+    lease_expires_at = now() + make_interval(secs => $7),
+    updated_at = now()
+FROM picked
+WHERE r.id = picked.id
+RETURNING r.id, r.address, r.variables, r.attempts, picked.fresh;
+
+-- name: record_outcomes
+-- One statement per batch: recipient states and campaign counters change together, and
+-- only for claims this lane still holds. Returns whether the lane was still ours and how
+-- many outcomes were applied.
+-- $1 sender id, $2 owner, $3 epoch, then parallel arrays: $4 ids, $5 states,
+-- $6 provider message ids, $7 error codes, $8 error messages, $9 retry delays (seconds,
+-- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent)
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+), outcome AS (
+    SELECT *
+    FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
+         AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust)
+), applied AS (
+    UPDATE campaignd.recipients r
+    SET state = o.state,
+        attempts = greatest(r.attempts + o.attempt_adjust, 0),
+        next_attempt_at = CASE WHEN o.state = 'pending' THEN now() + make_interval(secs => o.retry_in) END,
+        provider_message_id = coalesce(o.provider_message_id, r.provider_message_id),
+        error_code = o.error_code,
+        error_message = o.error_message,
+        sent_at = CASE WHEN o.state = 'sent' THEN now() ELSE r.sent_at END,
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        updated_at = now()
+    FROM outcome o
+    WHERE r.id = o.id AND r.state = 'in_flight' AND r.lease_owner = $2 AND r.lease_epoch = $3
+      AND EXISTS (SELECT 1 FROM lane)
+    RETURNING r.campaign_id, r.state
+), per_campaign AS (
+    SELECT campaign_id,
+           count(*) FILTER (WHERE state = 'sent') AS sent,
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           count(*) FILTER (WHERE state = 'skipped') AS skipped
+    FROM applied
+    GROUP BY campaign_id
+), counted AS (
+    UPDATE campaignd.campaigns c
+    SET sent_count = c.sent_count + p.sent,
+        failed_count = c.failed_count + p.failed,
+        skipped_count = c.skipped_count + p.skipped,
+        updated_at = now()
+    FROM per_campaign p
+    WHERE c.id = p.campaign_id AND (p.sent + p.failed + p.skipped) > 0
+)
+SELECT (SELECT count(*) FROM lane) AS lane_held,
+       (SELECT count(*) FROM applied) AS applied;
+
+-- name: complete_campaign
+-- The only way a campaign becomes completed: atomically, while still SENDING, and only
+-- when no recipient is pending (a retry scheduled in the future counts as pending) or
+-- in flight. $1 sender id, $2 owner, $3 epoch, $4 campaign id
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+)
+UPDATE campaignd.campaigns c
+SET status = 'completed', completed_at = now(), updated_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE c.id = $4 AND c.status = 'sending'
+  AND EXISTS (SELECT 1 FROM lane)
+  AND NOT EXISTS (
+      SELECT 1 FROM campaignd.recipients r
+      WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight'))
+RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
+
+-- name: pause_sender
+-- The provider rejected the sender itself: stop it and every campaign it is sending.
+-- $1 sender id, $2 owner, $3 epoch, $4 reason
+WITH lane AS (
+    UPDATE campaignd.senders
+    SET paused_reason = $4, updated_at = now()
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    RETURNING id
+)
+UPDATE campaignd.campaigns c
+SET status = 'paused', status_reason = $4, updated_at = now()
+FROM lane
+WHERE c.sender_id = lane.id AND c.status = 'sending'
+RETURNING c.id;
+
+-- name: campaign_status_all
+SELECT c.id, c.name, c.sender_id, c.status, c.status_reason, c.total_count, c.sent_count,
+       c.failed_count, c.skipped_count, c.lease_owner, c.created_at, c.started_at, c.completed_at,
+       (SELECT count(*) FROM campaignd.recipients r
+        WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight')) AS open_count
+FROM campaignd.campaigns c
+ORDER BY c.created_at DESC, c.id
+LIMIT $1;
+
+-- name: campaign_status_one
+SELECT c.id, c.name, c.sender_id, c.status, c.status_reason, c.total_count, c.sent_count,
+       c.failed_count, c.skipped_count, c.lease_owner, c.created_at, c.started_at, c.completed_at,
+       (SELECT count(*) FROM campaignd.recipients r
+        WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight')) AS open_count
+FROM campaignd.campaigns c
+WHERE c.id = $1;
+
+-- name: campaign_state_counts
+SELECT state, count(*) AS n FROM campaignd.recipients WHERE campaign_id = $1 GROUP BY state;
+
+-- name: campaign_error_counts
+SELECT state, error_code, count(*) AS n
+FROM campaignd.recipients
+WHERE campaign_id = $1 AND error_code IS NOT NULL
+GROUP BY state, error_code
+ORDER BY n DESC;
