@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, help="TOML config file (default: $CAMPAIGND_CONFIG)")
     common.add_argument("--log-format", choices=["json", "console"], help="overrides [log] format")
     common.add_argument(
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="campaignd",
-        description="Campaign-dispatch daemon: sends campaigns stored in PostgreSQL exactly once per recipient.",
+        description="Campaign-dispatch daemon: sends campaigns stored in PostgreSQL exactly once "
+        "per recipient.",
         parents=[common],
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         parents=[common],
         help="run the daemon",
-        description="Lease SENDING campaigns, send them under the senders' rate limits, record every outcome. "
-        "SIGTERM drains in-flight sends within [dispatch] drain_seconds and exits 0.",
+        description="Lease SENDING campaigns, send them under the senders' rate limits, record every "
+        "outcome. SIGTERM drains in-flight sends within [dispatch] drain_seconds and exits 0.",
     )
     commands.add_parser(
         "migrate",

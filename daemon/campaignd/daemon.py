@@ -150,8 +150,8 @@ class Daemon:
 
     # --------------------------------------------------------------- listening
 
-    def _on_notify(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
-        wake = self._lane_wakes.get(payload)
+    def _on_notify(self, _connection: db.Connection, _pid: int, _channel: str, payload: object) -> None:
+        wake = self._lane_wakes.get(str(payload))
         if wake is None:
             return
         wake.set()
@@ -195,7 +195,7 @@ class Daemon:
                         await asyncio.wait_for(connection.close(), timeout=2)
 
 
-async def sync_senders(connection: asyncpg.Connection, settings: Settings) -> None:
+async def sync_senders(connection: db.Connection, settings: Settings) -> None:
     """Mirror configured senders into the database so hosts can reference them."""
     for sender_id, sender in settings.senders.items():
         await connection.execute(

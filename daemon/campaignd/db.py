@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
@@ -13,6 +13,12 @@ import structlog
 
 from campaignd.asyncutil import wait_any
 from campaignd.config import DatabaseConfig
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection of its own or one borrowed from the pool: the queries take either.
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 log = structlog.get_logger("campaignd.db")
 
@@ -59,7 +65,7 @@ def _decode_jsonb(data: bytes) -> object:
     return orjson.loads(data[1:])
 
 
-async def _init_connection(connection: asyncpg.Connection) -> None:
+async def _init_connection(connection: asyncpg.Connection[asyncpg.Record]) -> None:
     await connection.set_type_codec(
         "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
     )

@@ -40,7 +40,9 @@ def _recipients(count: int) -> tuple[list[tuple[str | None, dict[str, Any]]], di
     rng = random.Random(7)
     rows: list[tuple[str | None, dict[str, Any]]] = []
     for index in range(count):
-        rows.append((f"+1555{index:07d}", {"first_name": f"Customer{index}", "code": rng.randint(1000, 9999)}))
+        rows.append(
+            (f"+1555{index:07d}", {"first_name": f"Customer{index}", "code": rng.randint(1000, 9999)})
+        )
     # No address, a duplicate, a missing variable, an address with a space: skipped with a reason.
     rows[10] = (None, rows[10][1])
     rows[11] = ("", rows[11][1])
@@ -73,12 +75,19 @@ async def run_demo(args: argparse.Namespace) -> int:
     provider = FakeProvider(Behaviour(latency_seconds=0.01, jitter_seconds=0.02, rules=rules, seed=1))
     provider.behaviour.throttle_rate = 0.002
     await provider.start()
-    settings = Settings(
-        database={"url": url, "pool_size": 8},
-        dispatch={"concurrency": 64, "batch_size": 200, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2.0,
-                  "poll_seconds": 0.5},
-        log={"format": "console", "level": "warning"},
-        senders={SENDER_ID: {"url": provider.url, "rate_per_second": args.rate, "burst": 20}},
+    settings = Settings.model_validate(
+        {
+            "database": {"url": url, "pool_size": 8},
+            "dispatch": {
+                "concurrency": 64,
+                "batch_size": 200,
+                "backoff_base_seconds": 0.5,
+                "backoff_max_seconds": 2.0,
+                "poll_seconds": 0.5,
+            },
+            "log": {"format": "console", "level": "warning"},
+            "senders": {SENDER_ID: {"url": provider.url, "rate_per_second": args.rate, "burst": 20}},
+        }
     )
     console.print(f"fake provider at [cyan]{provider.url}[/], sender rate limit {args.rate:g} msg/s")
     try:
@@ -119,7 +128,9 @@ async def _run(
         await connection.close()
 
 
-async def _create_campaign(connection: asyncpg.Connection, rows: list[tuple[str | None, dict[str, Any]]]) -> str:
+async def _create_campaign(
+    connection: asyncpg.Connection, rows: list[tuple[str | None, dict[str, Any]]]
+) -> str:
     async with connection.transaction():
         campaign_id = await connection.fetchval(
             "INSERT INTO campaignd.campaigns (name, sender_id, message) VALUES ($1, $2, $3) RETURNING id",
@@ -133,7 +144,9 @@ async def _create_campaign(connection: asyncpg.Connection, rows: list[tuple[str 
             columns=["campaign_id", "address", "variables"],
             records=[(campaign_id, address, variables) for address, variables in rows],
         )
-        await connection.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+        await connection.execute(
+            "UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id
+        )
     return str(campaign_id)
 
 
@@ -158,8 +171,14 @@ async def _watch(
             row = await connection.fetchrow(QUERIES["campaign_status_one"], campaign_id)
             assert row is not None
             done = row["sent_count"] + row["failed_count"] + row["skipped_count"]
-            progress.update(bar, completed=done, sent=row["sent_count"], failed=row["failed_count"],
-                            skipped=row["skipped_count"], description=row["status"])
+            progress.update(
+                bar,
+                completed=done,
+                sent=row["sent_count"],
+                failed=row["failed_count"],
+                skipped=row["skipped_count"],
+                description=row["status"],
+            )
             if row["status"] not in ("sending", "draft"):
                 return str(row["status"])
             if daemon_task.done() or time.monotonic() > deadline:
@@ -187,16 +206,20 @@ async def _summary(
     table.add_row("delivered twice", str(len(provider.addresses_delivered_under_several_keys())))
     console.print(table)
     rate = row["sent_count"] / elapsed if elapsed else 0.0
-    console.print(f"done in {elapsed:.1f} s ({rate:.0f} msg/s sent). "
-                  f"Counters match the recipients table: "
-                  f"{await _counters_match(connection, campaign_id)}")
+    console.print(
+        f"done in {elapsed:.1f} s ({rate:.0f} msg/s sent). "
+        f"Counters match the recipients table: "
+        f"{await _counters_match(connection, campaign_id)}"
+    )
 
 
 async def _counters_match(connection: asyncpg.Connection, campaign_id: str) -> bool:
-    counts = {r["state"]: r["n"] for r in await connection.fetch(QUERIES["campaign_state_counts"], campaign_id)}
+    counts = {
+        r["state"]: r["n"] for r in await connection.fetch(QUERIES["campaign_state_counts"], campaign_id)
+    }
     row = await connection.fetchrow(QUERIES["campaign_status_one"], campaign_id)
     assert row is not None
-    return (
+    return bool(
         counts.get("sent", 0) == row["sent_count"]
         and counts.get("failed", 0) == row["failed_count"]
         and counts.get("skipped", 0) == row["skipped_count"]

@@ -191,7 +191,7 @@ class Lane:
 
     async def _release(self) -> None:
         if self.lease.lost:
-            self._log.info("lane_lost" if self._pause_reason is None else "lane_paused")
+            self._log.info("lane_lost")
             return
         try:
             async with self._pool.acquire() as connection:
@@ -207,6 +207,11 @@ class Lane:
         return self._shutdown.requested.is_set() or self.lease.lost or self._pause_reason is not None
 
     async def _feed(self) -> None:
+        await self._feed_until_stopped()
+        if self._pause_reason is not None and not self.lease.lost:
+            await self._pause_sender()
+
+    async def _feed_until_stopped(self) -> None:
         backoff = Backoff()
         while not self._stopping():
             if not self.lease.may_send():
@@ -232,7 +237,6 @@ class Lane:
                 await self._wait(delay)
                 continue
             if self._pause_reason is not None:
-                await self._pause_sender()
                 return
             if not claimed:
                 await self._wait(self._config.poll_seconds)
@@ -261,9 +265,9 @@ class Lane:
                     del self._runs[campaign_id]
         for campaign_id, row in sending.items():
             if campaign_id not in self._runs:
-                run = await self._start_campaign(campaign_id, row)
-                if run is not None:
-                    self._runs[campaign_id] = run
+                started = await self._start_campaign(campaign_id, row)
+                if started is not None:
+                    self._runs[campaign_id] = started
         return [run for run in self._runs.values() if run.active]
 
     async def _start_campaign(self, campaign_id: str, row: asyncpg.Record) -> CampaignRun | None:

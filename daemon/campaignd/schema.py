@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import asyncpg
+from typing import TYPE_CHECKING
+
 import structlog
 
 from campaignd.sql import MIGRATIONS, QUERIES, SCHEMA_VERSION
 
+if TYPE_CHECKING:
+    from campaignd.db import Connection
+
 log = structlog.get_logger("campaignd.schema")
 
 
-async def migrate(connection: asyncpg.Connection) -> list[int]:
+async def migrate(connection: Connection) -> list[int]:
     """Apply the migrations this database lacks; returns the versions applied.
 
     Idempotent and safe to run from several processes at once (``ExecStartPre`` on every
@@ -32,7 +36,10 @@ async def migrate(connection: asyncpg.Connection) -> list[int]:
     return newly_applied
 
 
-async def current_version(connection: asyncpg.Connection) -> int | None:
+async def current_version(connection: Connection) -> int | None:
+    # Two statements: one naming a table that does not exist fails at planning, CASE or not.
+    if not await connection.fetchval(QUERIES["schema_exists"]):
+        return None
     version: int | None = await connection.fetchval(QUERIES["schema_version"])
     return version
 
@@ -41,7 +48,7 @@ class SchemaNotReady(Exception):
     """The database's schema is not the one this build expects."""
 
 
-async def require_current(connection: asyncpg.Connection) -> None:
+async def require_current(connection: Connection) -> None:
     version = await current_version(connection)
     if version is None:
         raise SchemaNotReady("the campaignd schema does not exist: run `campaignd migrate` first")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import orjson
 from rich.console import Console
 from rich.table import Table
 
 from campaignd.sql import QUERIES
 
+if TYPE_CHECKING:
+    from campaignd.db import Connection
 
-async def fetch_status(connection: asyncpg.Connection, campaign_id: str | None) -> list[dict[str, Any]]:
+
+async def fetch_status(connection: Connection, campaign_id: str | None) -> list[dict[str, Any]]:
     if campaign_id is None:
         rows = await connection.fetch(QUERIES["campaign_status_all"], 50)
     else:

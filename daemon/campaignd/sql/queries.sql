@@ -25,10 +25,12 @@ SELECT version FROM campaignd.schema_migrations ORDER BY version;
 -- name: migrations_record
 INSERT INTO campaignd.schema_migrations (version, name) VALUES ($1, $2);
 
+-- name: schema_exists
+-- False when campaignd was never migrated into this database.
+SELECT to_regclass('campaignd.schema_migrations') IS NOT NULL;
+
 -- name: schema_version
--- NULL when campaignd was never migrated into this database.
-SELECT CASE WHEN to_regclass('campaignd.schema_migrations') IS NULL THEN NULL
-            ELSE (SELECT max(version) FROM campaignd.schema_migrations) END;
+SELECT max(version) FROM campaignd.schema_migrations;
 
 -- name: upsert_sender
 INSERT INTO campaignd.senders (id, provider, rate_per_second, burst)

@@ -1,0 +1,401 @@
+"""End to end: real ``campaignd run`` processes, a real PostgreSQL, the fake provider."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from campaignd.fakeprovider import FakeProvider, Rule
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
+
+
+def assert_exactly_once(fake: FakeProvider, campaign_id: str, expected_sent: int) -> None:
+    """Every sent recipient reached the provider under one key, none under two keys."""
+    accepted = [a for a in fake.accepted() if a.campaign_id == campaign_id]
+    assert len(accepted) == expected_sent
+    assert len({a.recipient_id for a in accepted}) == expected_sent
+    assert fake.addresses_delivered_under_several_keys() == {}
+
+
+async def sent_ids(conn: asyncpg.Connection, campaign_id: str) -> set[int]:
+    rows = await conn.fetch(
+        "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'sent'", campaign_id
+    )
+    return {row["id"] for row in rows}
+
+
+async def test_campaign_of_2000_is_sent_exactly_once_and_completes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    campaign_id = await create_campaign(conn, "sms", 2000)
+    daemon = daemons(config)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    assert row["sent_count"] == 2000
+    assert row["total_count"] == 2000
+    assert row["completed_at"] is not None and row["started_at"] is not None
+    assert fake.request_count() == 2000, "no recipient was sent twice"
+    assert_exactly_once(fake, campaign_id, 2000)
+    assert {a.recipient_id for a in fake.accepted()} == await sent_ids(conn, campaign_id)
+    await assert_counters_match(conn, campaign_id)
+    # Rendering filled each recipient's own variables.
+    first = min(fake.accepted(), key=lambda a: a.recipient_id)
+    assert first.body["message"] == {"text": "hello n0"}
+    assert fake.last_headers["Idempotency-Key"].startswith(campaign_id + ":")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_sigkill_mid_campaign_then_restart_resumes_without_loss_or_silent_duplicates(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.latency_seconds = 0.02
+    fake.behaviour.jitter_seconds = 0.03
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 400.0}}, lease_seconds=2.0
+    )
+    campaign_id = await create_campaign(conn, "sms", 2000)
+    first = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 400
+
+    await wait_for(progressed, timeout=60, what="400 sent")
+    first.kill()
+    in_flight_at_kill = (await state_counts(conn, campaign_id)).get("in_flight", 0)
+    requests_at_kill = fake.request_count()
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+
+    second = daemons(config)
+    await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    counts = await state_counts(conn, campaign_id)
+    assert counts == {"sent": 2000}
+    assert_exactly_once(fake, campaign_id, 2000)
+    # A recipient reached the provider more than once only as an in-doubt resend under the
+    # same idempotency key, and only for claims that were in flight at the kill.
+    resends = sum(fake.duplicate_keys().values())
+    abandoned = fake.cancelled_count()  # cut off by the kill before the provider accepted them
+    assert resends + abandoned <= in_flight_at_kill
+    assert fake.request_count() == 2000 + resends + abandoned
+    assert requests_at_kill < 2000
+    await assert_counters_match(conn, campaign_id)
+    # Lost claims never spend an attempt.
+    assert await conn.fetchval("SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id) == 1
+    if in_flight_at_kill:
+        assert "in_doubt_recovered" in second.log()
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+
+
+async def test_sigterm_drains_in_flight_sends_and_releases_the_lane(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.latency_seconds = 0.2
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
+    campaign_id = await create_campaign(conn, "sms", 3000)
+    daemon = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 100
+
+    await wait_for(progressed, timeout=60, what="100 sent")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+
+    counts = await state_counts(conn, campaign_id)
+    assert "in_flight" not in counts
+    assert counts["pending"] > 0, "the test stopped the daemon before the end"
+    assert await conn.fetchval(
+        "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND error_code = 'in_doubt'", campaign_id
+    ) == 0
+    lane = await conn.fetchrow("SELECT lease_owner, lease_expires_at FROM campaignd.senders WHERE id = 'sms'")
+    assert lane is not None and lane["lease_owner"] is None and lane["lease_expires_at"] is None
+    # Everything the provider accepted is recorded as sent, and nothing else is.
+    assert {a.recipient_id for a in fake.accepted()} == await sent_ids(conn, campaign_id)
+    assert fake.request_count() == counts["sent"]
+    await assert_counters_match(conn, campaign_id)
+    assert await conn.fetchval("SELECT max(attempts) FROM campaignd.recipients WHERE state = 'pending'") == 0
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+
+
+async def test_two_daemons_share_the_work_each_recipient_once_rates_respected(
+    tmp_path: Path,
+    database_url: str,
+    conn: asyncpg.Connection,
+    fake: FakeProvider,
+    second_fake: FakeProvider,
+    daemons: Any,
+) -> None:
+    rate, burst = 150.0, 10
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {
+            "alpha": {"url": fake.url, "rate_per_second": rate, "burst": burst},
+            "beta": {"url": second_fake.url, "rate_per_second": rate, "burst": burst},
+        },
+    )
+    campaigns = [
+        await create_campaign(conn, sender, [(f"+1666{index}{i:06d}", {"name": "x"}) for i in range(600)], name=sender)
+        for index, sender in enumerate(("alpha", "beta", "alpha"))
+    ]
+    first, second = daemons(config), daemons(config)
+
+    for campaign_id in campaigns:
+        await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    for provider, sender_campaigns in ((fake, [campaigns[0], campaigns[2]]), (second_fake, [campaigns[1]])):
+        assert provider.request_count() == 600 * len(sender_campaigns)
+        for campaign_id in sender_campaigns:
+            assert_exactly_once(provider, campaign_id, 600)
+        assert provider.max_requests_in_window(1.0) <= rate + burst
+    for campaign_id in campaigns:
+        await assert_counters_match(conn, campaign_id)
+    # Both processes really ran (the lanes were split or handed over), and both stop cleanly.
+    for daemon in (first, second):
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+
+
+async def test_frozen_daemon_is_fenced_after_takeover(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Slow answers keep requests in the air when the first daemon is frozen, so it holds
+    # outcomes it will try to write after it is thawed.
+    fake.behaviour.latency_seconds = 0.5
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}}, lease_seconds=2.0
+    )
+    campaign_id = await create_campaign(conn, "sms", 800)
+    frozen = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 50
+
+    await wait_for(progressed, timeout=60, what="50 sent")
+    frozen.signal(signal.SIGSTOP)
+    epoch_before = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+
+    successor = daemons(config)
+
+    async def taken_over() -> bool:
+        epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+        return bool(epoch > epoch_before)
+
+    await wait_for(taken_over, timeout=30, what="takeover")
+    await wait_status(conn, campaign_id, "completed", timeout=120)
+    final = dict(await campaign(conn, campaign_id))
+
+    frozen.signal(signal.SIGCONT)
+
+    async def frozen_noticed() -> bool:
+        return "lane_taken_over" in frozen.log()
+
+    await wait_for(frozen_noticed, timeout=30, what="the thawed daemon to notice the takeover")
+    after = dict(await campaign(conn, campaign_id))
+    assert after == final, "a fenced daemon changed the campaign after the takeover"
+    await assert_counters_match(conn, campaign_id)
+    assert await state_counts(conn, campaign_id) == {"sent": 800}
+    assert_exactly_once(fake, campaign_id, 800)
+    for daemon in (frozen, successor):
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+
+
+async def test_retry_scheduled_in_the_future_keeps_the_campaign_sending(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The seed-004 bug: rows waiting on next_attempt_at were invisible and the campaign was
+    # completed with thousands unsent.
+    flaky = "+15550000007"
+    fake.behaviour.rules[flaky] = Rule(500, {"error": {"code": "upstream"}}, times=1)
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url}}, backoff_base_seconds=6.0, backoff_max_seconds=6.0
+    )
+    campaign_id = await create_campaign(conn, "sms", 50)
+    daemons(config)
+
+    async def waiting_on_retry() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return counts.get("sent") == 49 and counts.get("pending") == 1
+
+    await wait_for(waiting_on_retry, timeout=60, what="49 sent, 1 waiting")
+    retry = await conn.fetchrow(
+        "SELECT attempts, error_code, next_attempt_at > now() AS in_future FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'pending'",
+        campaign_id,
+    )
+    assert retry is not None and retry["in_future"] and retry["attempts"] == 1 and retry["error_code"] == "upstream"
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+    assert row["sent_count"] == 50
+    assert fake.requests_by_address(flaky) == 2
+
+
+async def test_provider_errors_each_get_their_reaction(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    permanent, throttled, slow, exhausted = "+15550000001", "+15550000002", "+15550000003", "+15550000004"
+    fake.behaviour.rules.update(
+        {
+            permanent: Rule(400, {"error": {"code": "invalid_number", "message": "no such number"}}),
+            throttled: Rule(429, {"error": {"code": "slow_down"}}, headers={"Retry-After": "1"}, times=2),
+            # Answers after the client's timeout the first time: a transient timeout, then sent.
+            slow: Rule(200, {"id": "late"}, times=1, delay_seconds=3.0),
+            exhausted: Rule(503, None, headers={"Retry-After": "0"}, times=None),
+        }
+    )
+    fake.behaviour.rules[exhausted] = Rule(500, "<html>bad gateway</html>")
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "timeout_seconds": 1.0}},
+        max_attempts=3,
+    )
+    campaign_id = await create_campaign(conn, "sms", 20)
+    daemons(config)
+    await wait_status(conn, campaign_id, "completed", timeout=90)
+
+    rows = {
+        r["address"]: r
+        for r in await conn.fetch(
+            "SELECT address, state, attempts, error_code, error_message FROM campaignd.recipients"
+            " WHERE campaign_id = $1",
+            campaign_id,
+        )
+    }
+    assert rows[permanent]["state"] == "failed"
+    assert rows[permanent]["error_code"] == "invalid_number"
+    assert rows[permanent]["attempts"] == 1, "a permanent error is not retried"
+    assert "no such number" in rows[permanent]["error_message"]
+    # Throttled twice: retried without spending attempts.
+    assert rows[throttled]["state"] == "sent" and rows[throttled]["attempts"] == 1
+    assert fake.requests_by_address(throttled) == 3
+    # Timed out once: a transient failure that spent one attempt, then sent.
+    assert rows[slow]["state"] == "sent" and rows[slow]["attempts"] == 2
+    # A transient error on every try: failed after max_attempts, with the last code.
+    assert rows[exhausted]["state"] == "failed" and rows[exhausted]["attempts"] == 3
+    assert rows[exhausted]["error_code"] == "http_500"
+    assert fake.requests_by_address(exhausted) == 3
+    await assert_counters_match(conn, campaign_id)
+    assert Counter(r["state"] for r in rows.values()) == {"sent": 18, "failed": 2}
+
+
+async def test_unauthorized_pauses_the_sender_and_its_campaigns(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.all_status = 401
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 50.0}})
+    first = await create_campaign(conn, "sms", 300, name="a")
+    second = await create_campaign(conn, "sms", 300, name="b")
+    daemon = daemons(config)
+
+    for campaign_id in (first, second):
+        row = await wait_status(conn, campaign_id, "paused", timeout=30)
+        assert "forced" in row["status_reason"]
+    reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
+    assert reason is not None and "forced" in reason
+
+    async def settled() -> bool:
+        owner = await conn.fetchval("SELECT lease_owner FROM campaignd.senders WHERE id = 'sms'")
+        return "sender_paused" in daemon.log() and owner is None
+
+    await wait_for(settled, timeout=30, what="the lane to stop")
+    requests = fake.request_count()
+    assert requests <= 50 + 50, "stopped at the first rejections, not after hundreds"
+    for campaign_id in (first, second):
+        counts = await state_counts(conn, campaign_id)
+        assert "in_flight" not in counts and counts.get("failed", 0) == 0, "the sender's fault fails no recipient"
+        assert await conn.fetchval(
+            "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+        ) == 0
+    # Nothing more is sent while the sender is paused, even when a campaign is set sending again.
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", first)
+    import asyncio
+
+    await asyncio.sleep(1.0)
+    assert fake.request_count() == requests
+
+    # Clearing the reason (what `resume-sender` will do) resumes sending.
+    fake.behaviour.all_status = None
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
+    await wait_status(conn, first, "completed", timeout=60)
+    await assert_counters_match(conn, first)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_bad_recipients_are_skipped_with_reasons(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    recipients: list[tuple[str | None, dict[str, Any]]] = [
+        ("+15550000001", {"name": "kept"}),
+        (None, {"name": "no address"}),
+        ("   ", {"name": "blank"}),
+        ("+15550000001", {"name": "duplicate"}),
+        ("+15550000002", {}),
+        ("+15550000003", {"name": None}),
+        ("+1555 0000004", {"name": "space"}),
+        ("+15550000005", {"name": {"nested": 1}}),
+        ("+15550000006", {"name": "ok"}),
+    ]
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    daemons(config)
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    outcomes = [
+        (r["state"], r["error_code"])
+        for r in await conn.fetch(
+            "SELECT state, error_code FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
+        )
+    ]
+    assert outcomes == [
+        ("sent", None),
+        ("skipped", "no_address"),
+        ("skipped", "no_address"),
+        ("skipped", "duplicate_address"),
+        ("skipped", "missing_variable"),
+        ("skipped", "missing_variable"),
+        ("skipped", "invalid_address"),
+        ("skipped", "bad_variable"),
+        ("sent", None),
+    ]
+    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (9, 2, 7)
+    assert fake.request_count() == 2
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_campaign_without_a_valid_recipient_fails_with_a_reason(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    nobody = await create_campaign(conn, "sms", [(None, {"name": "a"}), ("", {"name": "b"})], name="nobody")
+    empty = await create_campaign(conn, "sms", [], name="empty")
+    broken = await create_campaign(conn, "sms", 3, message={"text": "hello {{name"}, name="broken")
+    daemons(config)
+
+    row = await wait_status(conn, nobody, "failed", timeout=30)
+    assert "no valid recipient" in row["status_reason"]
+    assert row["skipped_count"] == 2
+    row = await wait_status(conn, empty, "failed", timeout=30)
+    assert row["status_reason"] == "campaign has no recipients"
+    row = await wait_status(conn, broken, "failed", timeout=30)
+    assert "invalid message" in row["status_reason"]
+    assert fake.request_count() == 0
