@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -65,7 +66,8 @@ def print_status(rows: list[dict[str, Any]], *, as_json: bool) -> None:
             "" if row["progress"] is None else f"{row['progress']}%",
             row["status_reason"] or "",
         )
-    console = Console()
+    # Piped output (scripts, `watch`) would otherwise be squeezed to 80 columns and fold ids.
+    console = Console() if sys.stdout.isatty() else Console(width=220)
     console.print(table)
     for row in rows:
         for error in row.get("errors", []):

@@ -1,0 +1,191 @@
+"""What a host does to a campaign while it is being sent, and the knobs around it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from campaignd.fakeprovider import FakeProvider
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
+
+
+async def test_host_pauses_then_resumes_a_campaign(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}})
+    campaign_id = await create_campaign(conn, "sms", 600)
+    daemon = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 50
+
+    await wait_for(progressed, timeout=30, what="50 sent")
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'paused' WHERE id = $1", campaign_id)
+
+    async def quiet() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return "in_flight" not in counts
+
+    await wait_for(quiet, timeout=30, what="claims given back")
+    await asyncio.sleep(0.5)
+    sent_while_paused = fake.request_count()
+    await asyncio.sleep(1.5)
+    assert fake.request_count() == sent_while_paused, "kept sending a paused campaign"
+    assert (await campaign(conn, campaign_id))["status"] == "paused"
+    assert sent_while_paused < 600
+
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    assert fake.accepted_count() == 600 and fake.request_count() == 600
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_campaign_deleted_while_sending_stops_its_work_without_crashing(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}})
+    doomed = await create_campaign(conn, "sms", 1000, name="doomed")
+    daemon = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, doomed))["sent_count"] >= 30
+
+    await wait_for(progressed, timeout=30, what="30 sent")
+    await conn.execute("DELETE FROM campaignd.campaigns WHERE id = $1", doomed)
+    await asyncio.sleep(1.0)
+    after_delete = fake.request_count()
+    await asyncio.sleep(1.0)
+    assert fake.request_count() == after_delete
+    assert after_delete < 1000
+
+    survivor = await create_campaign(
+        conn, "sms", [(f"+1777{i:07d}", {"name": "x"}) for i in range(50)], name="survivor"
+    )
+    await wait_status(conn, survivor, "completed", timeout=30)
+    assert daemon.process.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_campaign_rate_cap_applies_beneath_the_senders_rate(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 1000.0}})
+    campaign_id = await create_campaign(conn, "sms", 60, rate_per_second=20.0)
+    daemons(config)
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+    elapsed = (row["completed_at"] - row["started_at"]).total_seconds()
+    # 60 messages at 20/s with a burst of 2: close to 3 s, never the sender's 1000/s.
+    assert elapsed >= 2.0
+    assert fake.max_requests_in_window(1.0) <= 20 + 2
+
+
+async def test_in_doubt_claims_fail_instead_of_resending_when_resend_is_off(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Slow answers: many requests are in the air when the daemon is killed.
+    fake.behaviour.latency_seconds = 0.3
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 200.0, "resend_in_doubt": False}},
+        lease_seconds=2.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", 500)
+    first = daemons(config)
+
+    async def in_the_air() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return counts.get("sent", 0) >= 50 and counts.get("in_flight", 0) >= 10
+
+    await wait_for(in_the_air, timeout=30, what="sends in flight")
+    first.kill()
+    in_flight_at_kill = (await state_counts(conn, campaign_id))["in_flight"]
+
+    daemons(config)
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+    in_doubt = await conn.fetchval(
+        "SELECT count(*) FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'failed' AND error_code = 'in_doubt'",
+        campaign_id,
+    )
+    assert in_doubt == in_flight_at_kill
+    assert row["failed_count"] == in_doubt and row["sent_count"] == 500 - in_doubt
+    assert fake.duplicate_keys() == {}, "nothing is resent when resend_in_doubt is off"
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_status_command_reports_progress_as_json(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    campaign_id = await create_campaign(conn, "sms", [("+15550000001", {"name": "a"}), (None, {"name": "b"})])
+    daemons(config)
+    await wait_status(conn, campaign_id, "completed", timeout=30)
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "campaignd", "status", "--config", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listing = status("--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [r["id"] for r in rows] == [campaign_id]
+    assert (rows[0]["status"], rows[0]["sent_count"], rows[0]["skipped_count"], rows[0]["progress"]) == (
+        "completed",
+        1,
+        1,
+        100.0,
+    )
+    one = json.loads(status(campaign_id, "--json").stdout)
+    assert one[0]["errors"] == [{"state": "skipped", "error_code": "no_address", "n": 1}]
+    table = status()
+    assert table.returncode == 0 and "completed" in table.stdout
+    missing = status("00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 1
+
+
+def test_demo_runs_to_completion_on_an_embedded_database(tmp_path: Path) -> None:
+    """The README's first command, smaller: exits 0 with a completed campaign and a summary."""
+    demo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "campaignd",
+            "demo",
+            "--recipients",
+            "400",
+            "--rate",
+            "2000",
+            "--data-dir",
+            str(tmp_path / "pgdata"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "completed" in demo.stdout
+    assert "Counters match the recipients table: True" in demo.stdout
+    assert "delivered twice" in demo.stdout
