@@ -48,7 +48,9 @@ def pg_url() -> Iterator[str]:
     data_dir = Path(tempfile.mkdtemp(prefix="campaignd-test-pg-")) / "pgdata"
     url, server = start_embedded(data_dir, cleanup="delete")
     # Durability is not what these tests measure; fsync off makes them several times faster.
-    server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off; SELECT pg_reload_conf();")
+    server.psql(
+        "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off; SELECT pg_reload_conf();"
+    )
     try:
         yield url
     finally:
@@ -158,7 +160,12 @@ def daemon_config(
         "log": {"format": "json", "level": "debug"},
     }
     for sender_id, values in senders.items():
-        sections[f"senders.{sender_id}"] = {"rate_per_second": 1000.0, "burst": 50, "timeout_seconds": 5.0, **values}
+        sections[f"senders.{sender_id}"] = {
+            "rate_per_second": 1000.0,
+            "burst": 50,
+            "timeout_seconds": 5.0,
+            **values,
+        }
     return write_config(tmp_path / name, sections)
 
 
@@ -215,7 +222,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[Any]], *, timeout: float = 60, interval: float = 0.1, what: str = "condition"
+    condition: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = 60,
+    interval: float = 0.1,
+    what: str = "condition",
 ) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -227,7 +238,9 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-async def register_sender(connection: asyncpg.Connection, sender_id: str, rate: float = 1000.0, burst: int = 50) -> None:
+async def register_sender(
+    connection: asyncpg.Connection, sender_id: str, rate: float = 1000.0, burst: int = 50
+) -> None:
     await connection.execute(
         "INSERT INTO campaignd.senders (id, provider, rate_per_second, burst) VALUES ($1, 'http', $2, $3)"
         " ON CONFLICT (id) DO NOTHING",
@@ -267,7 +280,9 @@ async def create_campaign(
             records=[(campaign_id, address, variables) for address, variables in recipients],
         )
         if start:
-            await connection.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+            await connection.execute(
+                "UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id
+            )
     return str(campaign_id)
 
 
@@ -279,7 +294,8 @@ async def campaign(connection: asyncpg.Connection, campaign_id: str) -> asyncpg.
 
 async def state_counts(connection: asyncpg.Connection, campaign_id: str) -> dict[str, int]:
     rows = await connection.fetch(
-        "SELECT state, count(*) AS n FROM campaignd.recipients WHERE campaign_id = $1 GROUP BY state", campaign_id
+        "SELECT state, count(*) AS n FROM campaignd.recipients WHERE campaign_id = $1 GROUP BY state",
+        campaign_id,
     )
     return {row["state"]: row["n"] for row in rows}
 

@@ -95,7 +95,12 @@ async def test_sigkill_mid_campaign_then_restart_resumes_without_loss_or_silent_
     assert requests_at_kill < 2000
     await assert_counters_match(conn, campaign_id)
     # Lost claims never spend an attempt.
-    assert await conn.fetchval("SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id) == 1
+    assert (
+        await conn.fetchval(
+            "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+        )
+        == 1
+    )
     if in_flight_at_kill:
         assert "in_doubt_recovered" in second.log()
     second.signal(signal.SIGTERM)
@@ -120,9 +125,13 @@ async def test_sigterm_drains_in_flight_sends_and_releases_the_lane(
     counts = await state_counts(conn, campaign_id)
     assert "in_flight" not in counts
     assert counts["pending"] > 0, "the test stopped the daemon before the end"
-    assert await conn.fetchval(
-        "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND error_code = 'in_doubt'", campaign_id
-    ) == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND error_code = 'in_doubt'",
+            campaign_id,
+        )
+        == 0
+    )
     lane = await conn.fetchrow("SELECT lease_owner, lease_expires_at FROM campaignd.senders WHERE id = 'sms'")
     assert lane is not None and lane["lease_owner"] is None and lane["lease_expires_at"] is None
     # Everything the provider accepted is recorded as sent, and nothing else is.
@@ -151,7 +160,9 @@ async def test_two_daemons_share_the_work_each_recipient_once_rates_respected(
         },
     )
     campaigns = [
-        await create_campaign(conn, sender, [(f"+1666{index}{i:06d}", {"name": "x"}) for i in range(600)], name=sender)
+        await create_campaign(
+            conn, sender, [(f"+1666{index}{i:06d}", {"name": "x"}) for i in range(600)], name=sender
+        )
         for index, sender in enumerate(("alpha", "beta", "alpha"))
     ]
     first, second = daemons(config), daemons(config)
@@ -240,7 +251,12 @@ async def test_retry_scheduled_in_the_future_keeps_the_campaign_sending(
         " WHERE campaign_id = $1 AND state = 'pending'",
         campaign_id,
     )
-    assert retry is not None and retry["in_future"] and retry["attempts"] == 1 and retry["error_code"] == "upstream"
+    assert (
+        retry is not None
+        and retry["in_future"]
+        and retry["attempts"] == 1
+        and retry["error_code"] == "upstream"
+    )
     assert (await campaign(conn, campaign_id))["status"] == "sending"
 
     row = await wait_status(conn, campaign_id, "completed", timeout=60)
@@ -321,10 +337,15 @@ async def test_unauthorized_pauses_the_sender_and_its_campaigns(
     assert requests <= 50 + 50, "stopped at the first rejections, not after hundreds"
     for campaign_id in (first, second):
         counts = await state_counts(conn, campaign_id)
-        assert "in_flight" not in counts and counts.get("failed", 0) == 0, "the sender's fault fails no recipient"
-        assert await conn.fetchval(
-            "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
-        ) == 0
+        assert "in_flight" not in counts and counts.get("failed", 0) == 0, (
+            "the sender's fault fails no recipient"
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+            )
+            == 0
+        )
     # Nothing more is sent while the sender is paused, even when a campaign is set sending again.
     await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", first)
     import asyncio
@@ -363,7 +384,8 @@ async def test_bad_recipients_are_skipped_with_reasons(
     outcomes = [
         (r["state"], r["error_code"])
         for r in await conn.fetch(
-            "SELECT state, error_code FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
+            "SELECT state, error_code FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id",
+            campaign_id,
         )
     ]
     assert outcomes == [

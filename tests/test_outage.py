@@ -18,7 +18,14 @@ from campaignd.config import DatabaseConfig
 from campaignd.embedded import start_embedded
 from campaignd.fakeprovider import FakeProvider
 from campaignd.schema import migrate
-from tests.conftest import assert_counters_match, campaign, create_campaign, daemon_config, wait_for, wait_status
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    wait_for,
+    wait_status,
+)
 
 
 @pytest.fixture

@@ -31,11 +31,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Accepted before or after the subcommand. SUPPRESS keeps a subcommand's parser from
+    # resetting a value given before it (absent options are read with getattr).
     common = _Parser(add_help=False)
-    common.add_argument("--config", type=Path, help="TOML config file (default: $CAMPAIGND_CONFIG)")
-    common.add_argument("--log-format", choices=["json", "console"], help="overrides [log] format")
     common.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level"
+        "--config", type=Path, default=argparse.SUPPRESS, help="TOML config file (default: $CAMPAIGND_CONFIG)"
+    )
+    common.add_argument(
+        "--log-format", choices=["json", "console"], default=argparse.SUPPRESS, help="overrides [log] format"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=argparse.SUPPRESS,
+        help="overrides [log] level",
     )
 
     parser = _Parser(
@@ -86,10 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
-    if args.log_format or args.log_level:
-        overrides["log"] = {k: v for k, v in (("format", args.log_format), ("level", args.log_level)) if v}
-    return load_settings(args.config, overrides or None)
+    log = {
+        field: value
+        for field, value in (
+            ("format", getattr(args, "log_format", None)),
+            ("level", getattr(args, "log_level", None)),
+        )
+        if value
+    }
+    return load_settings(getattr(args, "config", None), {"log": log} if log else None)
 
 
 def _run_async(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -33,6 +35,10 @@ from pydantic_settings import (
 ENV_PREFIX = "CAMPAIGND_"
 CONFIG_PATH_ENV = "CAMPAIGND_CONFIG"
 SECRET_REFERENCE_PREFIX = "env:"
+
+
+# Explicit overrides (CLI flags) for the Settings being built; see load_settings.
+_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("campaignd_config_overrides", default=None)
 
 
 class ConfigError(Exception):
@@ -154,9 +160,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file arrives through init_settings (see load_settings), but the
-        # environment must win over it, so the file is merged beneath the env source.
-        return (env_settings, init_settings)
+        # Highest first: explicit overrides, the environment, then the TOML file (which
+        # arrives as init values, see load_settings).
+        overrides = InitSettingsSource(settings_cls, init_kwargs=_OVERRIDES.get() or {})
+        return (overrides, env_settings, init_settings)
 
 
 def _describe_location(location: tuple[int | str, ...]) -> str:
@@ -182,16 +189,6 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
 
-def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build settings from a file (or ``$CAMPAIGND_CONFIG``), the environment and overrides."""
     if path is None and os.environ.get(CONFIG_PATH_ENV):
@@ -199,10 +196,10 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     file_values = read_toml(path) if path is not None else {}
     if not isinstance(file_values, dict):
         raise ConfigError("config file must be a TOML table")
+    token = _OVERRIDES.set(overrides)
     try:
-        settings = Settings(**file_values)
-        if overrides:
-            settings = Settings(**_deep_merge(settings.model_dump(mode="python"), overrides))
+        return Settings(**file_values)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
-    return settings
+    finally:
+        _OVERRIDES.reset(token)

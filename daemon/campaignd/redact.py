@@ -6,7 +6,9 @@ import re
 from collections.abc import Iterable
 
 _URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
-_BEARER = re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+# Schemes are case-insensitive; requiring a digit or punctuation in the token spares prose
+# such as "basic information".
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}")
 REDACTED = "[redacted]"
 
 

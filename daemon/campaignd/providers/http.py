@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,13 +74,26 @@ def _error_fields(payload: Any, status: int) -> tuple[str, str]:
     return code, message
 
 
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to ``limit`` bytes, however many chunks it arrives in."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def normalize_generic_address(address: str) -> str:
     cleaned = address.strip()
     if not cleaned:
         raise InvalidAddress("address is empty")
     if len(cleaned) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"address is longer than {MAX_ADDRESS_LENGTH} characters")
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in cleaned):
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in cleaned):
         raise InvalidAddress("address contains whitespace or control characters")
     return cleaned
 
@@ -90,8 +104,12 @@ class HttpProvider:
         self.resend_in_doubt = config.resend_in_doubt
         self._url = config.url
         self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
+        # Every configured header may carry a credential, and a provider may echo back the
+        # bare token without its "Bearer " prefix: both the value and its words are secrets.
+        self._redact = Redactor(
+            [*self._headers.values(), *(word for value in self._headers.values() for word in value.split())]
+        )
         self._headers.setdefault("Content-Type", "application/json")
-        self._redact = Redactor(self._headers.values())
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
         self._connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
@@ -124,7 +142,7 @@ class HttpProvider:
             async with self._client().post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                answer = await response.content.read(MAX_BODY_READ)
+                answer = await _read_bounded(response, MAX_BODY_READ)
                 return self._redacted(classify_http_response(response.status, answer, response.headers))
         except TimeoutError:
             return SendResult(

@@ -9,7 +9,8 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Final
 
-_NAME_HEADER = re.compile(r"^-- name: (?P<name>[a-z_]+)\s*$", re.MULTILINE)
+_NAME_HEADER = re.compile(r"^--\s*name:(?P<name>.*)$", re.MULTILINE)
+_VALID_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 def parse_named_queries(text: str) -> dict[str, str]:
@@ -19,7 +20,9 @@ def parse_named_queries(text: str) -> dict[str, str]:
     for index, header in enumerate(headers):
         end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
         body = text[header.end() : end].strip()
-        name = header.group("name")
+        name = header.group("name").strip()
+        if not _VALID_NAME.fullmatch(name):
+            raise ValueError(f"query name {name!r} must be lowercase letters, digits and underscores")
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
         if not body:

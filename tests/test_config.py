@@ -1,0 +1,389 @@
+"""Configuration: TOML file, environment overrides, validation messages, secrets, CLI exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from campaignd.cli import build_parser, main
+from campaignd.config import ConfigError, Settings, load_settings
+
+HEADER_SECRET = "hdr-secret-0123456789"
+DB_PASSWORD = "dbpass-9876543210"
+
+VALID = f"""
+[database]
+url = "postgresql://campaignd:{DB_PASSWORD}@db.internal:5432/campaignd"
+pool_size = 4
+
+[dispatch]
+concurrency = 16
+batch_size = 100
+
+[log]
+level = "INFO"
+
+[senders.sms]
+url = "https://sms.example.com/v1/send"
+rate_per_second = 25.0
+burst = 5
+headers = {{ Authorization = "Bearer {HEADER_SECRET}", X-Tenant = "acme" }}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read CAMPAIGND_* variables: none from the outer environment may leak in."""
+    for name in list(os.environ):
+        if name.upper().startswith("CAMPAIGND_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path: Path, text: str, name: str = "campaignd.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _sender_config(extra: str = "") -> str:
+    return f'[senders.sms]\nurl = "https://sms.example.com/send"\n{extra}\n'
+
+
+def _load_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_write(tmp_path, text))
+    return str(caught.value)
+
+
+# ----------------------------------------------------------------- loading
+
+
+def test_valid_file_is_loaded(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, VALID))
+
+    assert settings.dispatch.concurrency == 16
+    assert settings.dispatch.batch_size == 100
+    assert settings.database.pool_size == 4
+    assert settings.log.level == "info"
+    sms = settings.senders["sms"]
+    assert sms.url == "https://sms.example.com/v1/send"
+    assert (sms.rate_per_second, sms.burst) == (25.0, 5)
+    assert sms.headers["Authorization"].get_secret_value() == f"Bearer {HEADER_SECRET}"
+    assert sms.headers["X-Tenant"].get_secret_value() == "acme"
+
+
+def test_defaults_apply_without_a_file() -> None:
+    settings = load_settings(None)
+
+    assert settings.dispatch.concurrency == 64
+    assert settings.senders == {}
+    assert settings.log.format == "json"
+
+
+def test_config_path_may_come_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGND_CONFIG", str(_write(tmp_path, "[dispatch]\nconcurrency = 3\n")))
+
+    assert load_settings().dispatch.concurrency == 3
+
+
+def test_environment_overrides_file_and_keeps_other_file_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAMPAIGND_DISPATCH__CONCURRENCY", "7")
+
+    settings = load_settings(_write(tmp_path, VALID))
+
+    assert settings.dispatch.concurrency == 7
+    assert settings.dispatch.batch_size == 100
+
+
+def test_environment_overrides_one_sender_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS__RATE_PER_SECOND", "3.5")
+
+    settings = load_settings(_write(tmp_path, VALID))
+
+    sms = settings.senders["sms"]
+    assert sms.rate_per_second == 3.5
+    assert sms.burst == 5
+    assert sms.url == "https://sms.example.com/v1/send"
+
+
+def test_invalid_environment_value_names_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGND_DISPATCH__CONCURRENCY", "0")
+
+    with pytest.raises(ConfigError, match=r"dispatch\.concurrency"):
+        load_settings(_write(tmp_path, VALID))
+
+
+def test_overrides_merge_into_file_values(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, VALID), {"log": {"level": "error"}})
+
+    assert settings.log.level == "error"
+    assert settings.dispatch.concurrency == 16
+    assert settings.senders["sms"].headers["Authorization"].get_secret_value() == f"Bearer {HEADER_SECRET}"
+
+
+def test_explicit_overrides_beat_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGND_LOG__LEVEL", "debug")
+
+    settings = load_settings(_write(tmp_path, VALID), {"log": {"level": "error"}})
+
+    assert settings.log.level == "error"
+
+
+def test_env_header_reference_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMS_TOKEN_FOR_TEST", "Bearer from-env-123456")
+
+    settings = load_settings(
+        _write(tmp_path, _sender_config('headers = { Authorization = "env:SMS_TOKEN_FOR_TEST" }'))
+    )
+
+    assert settings.senders["sms"].headers["Authorization"].get_secret_value() == "Bearer from-env-123456"
+
+
+def test_missing_env_header_reference_names_the_headers_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SMS_TOKEN_NOT_SET_ANYWHERE", raising=False)
+
+    message = _load_error(
+        tmp_path, _sender_config('headers = { Authorization = "env:SMS_TOKEN_NOT_SET_ANYWHERE" }')
+    )
+
+    assert "senders.sms.headers" in message
+    assert "SMS_TOKEN_NOT_SET_ANYWHERE" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[dispatch]\nconcurrncy = 5\n", "dispatch.concurrncy"),
+        ("[database]\nurll = 'x'\n", "database.urll"),
+        ("unknown_top = 1\n", "unknown_top"),
+        (_sender_config("rate = 5"), "senders.sms.rate"),
+    ],
+)
+def test_unknown_key_is_refused_by_name(tmp_path: Path, text: str, field: str) -> None:
+    assert field in _load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[dispatch]\nconcurrency = 0\n", "dispatch.concurrency"),
+        ("[dispatch]\nlease_seconds = 0\n", "dispatch.lease_seconds"),
+        ("[dispatch]\nmax_attempts = 0\n", "dispatch.max_attempts"),
+        ("[dispatch]\nbatch_size = 'many'\n", "dispatch.batch_size"),
+        ("[database]\npool_size = 1\n", "database.pool_size"),
+        ("[log]\nlevel = 'loud'\n", "log.level"),
+        (_sender_config("rate_per_second = -1.0"), "senders.sms.rate_per_second"),
+        (_sender_config("burst = 0"), "senders.sms.burst"),
+        (_sender_config("timeout_seconds = 0"), "senders.sms.timeout_seconds"),
+        ('[senders.sms]\nurl = "sms.example.com/send"\n', "senders.sms.url"),
+        ('[senders.sms]\nurl = "ftp://sms.example.com/send"\n', "senders.sms.url"),
+        ("[senders.sms]\nburst = 3\n", "senders.sms.url"),
+        (_sender_config("provider = 'smtp'"), "senders.sms.provider"),
+    ],
+)
+def test_invalid_value_error_names_the_dotted_field(tmp_path: Path, text: str, field: str) -> None:
+    message = _load_error(tmp_path, text)
+
+    assert message.startswith("invalid configuration")
+    assert field in message
+
+
+def test_every_bad_field_is_reported_at_once(tmp_path: Path) -> None:
+    message = _load_error(
+        tmp_path, "[dispatch]\nconcurrency = 0\nlease_seconds = 0\n" + _sender_config("burst = 0")
+    )
+
+    assert "dispatch.concurrency" in message
+    assert "dispatch.lease_seconds" in message
+    assert "senders.sms.burst" in message
+
+
+def test_backoff_max_below_base_is_refused(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, "[dispatch]\nbackoff_base_seconds = 10\nbackoff_max_seconds = 1\n")
+
+    assert "dispatch" in message
+    assert "backoff_max_seconds" in message
+
+
+def test_bad_sender_id_is_refused(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, '[senders."bad id!"]\nurl = "https://x/"\n')
+
+    assert "senders" in message
+    assert "bad id!" in message
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[dispatch\nconcurrency = = 3\n", "broken.toml")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+    assert "TOML" in str(caught.value)
+
+
+def test_missing_file_is_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.toml"
+
+    with pytest.raises(ConfigError, match="does not exist") as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+
+
+def test_directory_as_config_file_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(tmp_path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(concurrency=st.integers(max_value=0))
+def test_any_non_positive_concurrency_is_refused(
+    concurrency: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("concurrency") / "c.toml"
+    path.write_text(f"[dispatch]\nconcurrency = {concurrency}\n")
+
+    with pytest.raises(ConfigError, match=r"dispatch\.concurrency"):
+        load_settings(path)
+
+
+# ----------------------------------------------------------------- secrets
+
+
+def test_settings_str_and_repr_hide_secrets(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, VALID))
+
+    for text in (str(settings), repr(settings), str(settings.senders["sms"]), repr(settings.database)):
+        assert HEADER_SECRET not in text
+        assert DB_PASSWORD not in text
+    # Not blank either: the non-secret parts are still there to read.
+    assert "sms.example.com" in repr(settings)
+
+
+def test_settings_json_dump_hides_secrets(tmp_path: Path) -> None:
+    dumped = load_settings(_write(tmp_path, VALID)).model_dump_json()
+
+    assert HEADER_SECRET not in dumped
+    assert DB_PASSWORD not in dumped
+
+
+def test_config_error_does_not_quote_secret_values(tmp_path: Path) -> None:
+    text = VALID.replace("burst = 5", "burst = 0").replace("pool_size = 4", "pool_size = 'x'")
+
+    message = _load_error(tmp_path, text)
+
+    assert "senders.sms.burst" in message
+    assert HEADER_SECRET not in message
+    assert DB_PASSWORD not in message
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, VALID))
+
+    with pytest.raises(ValueError):
+        settings.dispatch.concurrency = 1
+    assert isinstance(settings, Settings)
+
+
+# ----------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli_env() -> Iterator[dict[str, str]]:
+    yield {name: value for name, value in os.environ.items() if not name.upper().startswith("CAMPAIGND_")}
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "campaignd", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "migrate"])
+def test_cli_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, cli_env: dict[str, str], command: str
+) -> None:
+    path = _write(tmp_path, VALID.replace("concurrency = 16", "concurrency = 0"))
+
+    done = _cli(cli_env, command, "--config", str(path))
+
+    assert done.returncode == 2, done.stderr
+    assert "dispatch.concurrency" in done.stderr
+    assert HEADER_SECRET not in done.stderr + done.stdout
+    assert DB_PASSWORD not in done.stderr + done.stdout
+
+
+def test_cli_unreadable_toml_exits_2(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    path = _write(tmp_path, "not = [valid\n", "broken.toml")
+
+    done = _cli(cli_env, "migrate", "--config", str(path))
+
+    assert done.returncode == 2
+    assert str(path) in done.stderr
+
+
+def test_cli_run_without_senders_exits_2(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    path = _write(tmp_path, "[dispatch]\nconcurrency = 3\n")
+
+    done = _cli(cli_env, "run", "--config", str(path))
+
+    assert done.returncode == 2
+    assert "senders" in done.stderr
+
+
+def test_cli_help_lists_the_commands(cli_env: dict[str, str]) -> None:
+    done = _cli(cli_env, "--help")
+
+    assert done.returncode == 0
+    for command in ("run", "migrate", "status", "demo"):
+        assert command in done.stdout
+
+
+def test_cli_unknown_subcommand_exits_2(cli_env: dict[str, str]) -> None:
+    done = _cli(cli_env, "frobnicate")
+
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+    assert "frobnicate" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["run", "--no-such-flag"], ["status", "not-a-uuid"], ["demo", "--rate", "x"]]
+)
+def test_cli_usage_error_exits_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+
+    assert caught.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_cli_config_after_subcommand_is_used() -> None:
+    args = build_parser().parse_args(["run", "--config", "x.toml", "--log-level", "error"])
+
+    assert args.config == Path("x.toml")
+    assert args.log_level == "error"
+
+
+def test_cli_config_before_subcommand_is_used() -> None:
+    args = build_parser().parse_args(["--config", "x.toml", "--log-level", "error", "run"])
+
+    assert args.config == Path("x.toml")
+    assert args.log_level == "error"

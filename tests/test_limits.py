@@ -1,0 +1,187 @@
+"""Rate limits measured against the real clock over short runs.
+
+Shared machines are noisy: waits are checked with lower bounds, and upper bounds only loosely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import campaignd.limits as limits
+from campaignd.fakeprovider import max_in_window
+from campaignd.limits import MIN_RATE_FACTOR, THROTTLE_CUT, CampaignCap, SenderLimiter, token_bucket
+
+
+async def _acquire_times(acquire: Callable[[], Awaitable[Any]], count: int) -> list[float]:
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    for _ in range(count):
+        await acquire()
+        times.append(loop.time())
+    return times
+
+
+async def test_token_bucket_admits_burst_at_once_then_limits_rate() -> None:
+    rate, burst = 50.0, 10
+    bucket = token_bucket(rate, burst)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    times = await _acquire_times(bucket.acquire, 3 * burst)
+
+    assert times[burst - 1] - started < 0.05
+    # The 2*burst acquisitions after the burst are paced at `rate`.
+    assert times[-1] - started >= (2 * burst - 1) / rate * 0.9
+    assert times[-1] - started < 5.0
+    # In any quarter second: at most a quarter second of rate plus the burst (+1 for clock slack).
+    assert max_in_window(times, 0.25) <= rate * 0.25 + burst + 1
+
+
+async def test_token_bucket_never_exceeds_rate_plus_burst_per_second() -> None:
+    rate, burst = 50.0, 10
+    bucket = token_bucket(rate, burst)
+
+    # More than rate + burst acquisitions, so an unlimited bucket would break the bound.
+    times = await _acquire_times(bucket.acquire, int(rate) + burst + 15)
+
+    assert max_in_window(times, 1.0) <= rate + burst
+
+
+async def test_sender_limiter_first_burst_is_immediate_then_waits() -> None:
+    rate, burst = 50.0, 10
+    limiter = SenderLimiter(rate, burst)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    times = await _acquire_times(limiter.acquire, 3 * burst)
+
+    assert times[burst - 1] - started < 0.05
+    assert times[-1] - started >= (2 * burst - 1) / rate * 0.9
+    assert max_in_window(times, 0.25) <= rate * 0.25 + burst + 1
+    assert limiter.factor == 1.0
+
+
+async def test_throttled_holds_next_acquire_for_retry_after_and_halves_factor() -> None:
+    limiter = SenderLimiter(1000.0, 10)
+    await limiter.acquire()
+    loop = asyncio.get_running_loop()
+
+    limiter.throttled(0.3)
+    started = loop.time()
+    await limiter.acquire()
+    waited = loop.time() - started
+
+    assert waited >= 0.29
+    assert waited < 3.0
+    assert limiter.factor == THROTTLE_CUT
+
+
+async def test_throttled_without_retry_after_does_not_hold() -> None:
+    limiter = SenderLimiter(1000.0, 10)
+    loop = asyncio.get_running_loop()
+
+    limiter.throttled(None)
+    started = loop.time()
+    await limiter.acquire()
+
+    assert loop.time() - started < 0.25
+    assert limiter.factor == THROTTLE_CUT
+
+
+async def test_acquire_waiting_when_throttle_arrives_honours_the_hold() -> None:
+    limiter = SenderLimiter(5.0, 1)
+    await limiter.acquire()  # the bucket is now empty: the next token is 0.2 s away
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0.05)
+
+    limiter.throttled(0.5)
+    await asyncio.wait_for(waiter, 5.0)
+
+    assert loop.time() - started >= 0.5
+
+
+async def test_throttles_within_one_interval_cut_the_rate_once() -> None:
+    limiter = SenderLimiter(100.0, 10)
+
+    for _ in range(50):
+        limiter.throttled(None)
+
+    assert limiter.factor == THROTTLE_CUT
+
+
+async def test_repeated_throttles_after_each_interval_cut_down_to_the_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "RECOVERY_INTERVAL_SECONDS", 0.0)
+    limiter = SenderLimiter(100.0, 10)
+
+    for _ in range(20):
+        limiter.throttled(None)
+
+    assert limiter.factor == MIN_RATE_FACTOR
+
+
+async def test_slowed_limiter_paces_at_the_reduced_rate() -> None:
+    rate, burst = 100.0, 20
+    limiter = SenderLimiter(rate, burst)
+    limiter.throttled(None)  # factor 0.5: 50/s through a bucket of one token
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await _acquire_times(limiter.acquire, 11)
+
+    # Unthrottled, these 11 would all fit in the burst; at 50/s they need ~0.2 s.
+    assert loop.time() - started >= 0.18
+    assert limiter.factor == THROTTLE_CUT
+
+
+async def test_factor_recovers_additively_after_recovery_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    limiter = SenderLimiter(1000.0, 10)
+    limiter.throttled(None)
+    assert limiter.factor == THROTTLE_CUT
+
+    await limiter.acquire()
+    assert limiter.factor == THROTTLE_CUT  # the default interval has not passed
+
+    monkeypatch.setattr(limits, "RECOVERY_INTERVAL_SECONDS", 0.05)
+    await asyncio.sleep(0.1)
+    await limiter.acquire()
+    assert limiter.factor == pytest.approx(THROTTLE_CUT + limits.RECOVERY_STEP)
+
+    for _ in range(10):
+        await asyncio.sleep(0.07)
+        await limiter.acquire()
+    assert limiter.factor == 1.0
+
+
+async def test_campaign_cap_limits_to_its_rate() -> None:
+    rate = 20.0
+    cap = CampaignCap(rate)  # burst max(1, 20 // 10) = 2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    times = await _acquire_times(cap.acquire, 12)
+
+    assert times[1] - started < 0.05
+    assert times[-1] - started >= (12 - 2) / rate * 0.9
+    assert max_in_window(times, 0.25) <= rate * 0.25 + 2 + 1
+
+
+async def test_campaign_cap_with_slow_rate_has_burst_of_one() -> None:
+    cap = CampaignCap(4.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    await cap.acquire()
+    first = loop.time() - started
+    await cap.acquire()
+    second = loop.time() - started
+
+    assert first < 0.05
+    assert second >= 0.2
