@@ -199,7 +199,12 @@ async def sync_senders(connection: db.Connection, settings: Settings) -> None:
     """Mirror configured senders into the database so hosts can reference them."""
     for sender_id, sender in settings.senders.items():
         await connection.execute(
-            QUERIES["upsert_sender"], sender_id, sender.provider, sender.rate_per_second, sender.burst
+            QUERIES["upsert_sender"],
+            sender_id,
+            sender.provider,
+            sender.rate_per_second,
+            sender.burst,
+            sender.resend_in_doubt,
         )
 
 

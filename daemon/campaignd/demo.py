@@ -22,7 +22,7 @@ from rich.table import Table
 
 from campaignd import db
 from campaignd.config import Settings
-from campaignd.daemon import Daemon, shutdown_on_signals
+from campaignd.daemon import Daemon, shutdown_on_signals, sync_senders
 from campaignd.dispatch import Shutdown
 from campaignd.embedded import EmbeddedUnavailable, start_embedded
 from campaignd.fakeprovider import Behaviour, FakeProvider, Rule
@@ -106,10 +106,7 @@ async def _run(
     connection = await db.connect(settings.database)
     try:
         await migrate(connection)
-        for sender_id, sender in settings.senders.items():
-            await connection.execute(
-                QUERIES["upsert_sender"], sender_id, sender.provider, sender.rate_per_second, sender.burst
-            )
+        await sync_senders(connection, settings)
         campaign_id = await _create_campaign(connection, rows)
         console.print(f"campaign [cyan]{campaign_id}[/]: {len(rows)} recipients, set to SENDING")
 

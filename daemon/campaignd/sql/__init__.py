@@ -1,5 +1,7 @@
-"""Every SQL statement campaignd runs lives in this package: ``queries.sql`` holds the
-named statements, ``migrations/NNN_name.sql`` the schema history."""
+"""Every SQL statement campaignd runs lives in this package: ``*.sql`` files hold the named
+statements, one file per owner (``queries.sql`` for dispatch, ``watchdog.sql``,
+``operator.sql``), and ``migrations/NNN_name.sql`` the schema history. Names are unique
+across files."""
 
 from __future__ import annotations
 
@@ -31,9 +33,19 @@ def parse_named_queries(text: str) -> dict[str, str]:
     return queries
 
 
-QUERIES: Final = MappingProxyType(
-    parse_named_queries(resources.files(__package__).joinpath("queries.sql").read_text("utf-8"))
-)
+def load_queries() -> dict[str, str]:
+    queries: dict[str, str] = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        for name, sql in parse_named_queries(entry.read_text("utf-8")).items():
+            if name in queries:
+                raise ValueError(f"query {name!r} is defined twice ({entry.name})")
+            queries[name] = sql
+    return queries
+
+
+QUERIES: Final = MappingProxyType(load_queries())
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,16 @@ SELECT to_regclass('campaignd.schema_migrations') IS NOT NULL;
 SELECT max(version) FROM campaignd.schema_migrations;
 
 -- name: upsert_sender
-INSERT INTO campaignd.senders (id, provider, rate_per_second, burst)
-VALUES ($1, $2, $3, $4)
+INSERT INTO campaignd.senders (id, provider, rate_per_second, burst, resend_in_doubt)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (id) DO UPDATE
 SET provider = EXCLUDED.provider,
     rate_per_second = EXCLUDED.rate_per_second,
     burst = EXCLUDED.burst,
+    resend_in_doubt = EXCLUDED.resend_in_doubt,
     updated_at = now()
-WHERE (senders.provider, senders.rate_per_second, senders.burst)
-      IS DISTINCT FROM (EXCLUDED.provider, EXCLUDED.rate_per_second, EXCLUDED.burst);
+WHERE (senders.provider, senders.rate_per_second, senders.burst, senders.resend_in_doubt)
+      IS DISTINCT FROM (EXCLUDED.provider, EXCLUDED.rate_per_second, EXCLUDED.burst, EXCLUDED.resend_in_doubt);
 
 -- name: acquire_lanes
 -- Takes every free or expired lane of the given senders that has SENDING work.
