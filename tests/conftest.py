@@ -143,6 +143,7 @@ def daemon_config(
     senders: dict[str, dict[str, Any]],
     *,
     name: str = "campaignd.toml",
+    health_listen: str = "127.0.0.1:0",
     **dispatch: Any,
 ) -> Path:
     sections: dict[str, dict[str, Any]] = {
@@ -158,6 +159,10 @@ def daemon_config(
             **dispatch,
         },
         "log": {"format": "json", "level": "debug"},
+        # Several daemons run at once in a test: an ephemeral port each. A fast watchdog
+        # makes every test exercise it alongside the lanes.
+        "health": {"listen": health_listen},
+        "watchdog": {"interval_seconds": 1.0},
     }
     for sender_id, values in senders.items():
         sections[f"senders.{sender_id}"] = {

@@ -80,6 +80,35 @@ class DispatchConfig(_Section):
         return self
 
 
+class WatchdogConfig(_Section):
+    interval_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # A SENDING campaign with pending work and no progress for this long is flagged stuck.
+    stuck_after_seconds: float = Field(default=900.0, gt=0)
+
+
+class HealthConfig(_Section):
+    # host:port of the health/metrics server; empty disables it. Loopback by default:
+    # exposing it elsewhere is the operator's explicit choice.
+    listen: str = "127.0.0.1:9187"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, separator, port = value.rpartition(":")
+        if not separator or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9187 (or empty to disable)")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class LogConfig(_Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -137,6 +166,8 @@ class Settings(BaseSettings):
     database: DatabaseConfig = DatabaseConfig()
     dispatch: DispatchConfig = DispatchConfig()
     log: LogConfig = LogConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    health: HealthConfig = HealthConfig()
     senders: dict[str, SenderConfig] = Field(default_factory=dict)
 
     @field_validator("senders")

@@ -1,11 +1,13 @@
 """The daemon: connect, take sender lanes as work appears, serve them, stop cleanly.
 
 Lifecycle, in order (each step undone in reverse on the way out):
-1. the connection pool (retried with backoff: the database may start after us);
-2. the schema check and the sender rows mirrored from config;
-3. provider sessions;
-4. the NOTIFY listener, which wakes lane acquisition the moment a campaign starts;
-5. the lane manager, which acquires free or expired lanes and runs one Lane task each.
+1. the health server (answers probes even while the database is unreachable);
+2. the connection pool (retried with backoff: the database may start after us);
+3. the schema check and the sender rows mirrored from config;
+4. provider sessions;
+5. side loops: the NOTIFY listener (wakes lane acquisition the moment a campaign starts),
+   the watchdog, the event-loop lag probe, and systemd notifications;
+6. the lane manager, which acquires free or expired lanes and runs one Lane task each.
 On shutdown the manager stops acquiring and waits for every lane to drain and release.
 """
 
@@ -19,17 +21,30 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import structlog
 
-from campaignd import db, leasing
+from campaignd import db, leasing, metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import Settings
 from campaignd.dispatch import Lane, Shutdown
+from campaignd.health import HealthServer, Heartbeats
 from campaignd.providers import Provider, build_provider
-from campaignd.schema import require_current
+from campaignd.schema import SchemaNotReady, require_current
+from campaignd.sdnotify import Notifier
 from campaignd.sql import QUERIES
+from campaignd.watchdog import Watchdog
 
 log = structlog.get_logger("campaignd.daemon")
 
 NOTIFY_CHANNEL = "campaignd_work"
+
+
+DISPATCHER_HEARTBEAT = "dispatcher"
+
+
+class StartupError(Exception):
+    """The daemon cannot start (its message says why); exit code 1."""
+
+
+LOOP_LAG_PROBE_SECONDS = 0.5
 
 
 class Daemon:
@@ -41,15 +56,32 @@ class Daemon:
         self._lane_wakes: dict[str, asyncio.Event] = {s: asyncio.Event() for s in settings.senders}
         self._lanes: dict[str, asyncio.Task[None]] = {}
         self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
+        self._pool: asyncpg.Pool | None = None
+        self.heartbeats = Heartbeats()
         self.lanes_served = 0
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
+        # The health server comes first so that probes get answers (liveness yes, readiness
+        # "connecting") while the database is still unreachable.
+        health = await self._start_health_server()
+        notifier = Notifier()
+        try:
+            await self._run_connected(notifier)
+        finally:
+            notifier.notify("STOPPING=1")
+            notifier.close()
+            if health is not None:
+                await health.stop()
+            log.info("daemon_stopped", owner=self._owner)
+
+    async def _run_connected(self, notifier: Notifier) -> None:
         pool = await db.retry_until(
             lambda: db.create_pool(self.settings.database), stop=self.shutdown.requested, what="connect"
         )
         if pool is None:
             return
+        self._pool = pool
         providers: dict[str, Provider] = {}
         try:
             async with pool.acquire() as connection:
@@ -67,15 +99,87 @@ class Daemon:
                 senders=sorted(providers),
                 concurrency=self.settings.dispatch.concurrency,
             )
+            self.heartbeats.register(
+                DISPATCHER_HEARTBEAT, allowance_seconds=max(30.0, 10 * self.settings.dispatch.poll_seconds)
+            )
+            watchdog = Watchdog(pool, self.settings.watchdog, self.heartbeats)
+            # Side loops end with the shutdown request; the manager returns once every lane
+            # has drained and released, so nothing is cancelled mid-write.
             async with asyncio.TaskGroup() as group:
                 listener = group.create_task(self._listen(), name="listener")
+                group.create_task(watchdog.run(self.shutdown.requested), name="watchdog")
+                group.create_task(self._measure_loop_lag(), name="loop-lag")
+                group.create_task(self._notify_systemd(notifier), name="sd-notify")
                 await self._manage_lanes(pool, providers)
                 listener.cancel()
         finally:
+            self._pool = None
             for provider in providers.values():
                 await provider.close()
             await pool.close()
-            log.info("daemon_stopped", owner=self._owner)
+
+    async def _start_health_server(self) -> HealthServer | None:
+        address = self.settings.health.address
+        if address is None:
+            return None
+        server = HealthServer(address[0], address[1], self.heartbeats, self._readiness)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on [health] listen = {self.settings.health.listen}: {exc.strerror}"
+            ) from exc
+        return server
+
+    async def _readiness(self) -> str | None:
+        """None when ready; otherwise why not."""
+        pool = self._pool
+        if pool is None:
+            return "not connected to the database yet"
+        try:
+            async with asyncio.timeout(3):
+                async with pool.acquire() as connection:
+                    await require_current(connection)
+        except SchemaNotReady as exc:
+            return str(exc)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) or db.is_transient_db_error(exc):
+                return f"database unreachable ({type(exc).__name__})"
+            raise
+        return None
+
+    async def _measure_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.shutdown.requested.is_set():
+            started = loop.time()
+            await wait_any(self.shutdown.requested, seconds=LOOP_LAG_PROBE_SECONDS)
+            if not self.shutdown.requested.is_set():
+                metrics.EVENT_LOOP_LAG.set(max(0.0, loop.time() - started - LOOP_LAG_PROBE_SECONDS))
+
+    def status_line(self) -> str:
+        active = metrics.REGISTRY.get_sample_value("campaignd_active_campaigns") or 0
+        return (
+            f"STATUS={len(self._lanes)} lanes, {active:.0f} campaigns active, "
+            f"{metrics.THROUGHPUT.rate():.0f} msg/s"
+        )
+
+    async def _notify_systemd(self, notifier: Notifier) -> None:
+        if not notifier.enabled:
+            return
+        await wait_any(self.ready, self.shutdown.requested, seconds=None)
+        if self.shutdown.requested.is_set():
+            return
+        notifier.notify("READY=1", self.status_line())
+        interval = min(notifier.watchdog_interval or 5.0, 5.0)
+        while not self.shutdown.requested.is_set():
+            problems = self.heartbeats.problems()
+            # Withholding WATCHDOG=1 is how a wedged daemon gets restarted by systemd.
+            if not problems:
+                notifier.notify("WATCHDOG=1", self.status_line())
+            else:
+                notifier.notify("STATUS=unhealthy: " + "; ".join(problems))
+            await wait_any(self.shutdown.requested, seconds=interval)
+        notifier.notify("STOPPING=1", "STATUS=draining")
 
     # ------------------------------------------------------------------ lanes
 
@@ -83,6 +187,8 @@ class Daemon:
         config = self.settings.dispatch
         backoff = db.Backoff()
         while not self.shutdown.requested.is_set():
+            self.heartbeats.beat(DISPATCHER_HEARTBEAT)
+            metrics.LANES_HELD.set(len(self._lanes))
             free = [sender_id for sender_id in self.settings.senders if sender_id not in self._lanes]
             if free:
                 try:
@@ -95,10 +201,10 @@ class Daemon:
                     if not db.is_transient_db_error(exc):
                         raise
                     delay = backoff.next()
-                    log.warning(
-                        "database_unavailable",
-                        during="acquire_lanes",
-                        error=type(exc).__name__,
+                    db.note_unavailable(
+                        log,
+                        "acquire_lanes",
+                        exc,
                         retry_in=round(delay, 2),
                     )
                     await self._sleep(delay)
@@ -182,10 +288,10 @@ class Daemon:
                 if not db.is_transient_db_error(exc):
                     raise
                 delay = backoff.next()
-                log.warning(
-                    "database_unavailable",
-                    during="listen",
-                    error=type(exc).__name__,
+                db.note_unavailable(
+                    log,
+                    "listen",
+                    exc,
                     retry_in=round(delay, 2),
                 )
                 await asyncio.sleep(delay)

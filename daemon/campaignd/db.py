@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 import structlog
 
+from campaignd import metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import DatabaseConfig
 
@@ -42,6 +43,14 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 
 def is_transient_db_error(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
+def note_unavailable(
+    logger: structlog.typing.FilteringBoundLogger, during: str, exc: BaseException, **fields: object
+) -> None:
+    """One log line and one metric per failed database operation that will be retried."""
+    metrics.DATABASE_ERRORS.labels(during).inc()
+    logger.warning("database_unavailable", during=during, error=type(exc).__name__, **fields)
 
 
 def session_settings(config: DatabaseConfig) -> dict[str, str]:
@@ -131,10 +140,10 @@ async def retry_until(
             if not is_transient_db_error(exc):
                 raise
             delay = backoff.next()
-            log.warning(
-                "database_unavailable",
-                during=what,
-                error=type(exc).__name__,
+            note_unavailable(
+                log,
+                what,
+                exc,
                 retry_in=round(delay, 2),
                 **log_fields,
             )

@@ -86,6 +86,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                 "poll_seconds": 0.5,
             },
             "log": {"format": "console", "level": "warning"},
+            # An ephemeral port: the demo must not collide with a daemon running on this host.
+            "health": {"listen": "127.0.0.1:0"},
             "senders": {SENDER_ID: {"url": provider.url, "rate_per_second": args.rate, "burst": 20}},
         }
     )

@@ -15,17 +15,19 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import structlog
 
-from campaignd import leasing
+from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import DispatchConfig, SenderConfig
-from campaignd.db import Backoff, is_transient_db_error
+from campaignd.db import Backoff, is_transient_db_error, note_unavailable
 from campaignd.leasing import LaneLease
 from campaignd.limits import CampaignCap, SenderLimiter
 from campaignd.outcomes import (
@@ -99,17 +101,6 @@ class Flight:
     settled: bool = False
 
 
-@dataclass
-class LaneStats:
-    sent: int = 0
-    failed: int = 0
-    skipped: int = 0
-    retried: int = 0
-    released: int = 0
-    rejected: int = 0
-    by_code: dict[str, int] = field(default_factory=dict)
-
-
 class LaneLost(Exception):
     """Another daemon holds this sender lane now."""
 
@@ -145,7 +136,6 @@ class Lane:
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._pause_reason: str | None = None
-        self.stats = LaneStats()
         self._log = log.bind(sender_id=lease.sender_id, lane_epoch=lease.epoch, owner=lease.owner)
         horizon = math.ceil(sender.rate_per_second * CLAIM_HORIZON_SECONDS) + sender.burst
         self._max_outstanding = max(1, min(dispatch.concurrency + dispatch.batch_size, horizon))
@@ -155,7 +145,9 @@ class Lane:
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
-        self._log.info("lane_acquired")
+        if self.lease.previous_owner is not None:
+            metrics.LEASE_TAKEOVERS.labels(self.lease.sender_id).inc()
+        self._log.info("lane_acquired", previous_owner=self.lease.previous_owner)
         try:
             await self._recover_in_doubt()
             async with asyncio.TaskGroup() as group:
@@ -184,6 +176,8 @@ class Lane:
         if result is None:
             return
         recovered, failed = result
+        metrics.IN_DOUBT.labels(self.lease.sender_id, "resent").inc(recovered - failed)
+        metrics.IN_DOUBT.labels(self.lease.sender_id, "failed").inc(failed)
         if recovered:
             self._log.warning(
                 "in_doubt_recovered", recipients=recovered, failed_in_doubt=failed, resent=recovered - failed
@@ -231,9 +225,7 @@ class Lane:
                 if not is_transient_db_error(exc):
                     raise
                 delay = backoff.next()
-                self._log.warning(
-                    "database_unavailable", during="claim", error=type(exc).__name__, retry_in=round(delay, 2)
-                )
+                note_unavailable(self._log, "claim", exc, retry_in=round(delay, 2))
                 await self._wait(delay)
                 continue
             if self._pause_reason is not None:
@@ -434,7 +426,7 @@ class Lane:
                         self._settle(flight, None)
                         return
                     flight.request_started = True
-                    result = await self._provider.send(
+                    result = await self._timed_send(
                         Delivery(run.campaign_id, claim.recipient_id, address, message)
                     )
             self._settle(flight, result)
@@ -449,6 +441,15 @@ class Lane:
                     ResultKind.TRANSIENT, error_code="internal_error", error_message=type(exc).__name__
                 ),
             )
+
+    async def _timed_send(self, delivery: Delivery) -> SendResult:
+        started = time.perf_counter()
+        metrics.SENDS_IN_FLIGHT.inc()
+        try:
+            return await self._provider.send(delivery)
+        finally:
+            metrics.SENDS_IN_FLIGHT.dec()
+            metrics.SEND_DURATION.labels(self.lease.sender_id).observe(time.perf_counter() - started)
 
     def _settle(self, flight: Flight, result: SendResult | None) -> None:
         """Decide the recipient's outcome; None gives the claim back unsent."""
@@ -540,17 +541,16 @@ class Lane:
                 except Exception as exc:
                     if raise_errors or not is_transient_db_error(exc):
                         raise
-                    self._log.warning(
-                        "database_unavailable",
-                        during="record_outcomes",
-                        error=type(exc).__name__,
+                    note_unavailable(
+                        self._log,
+                        "record_outcomes",
+                        exc,
                         waiting=len(self._buffer),
                     )
                     return
                 del self._buffer[: len(batch)]
                 if not lane_held:
                     self.lease.lost = True
-                    self.stats.rejected += len(batch) + len(self._buffer)
                     self._log.warning("lane_taken_over", outcomes_rejected=len(batch) + len(self._buffer))
                     self._buffer.clear()
                     return
@@ -574,21 +574,17 @@ class Lane:
 
     def _count(self, batch: Iterable[RecipientUpdate]) -> None:
         """Counted only after the batch is committed."""
-        summary = {"sent": 0, "failed": 0, "skipped": 0, "retry": 0, "released": 0}
+        tally: Counter[tuple[str, str]] = Counter()
         for update in batch:
+            outcome = update.state.value
             if update.state is RecipientState.PENDING:
-                key = "retry" if update.error_code else "released"
-            else:
-                key = update.state.value
-            summary[key] += 1
-            if update.error_code:
-                self.stats.by_code[update.error_code] = self.stats.by_code.get(update.error_code, 0) + 1
-        self.stats.sent += summary["sent"]
-        self.stats.failed += summary["failed"]
-        self.stats.skipped += summary["skipped"]
-        self.stats.retried += summary["retry"]
-        self.stats.released += summary["released"]
-        self._log.debug("outcomes_recorded", **summary)
+                outcome = "released" if update.error_class == "released" else "retry"
+            tally[(outcome, update.error_class)] += 1
+        for (outcome, error_class), count in tally.items():
+            metrics.MESSAGES.labels(self.lease.sender_id, outcome, error_class).inc(count)
+        sent = sum(count for (outcome, _), count in tally.items() if outcome == "sent")
+        metrics.THROUGHPUT.add(sent)
+        self._log.debug("outcomes_recorded", **{f"{o}_{c}": n for (o, c), n in tally.items()})
 
     # ---------------------------------------------------------------- renewing
 
@@ -631,8 +627,6 @@ class Lane:
                 if not self.lease.may_send() and self._shutdown.requested.is_set():
                     return None
                 delay = backoff.next()
-                self._log.warning(
-                    "database_unavailable", during=what, error=type(exc).__name__, retry_in=round(delay, 2)
-                )
+                note_unavailable(self._log, what, exc, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
         return None

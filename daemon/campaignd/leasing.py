@@ -39,6 +39,8 @@ class LaneLease:
     lease_seconds: float
     deadline: float
     lost: bool = field(default=False)
+    # Who held the lane before, when it was taken over after expiring (None: it was free).
+    previous_owner: str | None = None
 
     @property
     def token(self) -> tuple[str, str, int]:
@@ -62,7 +64,14 @@ async def acquire_lanes(
     rows = await connection.fetch(QUERIES["acquire_lanes"], sender_ids, owner, lease_seconds)
     leases = []
     for row in rows:
-        lease = LaneLease(row["id"], owner, row["lease_epoch"], lease_seconds, deadline=0.0)
+        lease = LaneLease(
+            row["id"],
+            owner,
+            row["lease_epoch"],
+            lease_seconds,
+            deadline=0.0,
+            previous_owner=row["previous_owner"],
+        )
         lease.extend_from(asked_at)
         leases.append(lease)
     return leases

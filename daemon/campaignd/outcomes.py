@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -55,6 +55,8 @@ class RecipientUpdate:
     retry_in_seconds: float | None = None
     # -1 gives back the attempt its claim took (throttling, lost claims, sender pauses).
     attempt_adjust: int = 0
+    # What kind of result led here, for metrics: a ResultKind value, "released" or "in_doubt".
+    error_class: str = "none"
 
 
 THROTTLE_DEFAULT_SECONDS = 1.0
@@ -89,6 +91,22 @@ def decide(
 ) -> RecipientUpdate:
     """The recipient's next state after one send; ``attempts`` includes this one."""
     message = _clip(result.error_message)
+    update = _decide(recipient_id, result, message, attempts, max_attempts, backoff_base, backoff_max, rng)
+    if result.kind is ResultKind.SENT:
+        return update
+    return replace(update, error_class=result.kind.value)
+
+
+def _decide(
+    recipient_id: int,
+    result: SendResult,
+    message: str | None,
+    attempts: int,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_max: float,
+    rng: random.Random,
+) -> RecipientUpdate:
     match result.kind:
         case ResultKind.SENT:
             return RecipientUpdate(
@@ -141,7 +159,9 @@ def decide(
 
 def released(recipient_id: int) -> RecipientUpdate:
     """A claim given back unsent (shutdown, pause, lost lease): due again at once, attempt returned."""
-    return RecipientUpdate(recipient_id, RecipientState.PENDING, retry_in_seconds=0.0, attempt_adjust=-1)
+    return RecipientUpdate(
+        recipient_id, RecipientState.PENDING, retry_in_seconds=0.0, attempt_adjust=-1, error_class="released"
+    )
 
 
 def in_doubt(recipient_id: int, *, resend: bool) -> RecipientUpdate:
@@ -155,8 +175,15 @@ def in_doubt(recipient_id: int, *, resend: bool) -> RecipientUpdate:
             error_message=reason,
             retry_in_seconds=0.0,
             attempt_adjust=-1,
+            error_class="in_doubt",
         )
-    return RecipientUpdate(recipient_id, RecipientState.FAILED, error_code="in_doubt", error_message=reason)
+    return RecipientUpdate(
+        recipient_id,
+        RecipientState.FAILED,
+        error_code="in_doubt",
+        error_message=reason,
+        error_class="in_doubt",
+    )
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -49,7 +49,7 @@ WHERE (senders.provider, senders.rate_per_second, senders.burst, senders.resend_
 -- SKIP LOCKED: two daemons polling at once split the lanes instead of queueing on them.
 -- $1 sender ids, $2 owner, $3 lease seconds
 WITH candidates AS (
-    SELECT s.id
+    SELECT s.id, s.lease_owner AS previous_owner
     FROM campaignd.senders s
     WHERE s.id = ANY($1::text[])
       AND s.paused_reason IS NULL
@@ -65,7 +65,7 @@ SET lease_owner = $2,
     updated_at = now()
 FROM candidates
 WHERE s.id = candidates.id
-RETURNING s.id, s.lease_epoch, s.lease_owner;
+RETURNING s.id, s.lease_epoch, candidates.previous_owner;
 
 -- name: recover_in_doubt
 -- Run by a new lane owner right after acquiring: any recipient still in_flight on this

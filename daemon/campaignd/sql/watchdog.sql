@@ -1,0 +1,171 @@
+-- The watchdog's statements. One daemon's watchdog runs a pass at a time (advisory lock);
+-- it never sends, and it never completes a campaign that has pending or in-flight work.
+
+-- name: wd_try_lock
+SELECT pg_try_advisory_lock(hashtext('campaignd.watchdog'));
+
+-- name: wd_unlock
+SELECT pg_advisory_unlock(hashtext('campaignd.watchdog'));
+
+-- name: wd_expire_lanes
+-- Lanes whose owner stopped renewing: released, and the epoch bumped so that the old owner,
+-- should it wake up, is fenced out of every write.
+WITH expired AS (
+    SELECT id FROM campaignd.senders
+    WHERE lease_owner IS NOT NULL AND lease_expires_at < now()
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE campaignd.senders s
+SET lease_owner = NULL, lease_expires_at = NULL, lease_epoch = s.lease_epoch + 1, updated_at = now()
+FROM expired
+WHERE s.id = expired.id
+RETURNING s.id;
+
+-- name: wd_recover_orphaned_claims
+-- Claims in flight under a lane that is no longer live (expired, released, or taken over):
+-- nobody will record their outcome, so they are in doubt. Resent with the same idempotency
+-- key, or failed 'in_doubt', per the sender's policy; the lost claim spends no attempt.
+WITH orphan AS (
+    SELECT r.id, s.resend_in_doubt AS resend
+    FROM campaignd.recipients r
+    JOIN campaignd.campaigns c ON c.id = r.campaign_id
+    JOIN campaignd.senders s ON s.id = c.sender_id
+    WHERE r.state = 'in_flight'
+      AND NOT (s.lease_owner IS NOT DISTINCT FROM r.lease_owner
+               AND s.lease_epoch IS NOT DISTINCT FROM r.lease_epoch
+               AND s.lease_expires_at > now())
+    FOR UPDATE OF r SKIP LOCKED
+), recovered AS (
+    UPDATE campaignd.recipients r
+    SET state = CASE WHEN orphan.resend THEN 'pending' ELSE 'failed' END,
+        attempts = greatest(r.attempts - 1, 0),
+        next_attempt_at = CASE WHEN orphan.resend THEN now() END,
+        error_code = 'in_doubt',
+        error_message = 'the daemon holding this claim stopped before recording its outcome',
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        updated_at = now()
+    FROM orphan
+    WHERE r.id = orphan.id
+    RETURNING r.campaign_id, r.state
+), per_campaign AS (
+    SELECT campaign_id,
+           count(*) FILTER (WHERE state = 'pending') AS resent,
+           count(*) FILTER (WHERE state = 'failed') AS failed
+    FROM recovered
+    GROUP BY campaign_id
+), counted AS (
+    UPDATE campaignd.campaigns c
+    SET failed_count = c.failed_count + p.failed, updated_at = now()
+    FROM per_campaign p
+    WHERE c.id = p.campaign_id AND p.failed > 0
+)
+SELECT p.campaign_id, c.sender_id, p.resent, p.failed
+FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
+
+-- name: wd_sweep_cancelled
+-- Claims given back after an operator cancelled their campaign land as pending; they end
+-- skipped like the rest of the campaign's pending recipients.
+WITH swept AS (
+    UPDATE campaignd.recipients r
+    SET state = 'skipped', error_code = 'cancelled', error_message = 'campaign cancelled',
+        next_attempt_at = NULL, updated_at = now()
+    FROM campaignd.campaigns c
+    WHERE c.id = r.campaign_id AND c.status = 'cancelled' AND r.state = 'pending'
+    RETURNING r.campaign_id
+), per_campaign AS (
+    SELECT campaign_id, count(*) AS n FROM swept GROUP BY campaign_id
+), counted AS (
+    UPDATE campaignd.campaigns c
+    SET skipped_count = c.skipped_count + p.n, updated_at = now()
+    FROM per_campaign p
+    WHERE c.id = p.campaign_id
+)
+SELECT campaign_id, n FROM per_campaign;
+
+-- name: wd_complete_finished
+-- SENDING campaigns whose recipients are all final: completed even if the lane that sent
+-- them died before its own completion statement (the "test 6" report).
+UPDATE campaignd.campaigns c
+SET status = 'completed', completed_at = now(), updated_at = now(),
+    stuck_since = NULL, stuck_reason = NULL, lease_owner = NULL, lease_expires_at = NULL
+WHERE c.status = 'sending' AND c.prepared_at IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM campaignd.recipients r
+      WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight'))
+RETURNING c.id, c.sender_id, c.total_count, c.sent_count, c.failed_count, c.skipped_count;
+
+-- name: wd_drift_candidates
+-- Campaigns whose counters matter now: in progress, or finished since the last passes.
+-- $1 seconds of recent history
+SELECT id FROM campaignd.campaigns
+WHERE status IN ('sending', 'paused')
+   OR (prepared_at IS NOT NULL AND updated_at > now() - make_interval(secs => $1))
+ORDER BY updated_at
+LIMIT 200;
+
+-- name: wd_lock_campaign_counters
+-- Inside a REPEATABLE READ transaction: NOWAIT skips a campaign whose counters are being
+-- written right now, and a write committed since the snapshot makes this fail with a
+-- serialization error instead of "repairing" with stale counts. $1 campaign id
+SELECT sent_count, failed_count, skipped_count, total_count
+FROM campaignd.campaigns
+WHERE id = $1
+FOR UPDATE NOWAIT;
+
+-- name: wd_count_states
+-- $1 campaign id
+SELECT count(*) FILTER (WHERE state = 'sent') AS sent,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       count(*) FILTER (WHERE state = 'skipped') AS skipped,
+       count(*) AS total
+FROM campaignd.recipients
+WHERE campaign_id = $1;
+
+-- name: wd_set_counters
+-- $1 campaign id, $2 sent, $3 failed, $4 skipped, $5 total
+UPDATE campaignd.campaigns
+SET sent_count = $2, failed_count = $3, skipped_count = $4, total_count = $5
+WHERE id = $1;
+
+-- name: wd_stuck_candidates
+-- SENDING campaigns with no progress for $1 seconds, with what it takes to say why.
+SELECT c.id, c.sender_id, c.updated_at, c.rate_per_second AS campaign_rate,
+       s.paused_reason, s.lease_owner, s.lease_expires_at,
+       coalesce(s.lease_expires_at > now(), false) AS lane_live,
+       s.rate_per_second AS sender_rate,
+       p.pending, p.due, p.next_due, c.prepared_at IS NOT NULL AS prepared
+FROM campaignd.campaigns c
+JOIN campaignd.senders s ON s.id = c.sender_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS pending,
+           count(*) FILTER (WHERE r.next_attempt_at IS NULL OR r.next_attempt_at <= now()) AS due,
+           min(r.next_attempt_at) FILTER (WHERE r.next_attempt_at > now()) AS next_due
+    FROM campaignd.recipients r
+    WHERE r.campaign_id = c.id AND r.state = 'pending'
+) p
+WHERE c.status = 'sending' AND c.updated_at < now() - make_interval(secs => $1);
+
+-- name: wd_flag_stuck
+-- Does not touch updated_at: that column means progress. $1 campaign id, $2 reason
+UPDATE campaignd.campaigns
+SET stuck_since = coalesce(stuck_since, now()), stuck_reason = $2
+WHERE id = $1 AND status = 'sending'
+RETURNING stuck_since;
+
+-- name: wd_unflag_recovered
+-- $1 stuck_after seconds
+UPDATE campaignd.campaigns
+SET stuck_since = NULL, stuck_reason = NULL
+WHERE stuck_since IS NOT NULL
+  AND (status <> 'sending' OR updated_at >= now() - make_interval(secs => $1))
+RETURNING id;
+
+-- name: wd_gauges
+-- Per sender: SENDING campaigns, recipients not yet final, and stuck campaigns.
+SELECT sender_id,
+       count(*) AS active,
+       coalesce(sum(greatest(total_count - sent_count - failed_count - skipped_count, 0)), 0) AS open,
+       count(*) FILTER (WHERE stuck_since IS NOT NULL) AS stuck
+FROM campaignd.campaigns
+WHERE status = 'sending'
+GROUP BY sender_id;

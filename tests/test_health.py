@@ -1,0 +1,184 @@
+"""Liveness, readiness, metrics and systemd notifications, from the outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from campaignd import db
+from campaignd.config import DatabaseConfig
+from campaignd.embedded import start_embedded
+from campaignd.fakeprovider import FakeProvider, Rule
+from campaignd.health import HealthServer, Heartbeats
+from campaignd.schema import migrate
+from tests.conftest import create_campaign, daemon_config, wait_for, wait_status
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_heartbeats_name_the_loop_that_stopped_ticking() -> None:
+    clock = FakeClock()
+    beats = Heartbeats(clock)
+    beats.register("dispatcher", 30)
+    beats.register("watchdog", 60)
+    clock.now += 45
+    assert beats.problems() == ["dispatcher loop has not ticked for 45s (allowed 30s)"]
+    beats.beat("dispatcher")
+    assert beats.problems() == []
+
+
+async def test_healthz_turns_503_when_a_loop_is_wedged_and_readyz_reports_why() -> None:
+    clock = FakeClock()
+    beats = Heartbeats(clock)
+    beats.register("dispatcher", 30)
+    reasons: list[str | None] = [None]
+
+    async def readiness() -> str | None:
+        return reasons[0]
+
+    server = HealthServer("127.0.0.1", 0, beats, readiness)
+    await server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert (await get(base + "/healthz"))[0] == 200
+        clock.now += 31  # the dispatcher loop is stuck
+        status, body = await get(base + "/healthz")
+        assert status == 503
+        assert json.loads(body) == {
+            "status": "unhealthy",
+            "problems": ["dispatcher loop has not ticked for 31s (allowed 30s)"],
+        }
+        assert (await get(base + "/readyz"))[0] == 200
+        reasons[0] = "database unreachable (ConnectionRefusedError)"
+        status, body = await get(base + "/readyz")
+        assert status == 503 and "database unreachable" in body
+        status, body = await get(base + "/metrics")
+        assert status == 200 and "campaignd_sends_in_flight" in body
+        # Nothing changes state: no other methods, no other paths.
+        async with aiohttp.ClientSession() as session, session.post(base + "/healthz") as response:
+            assert response.status == 405
+        assert (await get(base + "/admin"))[0] == 404
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def own_server() -> Iterator[tuple[str, Any]]:
+    data_dir = Path(tempfile.mkdtemp(prefix="campaignd-health-")) / "pgdata"
+    url, server = start_embedded(data_dir, cleanup="delete")
+    try:
+        yield url, server
+    finally:
+        server.cleanup()
+
+
+async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database_outage(
+    tmp_path: Path, own_server: tuple[str, Any], fake: FakeProvider, daemons: Any
+) -> None:
+    url, server = own_server
+    connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    await migrate(connection)
+    good = [(f"+1555000{i:04d}", {"name": "x"}) for i in range(48)]
+    fake.behaviour.rules["+15550000000"] = Rule(400, {"error": {"code": "bad_number"}})
+    campaign_id = await create_campaign(connection, "sms", [*good, (None, {"name": "x"})])
+    port = free_port()
+    config = daemon_config(tmp_path, url, {"sms": {"url": fake.url}}, health_listen=f"127.0.0.1:{port}")
+    daemon = daemons(config)
+    base = f"http://127.0.0.1:{port}"
+    await wait_status(connection, campaign_id, "completed", timeout=60)
+    await connection.close()
+
+    async def ready() -> bool:
+        try:
+            return (await get(base + "/readyz"))[0] == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, timeout=30, what="readyz")
+    assert (await get(base + "/healthz"))[0] == 200
+    _, text = await get(base + "/metrics")
+    assert 'campaignd_messages_total{error_class="none",outcome="sent",sender_id="sms"} 47.0' in text
+    assert 'campaignd_messages_total{error_class="permanent",outcome="failed",sender_id="sms"} 1.0' in text
+    assert 'campaignd_send_duration_seconds_count{sender_id="sms"} 48.0' in text
+    assert "campaignd_event_loop_lag_seconds" in text
+    assert "campaignd_watchdog_runs_total" in text
+
+    await asyncio.to_thread(server.stop)
+
+    async def not_ready() -> bool:
+        status, body = await get(base + "/readyz")
+        return status == 503 and "database" in body
+
+    await wait_for(not_ready, timeout=30, what="readyz to report the outage")
+    # Liveness stays green: restarting the daemon would not bring the database back.
+    assert (await get(base + "/healthz"))[0] == 200
+    await asyncio.to_thread(server.start)
+    await wait_for(ready, timeout=60, what="readyz after the database returned")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_sd_notify_ready_watchdog_status_then_stopping(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(0.2)
+    await create_campaign(conn, "sms", 20)
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    daemon = daemons(config, env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"})
+    messages: list[str] = []
+
+    def receive_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    try:
+        await asyncio.to_thread(receive_for, 4.0)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+        await asyncio.to_thread(receive_for, 0.5)
+    finally:
+        listener.close()
+
+    kinds = [m.split("\n")[0].split("=")[0] for m in messages]
+    assert kinds[0] == "READY", messages
+    assert "WATCHDOG" in kinds, messages
+    assert kinds.count("WATCHDOG") >= 3, "WATCHDOG=1 every half WatchdogSec"
+    assert kinds[-1] == "STOPPING", messages
+    assert kinds.index("READY") < kinds.index("WATCHDOG") < kinds.index("STOPPING")
+    status = next(m for m in messages if m.startswith("READY=1"))
+    assert "STATUS=" in status and "campaigns active" in status and "msg/s" in status

@@ -1,0 +1,247 @@
+"""The watchdog: each repair it makes, on a real database, and the reasons it gives."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from campaignd import db, metrics
+from campaignd.config import DatabaseConfig, WatchdogConfig
+from campaignd.fakeprovider import FakeProvider
+from campaignd.health import Heartbeats
+from campaignd.watchdog import StuckFacts, Watchdog, stuck_reason
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    created = await db.create_pool(DatabaseConfig(url=database_url, pool_size=4))  # type: ignore[arg-type]
+    yield created
+    await created.close()
+
+
+def watchdog(pool: asyncpg.Pool, stuck_after: float = 900.0) -> Watchdog:
+    return Watchdog(pool, WatchdogConfig(interval_seconds=1.0, stuck_after_seconds=stuck_after), Heartbeats())
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def mark_prepared(conn: asyncpg.Connection, campaign_id: str) -> None:
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET prepared_at = now(), started_at = now(),"
+        " total_count = (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
+        campaign_id,
+    )
+
+
+async def test_completes_an_orphaned_campaign_whose_recipients_are_all_final(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # The "test 6" report: everything was sent, the completion write never happened.
+    done = await create_campaign(conn, "sms", 3, name="done")
+    waiting = await create_campaign(conn, "sms", 3, name="waiting")
+    for campaign_id in (done, waiting):
+        await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", done)
+    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 3 WHERE id = $1", done)
+    # One recipient of the other waits on a retry due in an hour: never completed early.
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1"
+        " AND id <> (SELECT max(id) FROM campaignd.recipients WHERE campaign_id = $1)",
+        waiting,
+    )
+    await conn.execute(
+        "UPDATE campaignd.recipients SET next_attempt_at = now() + interval '1 hour', attempts = 1"
+        " WHERE campaign_id = $1 AND state = 'pending'",
+        waiting,
+    )
+    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 2 WHERE id = $1", waiting)
+
+    assert await watchdog(pool).run_pass()
+
+    assert (await campaign(conn, done))["status"] == "completed"
+    assert (await campaign(conn, done))["completed_at"] is not None
+    assert (await campaign(conn, waiting))["status"] == "sending"
+
+
+async def test_takes_over_the_expired_lane_of_a_killed_daemon_and_recovers_its_claims(
+    tmp_path: Path,
+    database_url: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeProvider,
+    daemons: Any,
+) -> None:
+    fake.behaviour.latency_seconds = 0.5
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 200.0}},
+        lease_seconds=2.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", 400)
+    victim = daemons(config)
+
+    async def in_flight() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return counts.get("sent", 0) >= 20 and counts.get("in_flight", 0) >= 5
+
+    await wait_for(in_flight, timeout=30, what="claims in flight")
+    victim.kill()
+    orphaned = (await state_counts(conn, campaign_id))["in_flight"]
+    epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    resent_before = sample("campaignd_in_doubt_recipients_total", sender_id="sms", action="resent")
+
+    async def expired() -> bool:
+        return bool(
+            await conn.fetchval("SELECT lease_expires_at < now() FROM campaignd.senders WHERE id = 'sms'")
+        )
+
+    await wait_for(expired, timeout=10, what="the lease to expire")
+    assert await watchdog(pool).run_pass()
+
+    lane = await conn.fetchrow("SELECT lease_owner, lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    assert lane is not None and lane["lease_owner"] is None and lane["lease_epoch"] == epoch + 1
+    counts = await state_counts(conn, campaign_id)
+    assert "in_flight" not in counts
+    recovered = await conn.fetch(
+        "SELECT attempts, next_attempt_at FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'pending' AND error_code = 'in_doubt'",
+        campaign_id,
+    )
+    assert len(recovered) == orphaned
+    assert all(r["attempts"] == 0 and r["next_attempt_at"] is not None for r in recovered)
+    assert sample("campaignd_in_doubt_recipients_total", sender_id="sms", action="resent") == (
+        resent_before + orphaned
+    )
+    await assert_counters_match(conn, campaign_id)
+
+    # A new daemon finishes the campaign; in-doubt resends carry their original keys.
+    successor = daemons(config)
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    assert fake.addresses_delivered_under_several_keys() == {}
+    assert len({a.recipient_id for a in fake.accepted()}) == 400
+    successor.signal(signal.SIGTERM)
+    assert successor.wait() == 0
+
+
+async def test_repairs_counters_that_drifted_from_recipient_states(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    campaign_id = await create_campaign(conn, "sms", 5)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'sent' WHERE id IN"
+        " (SELECT id FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id LIMIT 2)",
+        campaign_id,
+    )
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'paused', sent_count = 999, failed_count = 7 WHERE id = $1",
+        campaign_id,
+    )
+    repaired_before = sample("campaignd_counter_drift_repaired_total")
+
+    assert await watchdog(pool).run_pass()
+
+    row = await campaign(conn, campaign_id)
+    assert (row["sent_count"], row["failed_count"], row["total_count"]) == (2, 0, 5)
+    await assert_counters_match(conn, campaign_id)
+    assert sample("campaignd_counter_drift_repaired_total") == repaired_before + 1
+
+
+async def test_flags_a_campaign_stuck_behind_a_paused_sender_with_that_reason(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    campaign_id = await create_campaign(conn, "sms", 4)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = 'provider rejected the sender: 190'")
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET updated_at = now() - interval '1 hour' WHERE id = $1", campaign_id
+    )
+
+    assert await watchdog(pool, stuck_after=60).run_pass()
+
+    row = await campaign(conn, campaign_id)
+    assert row["stuck_since"] is not None
+    assert row["stuck_reason"] == "sender sms is paused: provider rejected the sender: 190"
+    assert row["status"] == "sending", "the watchdog flags; it does not change the status"
+    assert sample("campaignd_campaigns_stuck") == 1
+
+    # Progress clears the flag.
+    await conn.execute("UPDATE campaignd.campaigns SET updated_at = now() WHERE id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL")
+    assert await watchdog(pool, stuck_after=60).run_pass()
+    row = await campaign(conn, campaign_id)
+    assert row["stuck_since"] is None and row["stuck_reason"] is None
+    assert sample("campaignd_campaigns_stuck") == 0
+
+
+async def test_sweeps_pending_recipients_of_a_cancelled_campaign(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    campaign_id = await create_campaign(conn, "sms", 3)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", campaign_id)
+
+    assert await watchdog(pool).run_pass()
+
+    assert await state_counts(conn, campaign_id) == {"skipped": 3}
+    assert (await campaign(conn, campaign_id))["skipped_count"] == 3
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_one_watchdog_pass_at_a_time_across_daemons(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    assert await conn.fetchval("SELECT pg_try_advisory_lock(hashtext('campaignd.watchdog'))")
+    try:
+        assert not await watchdog(pool).run_pass()
+    finally:
+        await conn.fetchval("SELECT pg_advisory_unlock(hashtext('campaignd.watchdog'))")
+    assert await watchdog(pool).run_pass()
+
+
+def facts(**overrides: Any) -> StuckFacts:
+    base: dict[str, Any] = {
+        "sender_id": "sms",
+        "paused_reason": None,
+        "lane_live": True,
+        "lease_owner": "host:1",
+        "pending": 10,
+        "due": 10,
+        "next_due": None,
+        "sender_rate": 50.0,
+        "campaign_rate": None,
+        "prepared": True,
+        "stuck_after_seconds": 900.0,
+    }
+    base.update(overrides)
+    return StuckFacts(**base)
+
+
+def test_stuck_reasons_in_plain_words() -> None:
+    assert stuck_reason(facts(paused_reason="bad token")) == "sender sms is paused: bad token"
+    assert "no live daemon holds sender sms's lane" in (stuck_reason(facts(lane_live=False)) or "")
+    assert "never started" in (stuck_reason(facts(prepared=False)) or "")
+    due_at = datetime(2030, 1, 1, tzinfo=UTC)
+    waiting = stuck_reason(facts(due=0, next_due=due_at))
+    assert waiting is not None and "waiting on backoff" in waiting and "2030-01-01" in waiting
+    assert "rate limit too low" in (stuck_reason(facts(campaign_rate=0.0001)) or "")
+    assert "wedged" in (stuck_reason(facts()) or "")
+    assert stuck_reason(facts(pending=0)) is None
