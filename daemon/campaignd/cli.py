@@ -1,4 +1,5 @@
-"""Command line: ``campaignd run | migrate | status | demo``.
+"""Command line: ``campaignd run | migrate | status | demo`` and the operator commands
+``pause | resume | cancel | senders | resume-sender | doctor | healthcheck``.
 
 Exit codes: 0 success, 1 runtime failure (database unreachable, schema not migrated),
 2 bad configuration or usage (systemd's RestartPreventExitStatus=2 stops a crash loop).
@@ -91,7 +92,75 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data-dir", type=Path, help="embedded PostgreSQL data directory (default: a new temp dir)"
     )
+    _add_operator_commands(commands, common)
     return parser
+
+
+def _add_operator_commands(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    for name, help_line, description in (
+        (
+            "pause",
+            "pause a sending (or draft) campaign",
+            "Set the campaign to paused ('paused by operator'). Daemons stop claiming its recipients at "
+            "once; sends already at the provider finish and are recorded. Exit 1 if it does not exist or "
+            "is not sending or a draft.",
+        ),
+        (
+            "resume",
+            "resume a paused campaign",
+            "Set a paused campaign back to sending; the daemons are woken at once and continue where it "
+            "stopped. Warns when its sender is paused, as nothing is sent until `resume-sender`.",
+        ),
+        (
+            "cancel",
+            "cancel a campaign: its pending recipients end skipped (cancelled)",
+            "In one transaction: the campaign (draft, sending or paused) ends cancelled and its pending "
+            "recipients end skipped with error code 'cancelled'. Recipients already in flight are "
+            "recorded by the daemon sending them. Prints how many recipients were cancelled.",
+        ),
+    ):
+        command = commands.add_parser(name, parents=[common], help=help_line, description=description)
+        command.add_argument("campaign_id", type=uuid.UUID, help="the campaign's id")
+    senders = commands.add_parser(
+        "senders",
+        parents=[common],
+        help="list the senders: lanes, owners, rates, paused reasons",
+        description="Every registered sender with its rate, the daemon holding its lane (and whether "
+        "that lease is live), why it is paused, and how many campaigns it is sending.",
+    )
+    senders.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    resume_sender = commands.add_parser(
+        "resume-sender",
+        parents=[common],
+        help="clear a sender's pause and resume the campaigns it paused",
+        description="Clear the sender's paused_reason (set when the provider rejected it) and set back "
+        "to sending the campaigns that were paused because of it; campaigns an operator or host paused "
+        "stay paused. One transaction. Exit 1 if the sender does not exist.",
+    )
+    resume_sender.add_argument("sender_id", help="the sender's id ([senders.<id>])")
+    doctor = commands.add_parser(
+        "doctor",
+        parents=[common],
+        help="explain why a campaign is not progressing",
+        description="Explain in plain words why a campaign is (not) progressing: its sender's pause and "
+        "lane, recipients without addresses, errors by code, retries waiting on backoff, claims in "
+        "flight, counters. Without CAMPAIGN_ID: every sending or paused campaign and every paused "
+        "sender. Exit 1 when a problem is found.",
+    )
+    doctor.add_argument(
+        "campaign_id", nargs="?", type=uuid.UUID, help="one campaign (default: all sending or paused)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+    healthcheck = commands.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="probe a running daemon's /healthz (for HEALTHCHECK and probes)",
+        description="GET the daemon's /healthz within 3 s and print the answer. Exit 0 on HTTP 200, 1 "
+        "otherwise (connection refused included). Needs no database.",
+    )
+    healthcheck.add_argument(
+        "--url", help="the URL to probe (default: http://<[health] listen>/healthz, wildcards as loopback)"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -125,19 +194,35 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"campaignd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        # Docker reserves a health check's exit code 2: a misconfigured probe is "unhealthy".
+        return EXIT_FAILURE if args.command == "healthcheck" else EXIT_CONFIG
     configure_logging(settings.log.format, settings.log.level)
     handlers: dict[str, Callable[[Settings, argparse.Namespace], Awaitable[int]]] = {
         "run": _cmd_run,
         "migrate": _cmd_migrate,
         "status": _cmd_status,
+        "pause": _cmd_pause,
+        "resume": _cmd_resume,
+        "cancel": _cmd_cancel,
+        "senders": _cmd_senders,
+        "resume-sender": _cmd_resume_sender,
+        "doctor": _cmd_doctor,
+        "healthcheck": _cmd_healthcheck,
     }
     handler = handlers[args.command]
-    return _run_async(lambda: handler(settings, args))  # type: ignore[arg-type,return-value]
+    try:
+        return _run_async(lambda: handler(settings, args))  # type: ignore[arg-type,return-value]
+    except Exception as exc:
+        from campaignd.db import is_transient_db_error
+
+        if not is_transient_db_error(exc):
+            raise
+        print(f"campaignd: the database is unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
-    from campaignd.daemon import Daemon, shutdown_on_signals
+    from campaignd.daemon import Daemon, StartupError, shutdown_on_signals
     from campaignd.dispatch import Shutdown
     from campaignd.schema import SchemaNotReady
 
@@ -155,6 +240,9 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
         except SchemaNotReady as exc:
             structlog.get_logger("campaignd").error("schema_not_ready", reason=str(exc))
             return EXIT_FAILURE
+        except StartupError as exc:
+            structlog.get_logger("campaignd").error("startup_failed", reason=str(exc))
+            return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -164,13 +252,7 @@ async def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from campaignd.schema import migrate
 
     log = structlog.get_logger("campaignd")
-    try:
-        connection = await db.connect(settings.database)
-    except Exception as exc:
-        if not db.is_transient_db_error(exc):
-            raise
-        log.error("database_unreachable", error=type(exc).__name__)
-        return EXIT_FAILURE
+    connection = await db.connect(settings.database)
     try:
         applied = await migrate(connection)
         await sync_senders(connection, settings)
@@ -194,3 +276,51 @@ async def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print_status(rows, as_json=args.json)
     return EXIT_OK
+
+
+async def _cmd_pause(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_pause
+
+    return await cmd_pause(settings, str(args.campaign_id))
+
+
+async def _cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_resume
+
+    return await cmd_resume(settings, str(args.campaign_id))
+
+
+async def _cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_cancel
+
+    return await cmd_cancel(settings, str(args.campaign_id))
+
+
+async def _cmd_senders(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_senders
+
+    return await cmd_senders(settings, as_json=args.json)
+
+
+async def _cmd_resume_sender(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_resume_sender
+
+    return await cmd_resume_sender(settings, args.sender_id)
+
+
+async def _cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_doctor
+
+    campaign_id = str(args.campaign_id) if args.campaign_id else None
+    return await cmd_doctor(settings, campaign_id, as_json=args.json)
+
+
+async def _cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_healthcheck, resolve_health_url
+
+    try:
+        url = resolve_health_url(settings, args.url)
+    except ValueError as exc:
+        print(f"campaignd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return await cmd_healthcheck(url)

@@ -1,0 +1,162 @@
+-- Operator commands (campaignd pause | resume | cancel | senders | resume-sender | doctor).
+-- None of these writes on behalf of a sender lane, so none is fenced by a lane epoch: they
+-- change what a lane is asked to do (a campaign's status, a sender's paused_reason), and
+-- the lanes react through their own status checks (claim_recipients requires 'sending').
+-- Counters still change in the same statement as the recipient states they count.
+
+-- name: op_campaign
+-- What a transition is decided on. $1 campaign id
+SELECT c.id, c.name, c.sender_id, c.status, c.status_reason, s.paused_reason AS sender_paused_reason
+FROM campaignd.campaigns c
+JOIN campaignd.senders s ON s.id = c.sender_id
+WHERE c.id = $1;
+
+-- name: op_pause_campaign
+-- $1 campaign id, $2 reason
+UPDATE campaignd.campaigns
+SET status = 'paused', status_reason = $2, updated_at = now()
+WHERE id = $1 AND status IN ('sending', 'draft')
+RETURNING id;
+
+-- name: op_resume_campaign
+-- The status change fires campaigns_notify_work, which wakes the daemons. $1 campaign id
+UPDATE campaignd.campaigns
+SET status = 'sending', status_reason = NULL, updated_at = now()
+WHERE id = $1 AND status = 'paused'
+RETURNING id;
+
+-- name: op_cancel_campaign
+-- One statement: the campaign ends cancelled and its pending recipients end skipped, with
+-- skipped_count raised by exactly the rows changed. Recipients are written before the
+-- campaign row, the order the daemon's own writes (prepare, record_outcomes) lock in, so a
+-- cancel cannot deadlock with a lane. Should the campaign leave the cancellable statuses
+-- between this statement's snapshot and its lock on the row, the recipients already
+-- skipped are still counted (the status is left alone), so counters never drift.
+-- In-flight recipients are not touched: the lane holding them records their outcome.
+-- A campaign that was never prepared has no total_count yet; it gets one here.
+-- $1 campaign id, $2 error message
+WITH cancellable AS (
+    SELECT id FROM campaignd.campaigns
+    WHERE id = $1 AND status IN ('draft', 'sending', 'paused')
+), skipped AS (
+    UPDATE campaignd.recipients r
+    SET state = 'skipped', error_code = 'cancelled', error_message = $2,
+        next_attempt_at = NULL, updated_at = now()
+    WHERE r.campaign_id = (SELECT id FROM cancellable) AND r.state = 'pending'
+    RETURNING r.id
+), counted AS (
+    SELECT count(*)::integer AS n FROM skipped
+)
+UPDATE campaignd.campaigns c
+SET status = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN 'cancelled' ELSE c.status END,
+    status_reason = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN $2 ELSE c.status_reason END,
+    completed_at = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN now() ELSE c.completed_at END,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    skipped_count = c.skipped_count + counted.n,
+    total_count = CASE
+        WHEN c.prepared_at IS NULL THEN (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1)
+        ELSE c.total_count END,
+    updated_at = now()
+FROM counted
+WHERE c.id = $1 AND (counted.n > 0 OR c.status IN ('draft', 'sending', 'paused'))
+RETURNING c.status,
+          counted.n AS cancelled,
+          (SELECT count(*) FROM campaignd.recipients r
+           WHERE r.campaign_id = $1 AND r.state = 'in_flight') AS in_flight;
+
+-- name: op_senders
+SELECT s.id, s.provider, s.rate_per_second, s.burst, s.resend_in_doubt,
+       s.lease_owner, s.lease_epoch, s.lease_expires_at,
+       (s.lease_owner IS NOT NULL AND coalesce(s.lease_expires_at > now(), false)) AS lease_live,
+       s.paused_reason,
+       (SELECT count(*) FROM campaignd.campaigns c
+        WHERE c.sender_id = s.id AND c.status = 'sending') AS sending_campaigns
+FROM campaignd.senders s
+ORDER BY s.id;
+
+-- name: op_lock_sender
+-- First statement of resume-sender's transaction: waits for a pause_sender in progress to
+-- commit, so the next statements see every campaign it paused. $1 sender id
+SELECT id, paused_reason FROM campaignd.senders WHERE id = $1 FOR UPDATE;
+
+-- name: op_resume_sender_campaigns
+-- Only the campaigns the daemon paused because of the sender: pause_sender sets their
+-- status_reason to the sender's paused_reason. An operator's or host's pause stays.
+-- $1 sender id, $2 the sender's paused_reason
+UPDATE campaignd.campaigns
+SET status = 'sending', status_reason = NULL, updated_at = now()
+WHERE sender_id = $1 AND status = 'paused' AND status_reason = $2
+RETURNING id;
+
+-- name: op_clear_sender_pause
+-- Fires senders_notify_work, which wakes the daemons. $1 sender id
+UPDATE campaignd.senders
+SET paused_reason = NULL, updated_at = now()
+WHERE id = $1 AND paused_reason IS NOT NULL;
+
+-- name: op_doctor_campaign
+-- Everything about one campaign that fits in one row: the campaign, its sender's lane, and
+-- its recipients aggregated in one pass. now() is returned so that the diagnosis compares
+-- times against the database's clock, not the operator's. $1 campaign id
+SELECT c.id, c.name, c.sender_id, c.status, c.status_reason,
+       c.total_count, c.sent_count, c.failed_count, c.skipped_count,
+       c.prepared_at IS NOT NULL AS prepared, c.stuck_since, c.stuck_reason, now() AS now,
+       s.paused_reason AS sender_paused_reason, s.lease_owner AS sender_lease_owner,
+       s.lease_epoch AS sender_lease_epoch, s.lease_expires_at AS sender_lease_expires_at,
+       (s.lease_owner IS NOT NULL AND coalesce(s.lease_expires_at > now(), false)) AS sender_lease_live,
+       r.pending, r.in_flight, r.sent, r.failed, r.skipped, r.no_address,
+       r.pending_due, r.pending_waiting, r.next_retry_at, r.last_retry_at
+FROM campaignd.campaigns c
+JOIN campaignd.senders s ON s.id = c.sender_id
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'in_flight') AS in_flight,
+           count(*) FILTER (WHERE state = 'sent') AS sent,
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           count(*) FILTER (WHERE state = 'skipped') AS skipped,
+           count(*) FILTER (WHERE address IS NULL OR btrim(address) = '') AS no_address,
+           count(*) FILTER (WHERE state = 'pending'
+                            AND (next_attempt_at IS NULL OR next_attempt_at <= now())) AS pending_due,
+           count(*) FILTER (WHERE state = 'pending' AND next_attempt_at > now()) AS pending_waiting,
+           min(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at > now()) AS next_retry_at,
+           max(next_attempt_at) FILTER (WHERE state = 'pending' AND next_attempt_at > now()) AS last_retry_at
+    FROM campaignd.recipients
+    WHERE campaign_id = c.id
+) r
+WHERE c.id = $1;
+
+-- name: op_doctor_errors
+-- Error codes by state: final failures and skips, and retries still pending. $1 campaign id
+SELECT state, error_code, count(*) AS n, min(error_message) AS example
+FROM campaignd.recipients
+WHERE campaign_id = $1 AND error_code IS NOT NULL
+GROUP BY state, error_code
+ORDER BY n DESC, state, error_code;
+
+-- name: op_doctor_claims
+-- In-flight recipients by the claim that holds them. $1 campaign id
+SELECT lease_owner, lease_epoch, count(*) AS n,
+       min(lease_expires_at) AS first_expiry, max(lease_expires_at) AS last_expiry
+FROM campaignd.recipients
+WHERE campaign_id = $1 AND state = 'in_flight'
+GROUP BY lease_owner, lease_epoch
+ORDER BY n DESC, lease_owner, lease_epoch;
+
+-- name: op_doctor_open_campaigns
+-- The campaigns `campaignd doctor` looks at when none is named.
+SELECT id FROM campaignd.campaigns
+WHERE status IN ('sending', 'paused')
+ORDER BY created_at, id;
+
+-- name: op_doctor_paused_senders
+-- How many campaigns each paused sender holds back: those the daemon paused with its
+-- reason, and those still set to sending.
+SELECT s.id, s.paused_reason,
+       (SELECT count(*) FROM campaignd.campaigns c
+        WHERE c.sender_id = s.id AND c.status = 'paused' AND c.status_reason = s.paused_reason) AS paused_campaigns,
+       (SELECT count(*) FROM campaignd.campaigns c
+        WHERE c.sender_id = s.id AND c.status = 'sending') AS sending_campaigns
+FROM campaignd.senders s
+WHERE s.paused_reason IS NOT NULL
+ORDER BY s.id;
