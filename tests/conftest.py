@@ -9,12 +9,15 @@ a migrated template, so tests never see each other's rows and cloning costs mill
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -26,10 +29,15 @@ import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
-from campaignd.fakeprovider import Behaviour, FakeProvider
+from campaignd.fakeprovider import RECORDS_PATH, Behaviour, FakeProvider
 from campaignd.schema import migrate
 
 TEMPLATE_DB = "campaignd_test_template"
+
+# The fake providers run on threads of this process and time-stamp each request on arrival.
+# With CPython's default 5 ms GIL switch interval, a thread waiting for the GIL sees evenly
+# spaced requests arrive in clumps, and the rate tests would measure the harness's jitter.
+sys.setswitchinterval(0.0005)
 
 
 def with_database(url: str, name: str) -> str:
@@ -98,12 +106,74 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+def own_server() -> Iterator[tuple[str, Any]]:
+    """A PostgreSQL of the test's own, so it can be stopped and started on the same data directory."""
+    from campaignd.embedded import start_embedded
+
+    data_dir = Path(tempfile.mkdtemp(prefix="campaignd-own-pg-")) / "pgdata"
+    url, server = start_embedded(data_dir, cleanup="delete")
+    try:
+        yield url, server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
 def fake() -> Iterator[FakeProvider]:
     """A fake provider on its own thread, reachable from daemon subprocesses."""
     provider = FakeProvider(Behaviour())
     provider.start_in_thread()
     yield provider
     provider.stop_thread()
+
+
+def _raise_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(-10)
+
+
+class ProviderProcess:
+    """The fake provider in a process of its own: its arrival times carry no jitter from this
+    process's threads, so rate-limit tests measure the daemon, not the harness."""
+
+    def __init__(self) -> None:
+        # A provider that is starved of CPU time stamps requests late, in clumps, and the test
+        # would measure the machine's load instead of the daemon: when allowed (root, as in
+        # CI), the provider gets a higher scheduling priority than the processes under test.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "campaignd.fakeprovider"],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_raise_priority,
+        )
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().strip()
+        assert self.url.startswith("http://"), "the fake provider did not start"
+
+    def records(self) -> dict[str, Any]:
+        base = self.url.rsplit("/", 1)[0]
+        with urllib.request.urlopen(base + RECORDS_PATH, timeout=10) as response:
+            records: dict[str, Any] = json.loads(response.read())
+        return records
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def provider_processes() -> Iterator[Callable[[], ProviderProcess]]:
+    started: list[ProviderProcess] = []
+
+    def start() -> ProviderProcess:
+        started.append(ProviderProcess())
+        return started[-1]
+
+    yield start
+    for provider in started:
+        provider.stop()
 
 
 @pytest.fixture

@@ -6,19 +6,15 @@ import asyncio
 import json
 import signal
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
-from campaignd.embedded import start_embedded
 from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.health import HealthServer, Heartbeats
 from campaignd.schema import migrate
@@ -88,16 +84,6 @@ async def test_healthz_turns_503_when_a_loop_is_wedged_and_readyz_reports_why() 
         assert (await get(base + "/admin"))[0] == 404
     finally:
         await server.stop()
-
-
-@pytest.fixture
-def own_server() -> Iterator[tuple[str, Any]]:
-    data_dir = Path(tempfile.mkdtemp(prefix="campaignd-health-")) / "pgdata"
-    url, server = start_embedded(data_dir, cleanup="delete")
-    try:
-        yield url, server
-    finally:
-        server.cleanup()
 
 
 async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database_outage(

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from campaignd import db
 from campaignd.config import DatabaseConfig
-from campaignd.embedded import start_embedded
 from campaignd.fakeprovider import FakeProvider
 from campaignd.schema import migrate
 from tests.conftest import (
@@ -26,17 +21,6 @@ from tests.conftest import (
     wait_for,
     wait_status,
 )
-
-
-@pytest.fixture
-def own_server() -> Iterator[tuple[str, Any]]:
-    """A server of this test's own, so it can be stopped and started on the same data directory."""
-    data_dir = Path(tempfile.mkdtemp(prefix="campaignd-outage-")) / "pgdata"
-    url, server = start_embedded(data_dir, cleanup="delete")
-    try:
-        yield url, server
-    finally:
-        server.cleanup()
 
 
 async def test_database_outage_mid_campaign_is_survived_without_unrecorded_sends(

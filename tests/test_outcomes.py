@@ -144,7 +144,7 @@ def test_skipped_stays_skipped_with_reason() -> None:
     update = _decide(SendResult(ResultKind.SKIPPED, error_code="invalid_address", error_message="empty"))
 
     assert update == RecipientUpdate(
-        42, RecipientState.SKIPPED, error_code="invalid_address", error_message="empty"
+        42, RecipientState.SKIPPED, error_code="invalid_address", error_message="empty", error_class="skipped"
     )
 
 
@@ -225,7 +225,9 @@ def test_backoff_is_between_half_and_full_capped_ceiling(
 
 
 def test_released_claim_is_due_at_once_with_attempt_returned() -> None:
-    assert released(9) == RecipientUpdate(9, RecipientState.PENDING, retry_in_seconds=0.0, attempt_adjust=-1)
+    assert released(9) == RecipientUpdate(
+        9, RecipientState.PENDING, retry_in_seconds=0.0, attempt_adjust=-1, error_class="released"
+    )
 
 
 def test_in_doubt_with_resend_goes_back_to_pending_unspent() -> None:
@@ -297,3 +299,15 @@ def test_retry_after_far_future_http_date_is_capped() -> None:
 @pytest.mark.parametrize("value", [None, "", "   ", "soon", "nan", "NaN", "12 seconds", "Wed, 99 Foo"])
 def test_retry_after_absent_or_unreadable_is_none(value: str | None) -> None:
     assert parse_retry_after(value, NOW) is None
+
+
+@pytest.mark.parametrize("kind", [k for k in ResultKind if k is not ResultKind.SENT])
+def test_every_failure_carries_its_error_class_for_metrics(kind: ResultKind) -> None:
+    update = _decide(SendResult(kind, error_code="x", retry_after_seconds=1.0))
+
+    assert update.error_class == kind.value
+
+
+def test_in_doubt_outcomes_are_classed_in_doubt() -> None:
+    assert in_doubt(1, resend=True).error_class == "in_doubt"
+    assert in_doubt(1, resend=False).error_class == "in_doubt"

@@ -11,6 +11,9 @@ async def wait_any(*events: asyncio.Event, seconds: float | None) -> None:
     One place to wait for "NOTIFY arrived, shutdown requested, or the poll is due",
     instead of polling with short sleeps.
     """
+    if not events:
+        await asyncio.sleep(seconds or 0)
+        return
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

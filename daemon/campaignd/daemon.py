@@ -198,16 +198,10 @@ class Daemon:
                         )
                     backoff.reset()
                 except Exception as exc:
-                    if not db.is_transient_db_error(exc):
-                        raise
-                    delay = backoff.next()
-                    db.note_unavailable(
-                        log,
-                        "acquire_lanes",
-                        exc,
-                        retry_in=round(delay, 2),
+                    await backoff.wait_after(
+                        exc, log, "acquire_lanes", self._wake_manager, self.shutdown.requested
                     )
-                    await self._sleep(delay)
+                    self._wake_manager.clear()
                     continue
                 for lease in leases:
                     self._start_lane(lease, pool, providers[lease.sender_id])
@@ -285,16 +279,7 @@ class Daemon:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not db.is_transient_db_error(exc):
-                    raise
-                delay = backoff.next()
-                db.note_unavailable(
-                    log,
-                    "listen",
-                    exc,
-                    retry_in=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
+                await backoff.wait_after(exc, log, "listen")
             finally:
                 if connection is not None:
                     with contextlib.suppress(Exception):

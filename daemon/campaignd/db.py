@@ -123,6 +123,22 @@ class Backoff:
     def reset(self) -> None:
         self._next = self._first
 
+    async def wait_after(
+        self,
+        exc: Exception,
+        logger: structlog.typing.FilteringBoundLogger,
+        during: str,
+        *interrupts: asyncio.Event,
+        **fields: object,
+    ) -> None:
+        """After a failed database operation: re-raise a bug, or log the outage and wait the
+        next delay (cut short by any of ``interrupts``) before the caller retries."""
+        if not is_transient_db_error(exc):
+            raise exc
+        delay = self.next()
+        note_unavailable(logger, during, exc, retry_in=round(delay, 2), **fields)
+        await wait_any(*interrupts, seconds=delay)
+
 
 async def retry_until(
     operation: Callable[[], Awaitable[T]],
@@ -137,15 +153,5 @@ async def retry_until(
         try:
             return await operation()
         except Exception as exc:
-            if not is_transient_db_error(exc):
-                raise
-            delay = backoff.next()
-            note_unavailable(
-                log,
-                what,
-                exc,
-                retry_in=round(delay, 2),
-                **log_fields,
-            )
-            await wait_any(stop, seconds=delay)
+            await backoff.wait_after(exc, log, what, stop, **log_fields)
     return None

@@ -28,7 +28,7 @@ from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import DispatchConfig, SenderConfig
 from campaignd.db import Backoff, is_transient_db_error, note_unavailable
-from campaignd.leasing import LaneLease
+from campaignd.leasing import LaneLease, report_in_doubt
 from campaignd.limits import CampaignCap, SenderLimiter
 from campaignd.outcomes import (
     RecipientState,
@@ -49,6 +49,7 @@ log = structlog.get_logger("campaignd.dispatch")
 # connection pool busy while the next claim is in the air, little enough that a pause
 # takes effect quickly and few claims are in doubt after a crash.
 CLAIM_HORIZON_SECONDS = 2.0
+PROGRESS_LOG_SECONDS = 10.0
 
 
 class Shutdown:
@@ -136,6 +137,8 @@ class Lane:
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._pause_reason: str | None = None
+        self._progress: Counter[str] = Counter()
+        self._progress_since = time.monotonic()
         self._log = log.bind(sender_id=lease.sender_id, lane_epoch=lease.epoch, owner=lease.owner)
         horizon = math.ceil(sender.rate_per_second * CLAIM_HORIZON_SECONDS) + sender.burst
         self._max_outstanding = max(1, min(dispatch.concurrency + dispatch.batch_size, horizon))
@@ -157,6 +160,7 @@ class Lane:
                     await self._feed()
                     await self._drain()
                     await self._final_flush()
+                    self._log_progress(final=True)
                 finally:
                     renewer.cancel()
                     flusher.cancel()
@@ -168,20 +172,12 @@ class Lane:
             await self._release()
 
     async def _recover_in_doubt(self) -> None:
-        async def recover() -> tuple[int, int]:
+        async def recover() -> list[asyncpg.Record]:
             async with self._pool.acquire() as connection:
-                return await leasing.recover_in_doubt(connection, self.lease, self._provider.resend_in_doubt)
+                return await leasing.recover_in_doubt(connection, self.lease.sender_id)
 
-        result = await self._with_db(recover, "recover_in_doubt")
-        if result is None:
-            return
-        recovered, failed = result
-        metrics.IN_DOUBT.labels(self.lease.sender_id, "resent").inc(recovered - failed)
-        metrics.IN_DOUBT.labels(self.lease.sender_id, "failed").inc(failed)
-        if recovered:
-            self._log.warning(
-                "in_doubt_recovered", recipients=recovered, failed_in_doubt=failed, resent=recovered - failed
-            )
+        for row in await self._with_db(recover, "recover_in_doubt") or []:
+            report_in_doubt(self._log, row, by="lane")
 
     async def _release(self) -> None:
         if self.lease.lost:
@@ -219,14 +215,11 @@ class Lane:
                     return
                 claimed = await self._claim_round(runs)
                 backoff.reset()
+            except LaneLost:
+                return
             except Exception as exc:
-                if isinstance(exc, LaneLost):
-                    return
-                if not is_transient_db_error(exc):
-                    raise
-                delay = backoff.next()
-                note_unavailable(self._log, "claim", exc, retry_in=round(delay, 2))
-                await self._wait(delay)
+                await backoff.wait_after(exc, self._log, "claim", self._wake, self._shutdown.requested)
+                self._wake.clear()
                 continue
             if self._pause_reason is not None:
                 return
@@ -584,7 +577,25 @@ class Lane:
             metrics.MESSAGES.labels(self.lease.sender_id, outcome, error_class).inc(count)
         sent = sum(count for (outcome, _), count in tally.items() if outcome == "sent")
         metrics.THROUGHPUT.add(sent)
+        for (outcome, _), count in tally.items():
+            self._progress[outcome] += count
         self._log.debug("outcomes_recorded", **{f"{o}_{c}": n for (o, c), n in tally.items()})
+        self._log_progress(final=False)
+
+    def _log_progress(self, *, final: bool) -> None:
+        """One info line per lane every PROGRESS_LOG_SECONDS (and at the end), not one per batch."""
+        now = time.monotonic()
+        elapsed = now - self._progress_since
+        if not self._progress or (not final and elapsed < PROGRESS_LOG_SECONDS):
+            return
+        self._log.info(
+            "lane_progress",
+            seconds=round(elapsed, 1),
+            msgs_per_second=round(self._progress["sent"] / elapsed, 1) if elapsed else None,
+            **dict(self._progress),
+        )
+        self._progress.clear()
+        self._progress_since = now
 
     # ---------------------------------------------------------------- renewing
 
@@ -622,11 +633,11 @@ class Lane:
             try:
                 return await operation()
             except Exception as exc:
-                if not is_transient_db_error(exc):
-                    raise
-                if not self.lease.may_send() and self._shutdown.requested.is_set():
+                if (
+                    is_transient_db_error(exc)
+                    and self._shutdown.requested.is_set()
+                    and not self.lease.may_send()
+                ):
                     return None
-                delay = backoff.next()
-                note_unavailable(self._log, what, exc, retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+                await backoff.wait_after(exc, self._log, what)
         return None

@@ -33,7 +33,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["Accepted", "Behaviour", "FakeProvider", "Rule", "max_in_window"]
+__all__ = ["RECORDS_PATH", "Accepted", "Behaviour", "FakeProvider", "Rule", "main", "max_in_window"]
+
+# GET this path for the records, when the provider runs in a process of its own.
+RECORDS_PATH = "/_fake/records"
 
 # Waiting the default 60 s for in-flight handlers would make a test that parks a request on a long
 # ``delay_seconds`` hang at shutdown; nothing a fake provider is doing is worth waiting for.
@@ -153,6 +156,7 @@ class FakeProvider:
         if self._runner is not None:
             raise RuntimeError("FakeProvider is already started")
         app = web.Application()
+        app.router.add_get(RECORDS_PATH, self._records)
         app.router.add_post("/{tail:.*}", self._handle)
         runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
@@ -299,6 +303,24 @@ class FakeProvider:
                 self._cancelled += 1
             raise
 
+    async def _records(self, _request: web.Request) -> web.Response:
+        """What this provider saw, for a test or benchmark running it in another process."""
+        with self._lock:
+            payload = {
+                "request_times": list(self._request_times),
+                "accepted": [
+                    {
+                        "key": a.key,
+                        "address": a.address,
+                        "campaign_id": a.campaign_id,
+                        "recipient_id": a.recipient_id,
+                    }
+                    for a in self._accepted.values()
+                ],
+                "duplicates": dict(self._duplicates),
+            }
+        return _json_response(200, payload)
+
     async def _handle(self, request: web.Request) -> web.Response:
         b = self.behaviour
         arrived = time.monotonic()
@@ -389,3 +411,35 @@ class FakeProvider:
             )
             self._keys_by_address.setdefault(address, []).append(key)
         return _json_response(200, {"id": new_id})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m campaignd.fakeprovider``: serve until killed; prints the URL once listening.
+
+    A process of its own keeps the provider's arrival times free of the jitter of whatever
+    else runs in the caller's process (rate measurements), and serves docker-compose.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m campaignd.fakeprovider")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--jitter", type=float, default=0.0, help="+ uniform random seconds")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        provider = FakeProvider(
+            Behaviour(latency_seconds=args.latency, jitter_seconds=args.jitter, seed=args.seed)
+        )
+        await provider.start(args.host, args.port)
+        print(provider.url, flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import asyncpg
+import structlog
+
+from campaignd import metrics
 from campaignd.sql import QUERIES
 
 if TYPE_CHECKING:
@@ -77,11 +81,26 @@ async def acquire_lanes(
     return leases
 
 
-async def recover_in_doubt(connection: Connection, lease: LaneLease, resend: bool) -> tuple[int, int]:
-    """Claims left in flight by an earlier holder: (recovered, of which ended failed)."""
-    row = await connection.fetchrow(QUERIES["recover_in_doubt"], *lease.token, resend)
-    assert row is not None
-    return int(row["recovered"]), int(row["failed"])
+async def recover_in_doubt(connection: Connection, sender_id: str | None) -> list[asyncpg.Record]:
+    """Claims left in flight under a lane that is no longer live, for one sender or all.
+
+    One row per campaign touched: campaign_id, sender_id, resent, failed.
+    """
+    rows: list[asyncpg.Record] = await connection.fetch(QUERIES["recover_orphaned_claims"], sender_id)
+    return rows
+
+
+def report_in_doubt(logger: structlog.typing.FilteringBoundLogger, row: asyncpg.Record, *, by: str) -> None:
+    metrics.IN_DOUBT.labels(row["sender_id"], "resent").inc(row["resent"])
+    metrics.IN_DOUBT.labels(row["sender_id"], "failed").inc(row["failed"])
+    logger.warning(
+        "in_doubt_recovered",
+        campaign_id=str(row["campaign_id"]),
+        sender_id=row["sender_id"],
+        resent=row["resent"],
+        failed_in_doubt=row["failed"],
+        by=by,
+    )
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ THROTTLE_CUT = 0.5
 MIN_RATE_FACTOR = 0.05
 RECOVERY_STEP = 0.1
 RECOVERY_INTERVAL_SECONDS = 2.0
-# Requests reach the provider with a little jitter (connection pool, scheduling, the
-# provider's own accept queue), which can squeeze two seconds' worth of evenly spaced
-# requests a little closer together. The window guard keeps this margin on top of one
-# second, as far as the burst allows it without lowering the sustained rate.
-JITTER_MARGIN_SECONDS = 0.05
+# Requests reach the provider with some jitter (the event loop, the connection pool, the
+# network, the provider's accept queue), which squeezes evenly spaced requests into clumps.
+# The window guard counts rate + burst over one second plus this margin, as far as the
+# burst allows without lowering the sustained rate: (1 + margin) * rate <= rate + burst.
+JITTER_MARGIN_SECONDS = 0.1
 
 
 def token_bucket(rate_per_second: float, burst: int) -> AsyncLimiter:
@@ -42,7 +42,7 @@ class SenderLimiter:
         # The promise is "no one-second window above rate + burst"; the bucket keeps it at
         # the moment tokens are taken, the window guard keeps it with a margin for jitter.
         self._window_limit = max(1, int(rate_per_second + burst))
-        self._window_seconds = 1.0 + min(JITTER_MARGIN_SECONDS, burst / (2 * rate_per_second))
+        self._window_seconds = 1.0 + min(JITTER_MARGIN_SECONDS, burst / rate_per_second)
         self._recent: deque[float] = deque()
         self._slowdown: AsyncLimiter | None = None
         self._factor = 1.0

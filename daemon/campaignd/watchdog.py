@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from campaignd import metrics
+from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import WatchdogConfig
 from campaignd.db import is_transient_db_error, note_unavailable
@@ -130,17 +130,8 @@ class Watchdog:
             )
 
     async def _recover_orphans(self, connection: Connection) -> None:
-        for row in await connection.fetch(QUERIES["wd_recover_orphaned_claims"]):
-            metrics.IN_DOUBT.labels(row["sender_id"], "resent").inc(row["resent"])
-            metrics.IN_DOUBT.labels(row["sender_id"], "failed").inc(row["failed"])
-            log.warning(
-                "in_doubt_recovered",
-                campaign_id=str(row["campaign_id"]),
-                sender_id=row["sender_id"],
-                resent=row["resent"],
-                failed_in_doubt=row["failed"],
-                by="watchdog",
-            )
+        for row in await leasing.recover_in_doubt(connection, None):
+            leasing.report_in_doubt(log, row, by="watchdog")
 
     async def _sweep_cancelled(self, connection: Connection) -> None:
         for row in await connection.fetch(QUERIES["wd_sweep_cancelled"]):

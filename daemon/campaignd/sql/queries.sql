@@ -67,46 +67,49 @@ FROM candidates
 WHERE s.id = candidates.id
 RETURNING s.id, s.lease_epoch, candidates.previous_owner;
 
--- name: recover_in_doubt
--- Run by a new lane owner right after acquiring: any recipient still in_flight on this
--- sender was claimed under an earlier epoch by a daemon that died or stalled, so whether
--- the provider got it is unknown. It goes back to pending (resent with the same
--- idempotency key) or, for providers that cannot deduplicate, ends failed 'in_doubt'.
--- The lost claim never spends an attempt.
--- $1 sender id, $2 owner, $3 epoch, $4 resend_in_doubt
-WITH lane AS (
-    SELECT id FROM campaignd.senders
-    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
-), doubt AS (
-    SELECT r.id
-    FROM campaignd.campaigns c
-    JOIN campaignd.recipients r ON r.campaign_id = c.id AND r.state = 'in_flight'
-    WHERE c.sender_id = $1
-      AND r.lease_epoch IS DISTINCT FROM $3
-      AND EXISTS (SELECT 1 FROM lane)
-    FOR UPDATE OF r
+-- name: recover_orphaned_claims
+-- Claims in flight under a lane that is no longer live (expired, released, or taken over):
+-- nobody will record their outcome, so whether the provider got them is unknown. They are
+-- resent with the same idempotency key, or failed 'in_doubt', per the sender's policy; the
+-- lost claim spends no attempt. Run by a new lane owner for its sender right after
+-- acquiring ($1 = sender id), and by the watchdog for every sender ($1 = NULL).
+WITH orphan AS (
+    SELECT r.id, s.resend_in_doubt AS resend
+    FROM campaignd.recipients r
+    JOIN campaignd.campaigns c ON c.id = r.campaign_id
+    JOIN campaignd.senders s ON s.id = c.sender_id
+    WHERE r.state = 'in_flight'
+      AND ($1::text IS NULL OR c.sender_id = $1)
+      AND NOT (s.lease_owner IS NOT DISTINCT FROM r.lease_owner
+               AND s.lease_epoch IS NOT DISTINCT FROM r.lease_epoch
+               AND s.lease_expires_at > now())
+    FOR UPDATE OF r SKIP LOCKED
 ), recovered AS (
     UPDATE campaignd.recipients r
-    SET state = CASE WHEN $4::boolean THEN 'pending' ELSE 'failed' END,
+    SET state = CASE WHEN orphan.resend THEN 'pending' ELSE 'failed' END,
         attempts = greatest(r.attempts - 1, 0),
-        next_attempt_at = CASE WHEN $4::boolean THEN now() END,
+        next_attempt_at = CASE WHEN orphan.resend THEN now() END,
         error_code = 'in_doubt',
         error_message = 'the daemon holding this claim stopped before recording its outcome',
         lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
         updated_at = now()
-    FROM doubt
-    WHERE r.id = doubt.id
+    FROM orphan
+    WHERE r.id = orphan.id
     RETURNING r.campaign_id, r.state
-), failed AS (
+), per_campaign AS (
+    SELECT campaign_id,
+           count(*) FILTER (WHERE state = 'pending') AS resent,
+           count(*) FILTER (WHERE state = 'failed') AS failed
+    FROM recovered
+    GROUP BY campaign_id
+), counted AS (
     UPDATE campaignd.campaigns c
-    SET failed_count = c.failed_count + f.n, updated_at = now()
-    FROM (SELECT campaign_id, count(*) AS n FROM recovered WHERE state = 'failed' GROUP BY campaign_id) f
-    WHERE c.id = f.campaign_id
+    SET failed_count = c.failed_count + p.failed, updated_at = now()
+    FROM per_campaign p
+    WHERE c.id = p.campaign_id AND p.failed > 0
 )
-SELECT count(*) AS recovered,
-       count(*) FILTER (WHERE state = 'failed') AS failed
-FROM recovered;
+SELECT p.campaign_id, c.sender_id, p.resent, p.failed
+FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
 
 -- name: renew_lane
 -- Extends the lane and the leases of its in-flight claims. No row back: the lane was
@@ -288,6 +291,14 @@ WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR SHARE
+), campaign_locks AS (
+    -- The campaign rows are locked before their recipients, the order in which a host's
+    -- DELETE of a campaign (cascading to its recipients) takes them: a host deleting a
+    -- campaign mid-send waits for this batch instead of deadlocking with it.
+    SELECT c.id FROM campaignd.campaigns c
+    WHERE c.id IN (SELECT r.campaign_id FROM campaignd.recipients r WHERE r.id = ANY($4::bigint[]))
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
 ), outcome AS (
     SELECT *
     FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
@@ -306,6 +317,7 @@ WITH lane AS (
     FROM outcome o
     WHERE r.id = o.id AND r.state = 'in_flight' AND r.lease_owner = $2 AND r.lease_epoch = $3
       AND EXISTS (SELECT 1 FROM lane)
+      AND r.campaign_id IN (SELECT id FROM campaign_locks)
     RETURNING r.campaign_id, r.state
 ), per_campaign AS (
     SELECT campaign_id,

@@ -21,47 +21,6 @@ FROM expired
 WHERE s.id = expired.id
 RETURNING s.id;
 
--- name: wd_recover_orphaned_claims
--- Claims in flight under a lane that is no longer live (expired, released, or taken over):
--- nobody will record their outcome, so they are in doubt. Resent with the same idempotency
--- key, or failed 'in_doubt', per the sender's policy; the lost claim spends no attempt.
-WITH orphan AS (
-    SELECT r.id, s.resend_in_doubt AS resend
-    FROM campaignd.recipients r
-    JOIN campaignd.campaigns c ON c.id = r.campaign_id
-    JOIN campaignd.senders s ON s.id = c.sender_id
-    WHERE r.state = 'in_flight'
-      AND NOT (s.lease_owner IS NOT DISTINCT FROM r.lease_owner
-               AND s.lease_epoch IS NOT DISTINCT FROM r.lease_epoch
-               AND s.lease_expires_at > now())
-    FOR UPDATE OF r SKIP LOCKED
-), recovered AS (
-    UPDATE campaignd.recipients r
-    SET state = CASE WHEN orphan.resend THEN 'pending' ELSE 'failed' END,
-        attempts = greatest(r.attempts - 1, 0),
-        next_attempt_at = CASE WHEN orphan.resend THEN now() END,
-        error_code = 'in_doubt',
-        error_message = 'the daemon holding this claim stopped before recording its outcome',
-        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
-        updated_at = now()
-    FROM orphan
-    WHERE r.id = orphan.id
-    RETURNING r.campaign_id, r.state
-), per_campaign AS (
-    SELECT campaign_id,
-           count(*) FILTER (WHERE state = 'pending') AS resent,
-           count(*) FILTER (WHERE state = 'failed') AS failed
-    FROM recovered
-    GROUP BY campaign_id
-), counted AS (
-    UPDATE campaignd.campaigns c
-    SET failed_count = c.failed_count + p.failed, updated_at = now()
-    FROM per_campaign p
-    WHERE c.id = p.campaign_id AND p.failed > 0
-)
-SELECT p.campaign_id, c.sender_id, p.resent, p.failed
-FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
-
 -- name: wd_sweep_cancelled
 -- Claims given back after an operator cancelled their campaign land as pending; they end
 -- skipped like the rest of the campaign's pending recipients.
@@ -96,10 +55,11 @@ RETURNING c.id, c.sender_id, c.total_count, c.sent_count, c.failed_count, c.skip
 
 -- name: wd_drift_candidates
 -- Campaigns whose counters matter now: in progress, or finished since the last passes.
+-- Not before campaignd prepared them: until then total_count is legitimately 0.
 -- $1 seconds of recent history
 SELECT id FROM campaignd.campaigns
-WHERE status IN ('sending', 'paused')
-   OR (prepared_at IS NOT NULL AND updated_at > now() - make_interval(secs => $1))
+WHERE prepared_at IS NOT NULL
+  AND (status IN ('sending', 'paused') OR updated_at > now() - make_interval(secs => $1))
 ORDER BY updated_at
 LIMIT 200;
 
