@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -156,14 +157,11 @@ class HttpProvider:
             )
 
     def _redacted(self, result: SendResult) -> SendResult:
-        if result.error_message is None:
-            return result
-        return SendResult(
-            result.kind,
-            provider_message_id=result.provider_message_id,
-            error_code=result.error_code,
-            error_message=self._redact(result.error_message),
-            retry_after_seconds=result.retry_after_seconds,
+        """The provider's own words may echo a credential back; they reach the database."""
+        return replace(
+            result,
+            error_code=None if result.error_code is None else self._redact(result.error_code),
+            error_message=None if result.error_message is None else self._redact(result.error_message),
         )
 
     async def close(self) -> None:
