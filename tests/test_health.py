@@ -6,6 +6,8 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,16 @@ async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database
 
     await wait_for(ready, timeout=30, what="readyz")
     assert (await get(base + "/healthz"))[0] == 200
+    # The Docker HEALTHCHECK command, against this running daemon, through its config file.
+    probe = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "campaignd", "healthcheck", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {"status": "ok"}
     _, text = await get(base + "/metrics")
     assert 'campaignd_messages_total{error_class="none",outcome="sent",sender_id="sms"} 47.0' in text
     assert 'campaignd_messages_total{error_class="permanent",outcome="failed",sender_id="sms"} 1.0' in text
