@@ -189,3 +189,32 @@ def test_demo_runs_to_completion_on_an_embedded_database(tmp_path: Path) -> None
     assert "completed" in demo.stdout
     assert "Counters match the recipients table: True" in demo.stdout
     assert "delivered twice" in demo.stdout
+
+
+async def test_campaign_resumed_while_its_paused_claims_still_settle_completes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Slow answers keep claims in the air across the pause and the resume.
+    fake.behaviour.latency_seconds = 0.6
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
+    campaign_id = await create_campaign(conn, "sms", 300)
+    daemon = daemons(config)
+
+    async def in_the_air() -> bool:
+        return (await state_counts(conn, campaign_id)).get("in_flight", 0) >= 10
+
+    await wait_for(in_the_air, timeout=30, what="claims in flight")
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'paused' WHERE id = $1", campaign_id)
+
+    async def noticed() -> bool:
+        return "campaign_no_longer_sending" in daemon.log()
+
+    await wait_for(noticed, timeout=10, what="the lane to notice the pause")
+    assert (await state_counts(conn, campaign_id)).get("in_flight", 0) > 0, "resume before the claims settle"
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    await assert_counters_match(conn, campaign_id)
+    assert len({a.recipient_id for a in fake.accepted()}) == 300
+    # The same lane carried on: it did not have to go idle and be taken again to see the resume.
+    assert daemon.log().count('"lane_acquired"') == 1

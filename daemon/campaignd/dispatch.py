@@ -249,10 +249,19 @@ class Lane:
                 if run.outstanding == 0:
                     del self._runs[campaign_id]
         for campaign_id, row in sending.items():
-            if campaign_id not in self._runs:
-                started = await self._start_campaign(campaign_id, row)
-                if started is not None:
-                    self._runs[campaign_id] = started
+            known = self._runs.get(campaign_id)
+            if known is not None and known.active:
+                continue
+            started = await self._start_campaign(campaign_id, row)
+            if started is None:
+                continue
+            if known is None:
+                self._runs[campaign_id] = started
+            else:
+                # Resumed while claims from before its pause are still settling: those
+                # flights count against this run, so it is revived rather than replaced
+                # (with the message as it is now: a host may have edited it while paused).
+                known.template, known.cap, known.cursor, known.active = started.template, started.cap, 0, True
         return [run for run in self._runs.values() if run.active]
 
     async def _start_campaign(self, campaign_id: str, row: asyncpg.Record) -> CampaignRun | None:
