@@ -218,3 +218,44 @@ async def test_campaign_resumed_while_its_paused_claims_still_settle_completes(
     assert len({a.recipient_id for a in fake.accepted()}) == 300
     # The same lane carried on: it did not have to go idle and be taken again to see the resume.
     assert daemon.log().count('"lane_acquired"') == 1
+
+
+async def test_claims_stop_while_outcomes_cannot_be_written(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    """A claim counts until its outcome is committed: slow outcome writes must not let in_flight
+    rows pile up (each one an in-doubt resend if the lease then lapsed)."""
+    concurrency, batch = 8, 20
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 1000.0}},
+        concurrency=concurrency,
+        batch_size=batch,
+        lease_seconds=6.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", 1000)
+    daemon = daemons(config)
+
+    async def started() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 50
+
+    await wait_for(started, timeout=30, what="50 sent")
+    most_in_flight = 0
+    # Outcome batches lock the campaign row first: holding it stalls every outcome write.
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM campaignd.campaigns WHERE id = $1 FOR UPDATE", campaign_id)
+        for _ in range(12):
+            await asyncio.sleep(0.25)
+            in_flight = await conn.fetchval(
+                "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight'",
+                campaign_id,
+            )
+            most_in_flight = max(most_in_flight, in_flight)
+    assert most_in_flight <= concurrency + batch, f"{most_in_flight} in flight while outcomes were stuck"
+
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    await assert_counters_match(conn, campaign_id)
+    assert fake.duplicate_keys() == {}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0

@@ -225,8 +225,17 @@ class Lane:
                 return
             if not claimed:
                 await self._wait(self._config.poll_seconds)
-            elif self._max_outstanding - self._outstanding < self._claim_threshold:
+            elif self._free_room() < self._claim_threshold:
                 await self._wait_for_room()
+
+    def _free_room(self) -> int:
+        """How many more recipients may be claimed now.
+
+        A recipient counts until its outcome is committed, not until its request ends: when
+        outcome writes fall behind, claiming stops instead of piling up in_flight rows that a
+        lapsed lease would turn into in-doubt resends.
+        """
+        return self._max_outstanding - self._outstanding - len(self._buffer)
 
     async def _wait(self, seconds: float) -> None:
         """Until woken by NOTIFY, a shutdown, or the timeout."""
@@ -309,7 +318,7 @@ class Lane:
             start = self._rng.randrange(len(runs))
             runs = runs[start:] + runs[:start]
         for run in runs:
-            room = self._max_outstanding - self._outstanding
+            room = self._free_room()
             if room <= 0:
                 break
             limit = min(self._config.batch_size, room)
@@ -551,6 +560,7 @@ class Lane:
                     )
                     return
                 del self._buffer[: len(batch)]
+                self._room.set()
                 if not lane_held:
                     self.lease.lost = True
                     self._log.warning("lane_taken_over", outcomes_rejected=len(batch) + len(self._buffer))

@@ -112,25 +112,36 @@ SELECT p.campaign_id, c.sender_id, p.resent, p.failed
 FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
 
 -- name: renew_lane
--- Extends the lane and the leases of its in-flight claims. No row back: the lane was
--- taken over (or released), and the caller must stop sending at once.
+-- Extends the lane and, for operators, the leases shown on its in-flight claims and its
+-- campaigns. No row back: the lane was taken over (or released), and the caller must stop
+-- sending at once. A renewal must never queue behind a batch write, or a slow batch would
+-- let the lease lapse: rows locked right now are skipped (they are being settled, or are
+-- refreshed on the next renewal).
 -- $1 sender id, $2 owner, $3 epoch, $4 lease seconds, $5 campaign ids with claims in flight
 WITH lane AS (
     UPDATE campaignd.senders
     SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     RETURNING lease_expires_at, paused_reason
+), free_claims AS (
+    SELECT r.id FROM campaignd.recipients r
+    WHERE r.campaign_id = ANY($5::uuid[]) AND r.state = 'in_flight'
+      AND r.lease_owner = $2 AND r.lease_epoch = $3
+    FOR NO KEY UPDATE SKIP LOCKED
 ), claims AS (
     UPDATE campaignd.recipients r
     SET lease_expires_at = lane.lease_expires_at
-    FROM lane
-    WHERE r.campaign_id = ANY($5::uuid[]) AND r.state = 'in_flight'
-      AND r.lease_owner = $2 AND r.lease_epoch = $3
+    FROM lane, free_claims
+    WHERE r.id = free_claims.id
+), free_campaigns AS (
+    SELECT c.id FROM campaignd.campaigns c
+    WHERE c.sender_id = $1 AND c.status = 'sending'
+    FOR NO KEY UPDATE SKIP LOCKED
 ), campaigns AS (
     UPDATE campaignd.campaigns c
     SET lease_owner = $2, lease_expires_at = lane.lease_expires_at
-    FROM lane
-    WHERE c.sender_id = $1 AND c.status = 'sending'
+    FROM lane, free_campaigns
+    WHERE c.id = free_campaigns.id
 )
 SELECT lease_expires_at, paused_reason FROM lane;
 
