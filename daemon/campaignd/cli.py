@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -175,6 +176,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None), {"log": log} if log else None)
 
 
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections for a long-running process that allocates per message.
+
+    Everything alive at start-up (modules, config, classes) lives as long as the process:
+    freezing it keeps full collections from rescanning it. A larger first-generation threshold
+    collects young objects in fewer, larger sweeps; the profile showed the collector at 11% of
+    the daemon's CPU with the defaults.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
 def _run_async(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         import uvloop
@@ -234,6 +248,7 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     shutdown = Shutdown(settings.dispatch.drain_seconds)
     daemon = Daemon(settings, shutdown)
+    tune_garbage_collector()
     with shutdown_on_signals(shutdown):
         try:
             await daemon.run()

@@ -138,6 +138,8 @@ class Lane:
         self._flush_lock = asyncio.Lock()
         self._pause_reason: str | None = None
         self._progress: Counter[str] = Counter()
+        # Looked up once: labels() per message costs a dict lookup under a lock.
+        self._send_duration = metrics.SEND_DURATION.labels(lease.sender_id)
         self._progress_since = time.monotonic()
         self._log = log.bind(sender_id=lease.sender_id, lane_epoch=lease.epoch, owner=lease.owner)
         horizon = math.ceil(sender.rate_per_second * CLAIM_HORIZON_SECONDS) + sender.burst
@@ -460,7 +462,7 @@ class Lane:
             return await self._provider.send(delivery)
         finally:
             metrics.SENDS_IN_FLIGHT.dec()
-            metrics.SEND_DURATION.labels(self.lease.sender_id).observe(time.perf_counter() - started)
+            self._send_duration.observe(time.perf_counter() - started)
 
     def _settle(self, flight: Flight, result: SendResult | None) -> None:
         """Decide the recipient's outcome; None gives the claim back unsent."""
