@@ -1,0 +1,23 @@
+"""What a campaign's recipients look like, shared by the campaign loader and the raw blast.
+
+Kept free of heavy imports: the raw blast process loads it, and its start-up should cost
+no more than aiohttp's own.
+"""
+
+from __future__ import annotations
+
+SENDER_ID = "bench"
+# The same template the raw blast renders, so both sides POST bodies of the same shape and size.
+MESSAGE_TEMPLATE = {"text": "Hi {{name}}, your order is ready for pickup", "sender": "ACME"}
+
+
+def address(index: int) -> str:
+    return f"+1555{index:07d}"
+
+
+def variables(index: int) -> dict[str, str]:
+    return {"name": f"n{index}"}
+
+
+def rendered_message(index: int) -> dict[str, str]:
+    return {"text": f"Hi n{index}, your order is ready for pickup", "sender": "ACME"}
