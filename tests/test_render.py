@@ -222,7 +222,8 @@ _no_brace_text = st.text(alphabet=st.characters(blacklist_characters="{}"), max_
 _json_leaves = (
     st.none()
     | st.booleans()
-    | st.integers()
+    # What a message can carry to a provider: JSON integers within 64 bits (see below).
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | _no_brace_text
 )
@@ -242,3 +243,18 @@ def test_message_without_braces_renders_unchanged(message: dict[str, Any], varia
 
     assert template.variables == frozenset()
     assert template.render(variables) == message
+
+
+def test_a_message_of_megabytes_cannot_compile() -> None:
+    from campaignd.render import MAX_MESSAGE_BYTES
+
+    with pytest.raises(TemplateError, match="bytes, more than"):
+        Template({"text": "x" * (MAX_MESSAGE_BYTES + 1)})
+    assert Template({"text": "x" * 1000}).render({}) == {"text": "x" * 1000}
+
+
+def test_a_message_that_cannot_be_encoded_for_a_provider_cannot_compile() -> None:
+    # Such a number is valid JSON but no request body can carry it: the campaign fails with a
+    # reason instead of every recipient failing one by one at send time.
+    with pytest.raises(TemplateError, match="cannot be encoded"):
+        Template({"amount": 2**70})

@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 MAX_VARIABLE_LENGTH = 4096
 MAX_MESSAGE_BYTES = 1_000_000
@@ -97,6 +99,14 @@ class Template:
             raise TemplateError("message must be a non-empty JSON object")
         names: set[str] = set()
         self._compiled = _compile_node(message, names, 0)
+        # No provider takes a message of megabytes; sending one thousands of times would only
+        # burn the rate limit on certain rejections.
+        try:
+            size = len(orjson.dumps(message))
+        except orjson.JSONEncodeError as exc:
+            raise TemplateError(f"message cannot be encoded as JSON: {exc}") from None
+        if size > MAX_MESSAGE_BYTES:
+            raise TemplateError(f"message is {size} bytes, more than the {MAX_MESSAGE_BYTES} allowed")
         self.variables: frozenset[str] = frozenset(names)
 
     def render(self, variables: Any) -> Any:
