@@ -58,7 +58,6 @@ class Daemon:
         self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
         self._pool: asyncpg.Pool | None = None
         self.heartbeats = Heartbeats()
-        self.lanes_served = 0
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -224,7 +223,6 @@ class Daemon:
         )
         task = asyncio.create_task(lane.run(), name=f"lane:{lease.sender_id}")
         self._lanes[lease.sender_id] = task
-        self.lanes_served += 1
         task.add_done_callback(self._lane_done(lease.sender_id))
 
     def _lane_done(self, sender_id: str) -> Callable[[asyncio.Task[None]], None]:
@@ -232,13 +230,15 @@ class Daemon:
             self._lanes.pop(sender_id, None)
             if not task.cancelled() and task.exception() is not None:
                 # A lane never takes the daemon down: its lease expires or is re-acquired,
-                # and its in-flight claims are recovered as in doubt.
+                # and its in-flight claims are recovered as in doubt. It is taken again on the
+                # next poll, not at once, so a lane that keeps failing does not spin.
                 log.error(
                     "lane_crashed",
                     sender_id=sender_id,
                     error=repr(task.exception()),
                     exc_info=task.exception(),
                 )
+                return
             # Look for more work (or re-acquire this lane) without waiting for the poll.
             self._wake_manager.set()
 

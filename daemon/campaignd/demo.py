@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import tempfile
 import time
@@ -224,7 +223,3 @@ async def _counters_match(connection: asyncpg.Connection, campaign_id: str) -> b
         and counts.get("skipped", 0) == row["skipped_count"]
         and sum(counts.values()) == row["total_count"]
     )
-
-
-with contextlib.suppress(ImportError):
-    import uvloop  # noqa: F401  (imported for its side effect of being importable in the demo's loop)
