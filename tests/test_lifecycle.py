@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,28 @@ async def test_claims_stop_while_outcomes_cannot_be_written(
     assert fake.duplicate_keys() == {}
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_a_busy_lane_picks_up_a_new_campaign_at_once(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # poll_seconds is long: only the NOTIFY can explain a quick pickup. The slow campaign is
+    # capped by its own rate; its claims must not fill the lane and starve the newcomer.
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 500.0}}, poll_seconds=5.0
+    )
+    slow = await create_campaign(conn, "sms", 2000, name="slow", rate_per_second=20.0)
+    daemons(config)
+
+    async def slow_sending() -> bool:
+        return (await campaign(conn, slow))["sent_count"] >= 20
+
+    await wait_for(slow_sending, timeout=30, what="the slow campaign to send")
+    quick = await create_campaign(
+        conn, "sms", [(f"+1888{i:07d}", {"name": "q"}) for i in range(5)], name="quick", start=False
+    )
+    started = time.monotonic()
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", quick)
+    await wait_status(conn, quick, "completed", timeout=30)
+    assert time.monotonic() - started < 3.0, "the new campaign waited behind the busy lane"
+    assert (await campaign(conn, slow))["status"] == "sending"

@@ -91,6 +91,14 @@ class CampaignRun:
     outstanding: int = 0
     active: bool = True
 
+    def claim_room(self) -> int | None:
+        """A capped campaign claims no more than it can send soon, so that its claims, waiting
+        on its own cap, never fill the lane and starve the sender's other campaigns."""
+        if self.cap is None:
+            return None
+        horizon = math.ceil(self.cap.rate_per_second * CLAIM_HORIZON_SECONDS) + self.cap.burst
+        return horizon - self.outstanding
+
 
 @dataclass(slots=True)
 class Flight:
@@ -245,8 +253,11 @@ class Lane:
         self._wake.clear()
 
     async def _wait_for_room(self) -> None:
+        # A NOTIFY (a campaign started on this sender) wakes it too: a busy lane picks up new
+        # work at once instead of on the next poll.
         self._room.clear()
-        await wait_any(self._room, self._shutdown.requested, seconds=self._config.poll_seconds)
+        await wait_any(self._room, self._wake, self._shutdown.requested, seconds=self._config.poll_seconds)
+        self._wake.clear()
 
     async def _refresh_campaigns(self) -> list[CampaignRun]:
         async with self._pool.acquire() as connection:
@@ -324,6 +335,11 @@ class Lane:
             if room <= 0:
                 break
             limit = min(self._config.batch_size, room)
+            run_room = run.claim_room()
+            if run_room is not None:
+                if run_room <= 0:
+                    continue
+                limit = min(limit, run_room)
             claims = await self._claim(run, limit)
             claimed_total += len(claims)
             for claim in claims:

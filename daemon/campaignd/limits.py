@@ -104,7 +104,8 @@ class CampaignCap:
 
     def __init__(self, rate_per_second: float) -> None:
         self.rate_per_second = rate_per_second
-        self._bucket = token_bucket(rate_per_second, max(1, int(rate_per_second // 10)))
+        self.burst = max(1, int(rate_per_second // 10))
+        self._bucket = token_bucket(rate_per_second, self.burst)
 
     async def acquire(self) -> None:
         await self._bucket.acquire()
