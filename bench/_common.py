@@ -502,16 +502,24 @@ def toml_value(value: Any) -> str:
 
 
 def write_daemon_config(
-    path: Path, *, database_url: str, sink_url: str, concurrency: int, batch_size: int
+    path: Path,
+    *,
+    database_url: str,
+    sink_url: str,
+    concurrency: int = 64,
+    batch_size: int = 500,
+    poll_seconds: float = 1.0,
+    log_level: str = "warning",
 ) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "database": {"url": database_url},
         "dispatch": {
             "concurrency": concurrency,
             "batch_size": batch_size,
+            "poll_seconds": poll_seconds,
             "drain_seconds": 5.0,
         },
-        "log": {"format": "json", "level": "warning"},
+        "log": {"format": "json", "level": log_level},
         # The health/metrics server would listen on a fixed port that another daemon on a
         # shared machine may hold; an unscraped server costs nothing anyway.
         "health": {"listen": ""},

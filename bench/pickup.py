@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -38,8 +37,8 @@ from _common import (
     embedded_postgres,
     new_workdir,
     refresh_settings,
-    toml_value,
     wait_daemon_listening,
+    write_daemon_config,
 )
 from _payload import MESSAGE_TEMPLATE, SENDER_ID
 from campaignd import db
@@ -59,29 +58,6 @@ class Pickup:
     campaign_id: str
     started_wall: float
     latency_ms: float | None
-
-
-def write_config(path: Path, database_url: str, provider_url: str) -> Path:
-    sections: dict[str, dict[str, Any]] = {
-        "database": {"url": database_url},
-        "dispatch": {"poll_seconds": POLL_SECONDS, "drain_seconds": 2.0},
-        "log": {"format": "json", "level": "debug"},
-        "health": {"listen": ""},
-        f"senders.{SENDER_ID}": {
-            "provider": "http",
-            "url": provider_url,
-            "rate_per_second": 1_000_000.0,
-            "burst": 100_000,
-            "timeout_seconds": 10.0,
-        },
-    }
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -237,7 +213,13 @@ def lane_breakdown(log_path: Path, pickups: list[Pickup]) -> None:
 async def run(postgres_url: str, workdir: Path, campaigns: int, busy_campaigns: int) -> None:
     fp = FakeProvider()
     await fp.start()
-    config = write_config(workdir / "campaignd.toml", postgres_url, fp.url)
+    config = write_daemon_config(
+        workdir / "campaignd.toml",
+        database_url=postgres_url,
+        sink_url=fp.url,
+        poll_seconds=POLL_SECONDS,
+        log_level="debug",
+    )
     # campaignd's own connection setup: the jsonb codecs COPY needs.
     connection = await db.connect(DatabaseConfig(url=postgres_url))  # type: ignore[arg-type]
     await connection.execute(
