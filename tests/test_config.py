@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from campaignd.cli import build_parser, main
-from campaignd.config import ConfigError, Settings, load_settings
+from campaignd.config import ConfigError, HttpSenderConfig, Settings, TwilioSenderConfig, load_settings
 
 HEADER_SECRET = "hdr-secret-0123456789"
 DB_PASSWORD = "dbpass-9876543210"
@@ -161,6 +161,49 @@ def test_missing_env_header_reference_names_the_headers_field(
     assert "SMS_TOKEN_NOT_SET_ANYWHERE" in message
 
 
+@pytest.mark.parametrize("provider_section", ["whatsapp", "messenger", "instagram"])
+def test_missing_env_token_reference_names_the_token_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider_section: str
+) -> None:
+    monkeypatch.delenv("META_TOKEN_NOT_SET_ANYWHERE", raising=False)
+    text = (
+        f'[senders.meta]\nprovider = "{provider_section}"\nphone_number_id = "1"\n'
+        'access_token = "env:META_TOKEN_NOT_SET_ANYWHERE"\n'
+    )
+    if provider_section != "whatsapp":
+        text = text.replace('phone_number_id = "1"\n', "")
+
+    message = _load_error(tmp_path, text)
+
+    assert "senders.meta.access_token" in message
+    assert "META_TOKEN_NOT_SET_ANYWHERE" in message
+
+
+def test_provider_tokens_are_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWILIO_TOKEN_FOR_TEST", "twilio-secret-value")
+    path = _write(
+        tmp_path,
+        f'[senders.tw]\nprovider = "twilio"\naccount_sid = "AC{"a" * 32}"\n'
+        'auth_token = "env:TWILIO_TOKEN_FOR_TEST"\nfrom_number = "+15017122661"\n',
+    )
+
+    sender = load_settings(path).senders["tw"]
+
+    assert isinstance(sender, TwilioSenderConfig)
+    assert sender.auth_token.get_secret_value() == "twilio-secret-value"
+    assert sender.resend_in_doubt is False
+    assert "twilio-secret-value" not in repr(sender)
+
+
+def test_a_sender_without_provider_is_generic_http(tmp_path: Path) -> None:
+    sender = load_settings(_write(tmp_path, _sender_config())).senders["sms"]
+
+    assert isinstance(sender, HttpSenderConfig)
+    assert sender.resend_in_doubt is True
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -190,6 +233,38 @@ def test_unknown_key_is_refused_by_name(tmp_path: Path, text: str, field: str) -
         ('[senders.sms]\nurl = "ftp://sms.example.com/send"\n', "senders.sms.url"),
         ("[senders.sms]\nburst = 3\n", "senders.sms.url"),
         (_sender_config("provider = 'smtp'"), "senders.sms.provider"),
+        (_sender_config("breaker_failure_ratio = 1.5"), "senders.sms.breaker_failure_ratio"),
+        (_sender_config("breaker_window = -1"), "senders.sms.breaker_window"),
+        ('[senders.wa]\nprovider = "whatsapp"\naccess_token = "t"\n', "senders.wa.phone_number_id"),
+        (
+            '[senders.wa]\nprovider = "whatsapp"\naccess_token = "t"\nphone_number_id = "+1 555"\n',
+            "senders.wa.phone_number_id",
+        ),
+        ('[senders.wa]\nprovider = "whatsapp"\nphone_number_id = "1"\n', "senders.wa.access_token"),
+        (
+            '[senders.wa]\nprovider = "whatsapp"\nphone_number_id = "1"\naccess_token = "t"\n'
+            'api_base = "graph.facebook.com"\n',
+            "senders.wa.api_base",
+        ),
+        (
+            '[senders.fb]\nprovider = "messenger"\naccess_token = "t"\nmessaging_type = "MESSAGE_TAG"\n',
+            "senders.fb",
+        ),
+        ('[senders.ig]\nprovider = "instagram"\naccess_token = "t"\npage_id = "abc"\n', "senders.ig.page_id"),
+        (
+            f'[senders.tw]\nprovider = "twilio"\naccount_sid = "AC{"0" * 32}"\nauth_token = "t"\n',
+            "senders.tw",
+        ),
+        (
+            f'[senders.tw]\nprovider = "twilio"\naccount_sid = "AC{"0" * 32}"\nauth_token = "t"\n'
+            f'from_number = "+15550001"\nmessaging_service_sid = "MG{"0" * 32}"\n',
+            "senders.tw",
+        ),
+        (
+            '[senders.tw]\nprovider = "twilio"\naccount_sid = "123"\nauth_token = "t"\n'
+            'from_number = "+15550001"\n',
+            "senders.tw.account_sid",
+        ),
     ],
 )
 def test_invalid_value_error_names_the_dotted_field(tmp_path: Path, text: str, field: str) -> None:

@@ -124,7 +124,10 @@ async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database
     assert json.loads(probe.stdout) == {"status": "ok"}
     _, text = await get(base + "/metrics")
     assert 'campaignd_messages_total{error_class="none",outcome="sent",sender_id="sms"} 47.0' in text
-    assert 'campaignd_messages_total{error_class="permanent",outcome="failed",sender_id="sms"} 1.0' in text
+    assert (
+        'campaignd_messages_total{error_class="recipient_permanent",outcome="failed",sender_id="sms"} 1.0'
+        in text
+    )
     assert 'campaignd_send_duration_seconds_count{sender_id="sms"} 48.0' in text
     assert "campaignd_event_loop_lag_seconds" in text
     assert "campaignd_watchdog_runs_total" in text

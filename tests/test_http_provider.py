@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from campaignd.config import SenderConfig
+from campaignd.config import HttpSenderConfig
 from campaignd.fakeprovider import Behaviour, FakeProvider, Rule
 from campaignd.outcomes import ResultKind, SendResult
 from campaignd.providers import build_provider
@@ -130,7 +130,7 @@ def test_redirects_are_transient(status: int) -> None:
 def test_400_with_error_object_is_permanent_with_its_code_and_message() -> None:
     result = classify_http_response(400, _json({"error": {"code": "bad_number", "message": "m"}}), {})
 
-    assert result.kind is ResultKind.PERMANENT
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_code == "bad_number"
     assert result.error_message is not None
     assert "m" in result.error_message
@@ -141,7 +141,7 @@ def test_400_with_error_object_is_permanent_with_its_code_and_message() -> None:
 def test_404_without_error_object_is_permanent_http_404(body: bytes) -> None:
     result = classify_http_response(404, body, {})
 
-    assert result.kind is ResultKind.PERMANENT
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_code == "http_404"
     assert result.error_message == "HTTP 404"
 
@@ -149,7 +149,7 @@ def test_404_without_error_object_is_permanent_http_404(body: bytes) -> None:
 def test_integer_error_code_becomes_string() -> None:
     result = classify_http_response(422, _json({"error": {"code": 21211, "message": "invalid"}}), {})
 
-    assert result.kind is ResultKind.PERMANENT
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_code == "21211"
 
 
@@ -202,8 +202,10 @@ async def fp() -> AsyncIterator[FakeProvider]:
         await provider.stop()
 
 
-def _config(url: str, *, timeout: float = 5.0) -> SenderConfig:
-    return SenderConfig(url=url, headers={"Authorization": SecretStr(AUTHORIZATION)}, timeout_seconds=timeout)
+def _config(url: str, *, timeout: float = 5.0) -> HttpSenderConfig:
+    return HttpSenderConfig(
+        url=url, headers={"Authorization": SecretStr(AUTHORIZATION)}, timeout_seconds=timeout
+    )
 
 
 @pytest.fixture
@@ -321,7 +323,7 @@ async def test_provider_echoing_authorization_header_is_redacted(
 
     result = await provider.send(_delivery())
 
-    assert result.kind is ResultKind.PERMANENT
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_code == "bad_auth_format"
     assert result.error_message is not None
     assert result.error_message.startswith("HTTP 400: header was")
@@ -336,7 +338,7 @@ async def test_provider_echoing_bare_token_is_redacted(fp: FakeProvider, make_pr
 
     result = await provider.send(_delivery())
 
-    assert result.kind is ResultKind.PERMANENT
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_message is not None
     assert TOKEN not in result.error_message
 

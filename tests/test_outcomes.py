@@ -52,7 +52,7 @@ def test_sent_keeps_provider_message_id() -> None:
 
 def test_permanent_fails_with_code_and_message() -> None:
     update = _decide(
-        SendResult(ResultKind.PERMANENT, error_code="bad_number", error_message="no such number")
+        SendResult(ResultKind.RECIPIENT_PERMANENT, error_code="bad_number", error_message="no such number")
     )
 
     assert update.state is RecipientState.FAILED
@@ -151,7 +151,7 @@ def test_skipped_stays_skipped_with_reason() -> None:
 @pytest.mark.parametrize(
     ("kind", "attempts"),
     [
-        (ResultKind.PERMANENT, 1),
+        (ResultKind.RECIPIENT_PERMANENT, 1),
         (ResultKind.SKIPPED, 1),
         (ResultKind.TRANSIENT, 1),
         (ResultKind.TRANSIENT, MAX_ATTEMPTS),
@@ -172,7 +172,7 @@ def test_long_error_message_is_clipped_to_limit(kind: ResultKind, attempts: int)
 def test_message_at_exactly_the_limit_is_not_clipped() -> None:
     message = "y" * ERROR_MESSAGE_LIMIT
 
-    update = _decide(SendResult(ResultKind.PERMANENT, error_code="e", error_message=message))
+    update = _decide(SendResult(ResultKind.RECIPIENT_PERMANENT, error_code="e", error_message=message))
 
     assert update.error_message == message
 

@@ -14,13 +14,15 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -119,40 +121,150 @@ class LogConfig(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
-class SenderConfig(_Section):
-    provider: Literal["http"] = "http"
-    url: str = Field(min_length=1)
+def _resolve_env_reference(value: Any, what: str) -> Any:
+    """A value written ``env:NAME`` is read from the environment, so secrets stay out of files."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(text, str) and text.startswith(SECRET_REFERENCE_PREFIX):
+        variable = text[len(SECRET_REFERENCE_PREFIX) :]
+        if variable not in os.environ:
+            raise ValueError(f"{what} refers to environment variable {variable} which is not set")
+        return os.environ[variable]
+    return text
+
+
+def _http_base(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
+class _SenderBase(_Section):
     rate_per_second: float = Field(default=50.0, gt=0, le=1_000_000)
     burst: int = Field(default=10, ge=1, le=1_000_000)
     timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    # Circuit breaker: a campaign whose recent failures are dominated by one error code is
+    # paused instead of failing its recipients one by one. 0 disables a rule.
+    breaker_consecutive_failures: int = Field(default=20, ge=0, le=1_000_000)
+    breaker_window: int = Field(default=100, ge=0, le=1_000_000)
+    breaker_failure_ratio: float = Field(default=0.9, gt=0, le=1)
+
+
+class HttpSenderConfig(_SenderBase):
+    provider: Literal["http"] = "http"
+    url: str = Field(min_length=1)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
+    # The generic provider sends an Idempotency-Key, so an in-doubt resend is safe.
     resend_in_doubt: bool = True
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+    _http_url = field_validator("url")(_http_base)
 
     @field_validator("headers", mode="before")
     @classmethod
     def _resolve_secret_references(cls, value: Any) -> Any:
-        """Values written ``env:NAME`` are read from the environment, so tokens stay out of files."""
         if not isinstance(value, dict):
             return value
-        resolved: dict[str, Any] = {}
-        for name, raw in value.items():
-            text = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
-            if isinstance(text, str) and text.startswith(SECRET_REFERENCE_PREFIX):
-                variable = text[len(SECRET_REFERENCE_PREFIX) :]
-                if variable not in os.environ:
-                    raise ValueError(
-                        f"header {name!r} refers to environment variable {variable} which is not set"
-                    )
-                text = os.environ[variable]
-            resolved[name] = text
-        return resolved
+        return {name: _resolve_env_reference(raw, f"header {name!r}") for name, raw in value.items()}
+
+
+class _MetaSenderBase(_SenderBase):
+    access_token: SecretStr
+    api_base: str = "https://graph.facebook.com/v21.0"
+    # Meta's APIs take no idempotency key: an in-doubt resend may deliver twice, so by
+    # default an interrupted send ends failed with error_code "in_doubt" instead.
+    resend_in_doubt: bool = False
+
+    _api_base = field_validator("api_base")(_http_base)
+
+    @field_validator("access_token", mode="before")
+    @classmethod
+    def _resolve_token(cls, value: Any) -> Any:
+        return _resolve_env_reference(value, "access_token")
+
+    @field_validator("api_base", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class WhatsAppSenderConfig(_MetaSenderBase):
+    provider: Literal["whatsapp"]
+    phone_number_id: str = Field(pattern=r"^[0-9]{1,30}$")
+
+
+class MessengerSenderConfig(_MetaSenderBase):
+    """Messenger and Instagram share Meta's Send API."""
+
+    provider: Literal["messenger", "instagram"]
+    # The Page (or Instagram professional account) id; "me" means the token's own page.
+    page_id: str = Field(default="me", pattern=r"^(me|[0-9]{1,30})$")
+    # Defaults for messages that do not set their own.
+    messaging_type: Literal["RESPONSE", "UPDATE", "MESSAGE_TAG"] = "UPDATE"
+    tag: str | None = Field(default=None, pattern=r"^[A-Z_]{1,64}$")
+
+    @model_validator(mode="after")
+    def _tag_with_message_tag(self) -> MessengerSenderConfig:
+        if self.messaging_type == "MESSAGE_TAG" and self.tag is None:
+            raise ValueError('messaging_type "MESSAGE_TAG" needs a tag (e.g. "ACCOUNT_UPDATE")')
+        return self
+
+
+class TwilioSenderConfig(_SenderBase):
+    provider: Literal["twilio"]
+    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
+    auth_token: SecretStr
+    messaging_service_sid: str | None = Field(default=None, pattern=r"^MG[0-9a-fA-F]{32}$")
+    from_number: str | None = Field(default=None, pattern=r"^\+[1-9][0-9]{6,14}$")
+    status_callback: str | None = None
+    api_base: str = "https://api.twilio.com"
+    # Twilio cannot deduplicate message creation: an in-doubt resend may deliver twice.
+    resend_in_doubt: bool = False
+
+    _api_base = field_validator("api_base")(_http_base)
+
+    @field_validator("status_callback")
+    @classmethod
+    def _callback_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_base(value)
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _resolve_token(cls, value: Any) -> Any:
+        return _resolve_env_reference(value, "auth_token")
+
+    @field_validator("api_base", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> TwilioSenderConfig:
+        if (self.messaging_service_sid is None) == (self.from_number is None):
+            raise ValueError("set exactly one of messaging_service_sid and from_number")
+        return self
+
+
+PROVIDERS = ("http", "whatsapp", "messenger", "instagram", "twilio")
+_SENDER_TAGS = frozenset({"http", "whatsapp", "messenger", "twilio"})
+
+
+def _provider_of(value: Any) -> str:
+    # "http" is the default, so a section without `provider` keeps meaning the generic one.
+    provider = value.get("provider", "http") if isinstance(value, dict) else getattr(value, "provider", None)
+    return "messenger" if provider == "instagram" else str(provider)
+
+
+SenderConfig = Annotated[
+    Annotated[HttpSenderConfig, Tag("http")]
+    | Annotated[WhatsAppSenderConfig, Tag("whatsapp")]
+    | Annotated[MessengerSenderConfig, Tag("messenger")]
+    | Annotated[TwilioSenderConfig, Tag("twilio")],
+    Discriminator(
+        _provider_of,
+        custom_error_type="unknown_provider",
+        custom_error_message=f"provider must be one of: {', '.join(PROVIDERS)}",
+    ),
+]
+AnySenderConfig = HttpSenderConfig | WhatsAppSenderConfig | MessengerSenderConfig | TwilioSenderConfig
 
 
 class Settings(BaseSettings):
@@ -198,13 +310,21 @@ class Settings(BaseSettings):
 
 
 def _describe_location(location: tuple[int | str, ...]) -> str:
+    # pydantic puts the provider's union tag after the sender id ("senders.wa.whatsapp.x");
+    # operators wrote "senders.wa.x".
+    if len(location) > 2 and location[0] == "senders" and location[2] in _SENDER_TAGS:
+        location = location[:2] + location[3:]
     return ".".join(str(part) for part in location) or "(top level)"
 
 
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for problem in error.errors(include_url=False, include_input=False):
-        lines.append(f"  {_describe_location(problem['loc'])}: {problem['msg']}")
+        location = problem["loc"]
+        if problem["type"] == "unknown_provider":
+            # The union reports the whole section; the field at fault is its provider.
+            location = (*location, "provider")
+        lines.append(f"  {_describe_location(location)}: {problem['msg']}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ import structlog
 
 from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
-from campaignd.config import DispatchConfig, SenderConfig
+from campaignd.config import AnySenderConfig, DispatchConfig
 from campaignd.db import Backoff, is_transient_db_error, note_unavailable
 from campaignd.leasing import LaneLease, report_in_doubt
 from campaignd.limits import CampaignCap, SenderLimiter
@@ -119,7 +119,7 @@ class Lane:
         self,
         *,
         lease: LaneLease,
-        sender: SenderConfig,
+        sender: AnySenderConfig,
         provider: Provider,
         pool: asyncpg.Pool,
         dispatch: DispatchConfig,

@@ -13,15 +13,24 @@ from email.utils import parsedate_to_datetime
 
 
 class ResultKind(enum.StrEnum):
+    """What one send's answer means, and so at which scope campaignd reacts (README "Providers")."""
+
     SENT = "sent"
-    # Worth retrying this recipient later; spends an attempt.
+    # Worth retrying this recipient later, with backoff; spends an attempt.
     TRANSIENT = "transient"
-    # The provider asks the whole sender to slow down; spends no attempt.
+    # The provider asks the whole sender to slow down; the recipient is retried unspent.
     THROTTLED = "throttled"
-    # This recipient can never succeed (bad number, blocked user...).
-    PERMANENT = "permanent"
-    # The sender itself is rejected (bad token, no permission): pause the sender.
+    # Only this recipient must wait (per-user pair rate or marketing cap); others go on.
+    RECIPIENT_DELAY = "recipient_delay"
+    # This recipient can never succeed (bad number, blocked user...); the campaign goes on.
+    RECIPIENT_PERMANENT = "recipient_permanent"
+    # The sender itself is rejected (bad token, no permission, blocked account): pause the
+    # sender and all its campaigns.
     SENDER_FATAL = "sender_fatal"
+    # The campaign's message cannot be sent (missing or paused template...): pause that campaign.
+    CAMPAIGN_FATAL = "campaign_fatal"
+    # An error the tables do not know: retried a few times; the circuit breaker watches it.
+    UNKNOWN = "unknown"
     # Nothing was sent: the recipient cannot be sent to (invalid address, bad variables).
     SKIPPED = "skipped"
 
@@ -60,6 +69,8 @@ class RecipientUpdate:
 
 
 THROTTLE_DEFAULT_SECONDS = 1.0
+RECIPIENT_DELAY_DEFAULT_SECONDS = 60.0
+UNKNOWN_ATTEMPTS = 3
 ERROR_MESSAGE_LIMIT = 500
 
 
@@ -116,24 +127,35 @@ def _decide(
             return RecipientUpdate(
                 recipient_id, RecipientState.SKIPPED, error_code=result.error_code, error_message=message
             )
-        case ResultKind.PERMANENT:
+        case ResultKind.RECIPIENT_PERMANENT:
             return RecipientUpdate(
                 recipient_id, RecipientState.FAILED, error_code=result.error_code, error_message=message
             )
-        case ResultKind.TRANSIENT:
-            if attempts >= max_attempts:
-                return RecipientUpdate(
-                    recipient_id,
-                    RecipientState.FAILED,
-                    error_code=result.error_code,
-                    error_message=_clip(f"gave up after {attempts} attempts: {message or result.error_code}"),
-                )
+        case ResultKind.TRANSIENT | ResultKind.UNKNOWN:
+            # An error nobody has classified is retried, but only a few times: a permanent
+            # error in disguise must not cost every recipient max_attempts requests.
+            limit = (
+                max_attempts if result.kind is ResultKind.TRANSIENT else min(max_attempts, UNKNOWN_ATTEMPTS)
+            )
+            if attempts >= limit:
+                return _gave_up(recipient_id, result, message, attempts)
             return RecipientUpdate(
                 recipient_id,
                 RecipientState.PENDING,
                 error_code=result.error_code,
                 error_message=message,
                 retry_in_seconds=backoff_seconds(attempts, backoff_base, backoff_max, rng),
+            )
+        case ResultKind.RECIPIENT_DELAY:
+            # Spends an attempt, so a recipient the provider keeps deferring ends failed.
+            if attempts >= max_attempts:
+                return _gave_up(recipient_id, result, message, attempts)
+            return RecipientUpdate(
+                recipient_id,
+                RecipientState.PENDING,
+                error_code=result.error_code,
+                error_message=message,
+                retry_in_seconds=result.retry_after_seconds or RECIPIENT_DELAY_DEFAULT_SECONDS,
             )
         case ResultKind.THROTTLED:
             return RecipientUpdate(
@@ -144,8 +166,9 @@ def _decide(
                 retry_in_seconds=result.retry_after_seconds or THROTTLE_DEFAULT_SECONDS,
                 attempt_adjust=-1,
             )
-        case ResultKind.SENDER_FATAL:
-            # Not this recipient's fault: it waits, unspent, for the sender to be resumed.
+        case ResultKind.SENDER_FATAL | ResultKind.CAMPAIGN_FATAL:
+            # Not this recipient's fault: it waits, unspent, for the sender or campaign to be
+            # resumed.
             return RecipientUpdate(
                 recipient_id,
                 RecipientState.PENDING,
@@ -155,6 +178,15 @@ def _decide(
                 attempt_adjust=-1,
             )
     raise AssertionError(f"unhandled result kind {result.kind}")
+
+
+def _gave_up(recipient_id: int, result: SendResult, message: str | None, attempts: int) -> RecipientUpdate:
+    return RecipientUpdate(
+        recipient_id,
+        RecipientState.FAILED,
+        error_code=result.error_code,
+        error_message=_clip(f"gave up after {attempts} attempts: {message or result.error_code}"),
+    )
 
 
 def released(recipient_id: int) -> RecipientUpdate:

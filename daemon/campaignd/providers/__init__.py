@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from campaignd.config import SenderConfig
+from campaignd.config import AnySenderConfig, HttpSenderConfig
 from campaignd.providers.base import Delivery, InvalidAddress, Provider
 from campaignd.providers.http import HttpProvider
 
 __all__ = ["Delivery", "InvalidAddress", "Provider", "build_provider"]
 
 
-def build_provider(sender_id: str, config: SenderConfig, *, connection_limit: int) -> Provider:
-    if config.provider == "http":
+def build_provider(sender_id: str, config: AnySenderConfig, *, connection_limit: int) -> Provider:
+    if isinstance(config, HttpSenderConfig):
         return HttpProvider(sender_id, config, connection_limit=connection_limit)
     raise ValueError(f"unknown provider {config.provider!r}")

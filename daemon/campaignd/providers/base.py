@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,10 +29,17 @@ class Delivery:
 
 class Provider(Protocol):
     sender_id: str
+    # The adapter's kind ("http", "whatsapp", ...), for reasons shown to operators.
+    name: str
     resend_in_doubt: bool
 
     def normalize_address(self, address: str) -> str:
         """The address as the provider wants it, or raise InvalidAddress."""
+        ...
+
+    def check_messages(self, messages: Sequence[Any]) -> str | None:
+        """Pre-flight, before a campaign's first send: the rendered messages of its first
+        recipients. Returns why the campaign cannot be valid for this provider, or None."""
         ...
 
     async def send(self, delivery: Delivery) -> SendResult:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
 
-from campaignd.config import SenderConfig
+from campaignd.config import HttpSenderConfig
 from campaignd.outcomes import ResultKind, SendResult, parse_retry_after
 from campaignd.providers.base import Delivery, InvalidAddress
 from campaignd.redact import Redactor
@@ -59,7 +59,7 @@ def classify_http_response(status: int, body: bytes, headers: Mapping[str, str])
         # Redirects are not followed: a provider URL that moved is a transient fault to
         # report, not a place to send secrets to.
         return SendResult(ResultKind.TRANSIENT, error_code=code, error_message=message)
-    return SendResult(ResultKind.PERMANENT, error_code=code, error_message=message)
+    return SendResult(ResultKind.RECIPIENT_PERMANENT, error_code=code, error_message=message)
 
 
 def _error_fields(payload: Any, status: int) -> tuple[str, str]:
@@ -100,7 +100,9 @@ def normalize_generic_address(address: str) -> str:
 
 
 class HttpProvider:
-    def __init__(self, sender_id: str, config: SenderConfig, *, connection_limit: int) -> None:
+    name = "http"
+
+    def __init__(self, sender_id: str, config: HttpSenderConfig, *, connection_limit: int) -> None:
         self.sender_id = sender_id
         self.resend_in_doubt = config.resend_in_doubt
         self._url = config.url
@@ -128,6 +130,10 @@ class HttpProvider:
 
     def normalize_address(self, address: str) -> str:
         return normalize_generic_address(address)
+
+    def check_messages(self, messages: Sequence[Any]) -> str | None:
+        # The generic provider forwards any JSON the host wrote.
+        return None
 
     async def send(self, delivery: Delivery) -> SendResult:
         body = orjson.dumps(
