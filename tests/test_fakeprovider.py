@@ -11,7 +11,15 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from campaignd.fakeprovider import Accepted, Behaviour, FakeProvider, Rule, max_in_window
+from campaignd.fakeprovider import (
+    RECORDS_PATH,
+    Accepted,
+    Behaviour,
+    FakeProvider,
+    Rule,
+    behaviour_from_dict,
+    max_in_window,
+)
 
 CAMPAIGN = "6f1c1d0e-4b8e-4c57-9a39-1d2f0c7e9a01"
 
@@ -329,3 +337,106 @@ def test_start_in_thread_with_a_synchronous_client() -> None:
     assert fp.duplicate_keys() == {"k1": 1}
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(fp.url, data=b"{}", timeout=1)
+
+
+async def test_requests_are_recorded_by_path_with_the_status_answered(
+    fp: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    fp.behaviour.rules["bad@x"] = Rule(status=400)
+    base = fp.url.removesuffix("/send")
+    for path, address in (("/sms", "a@x"), ("/push", "b@x"), ("/sms", "bad@x")):
+        async with session.post(base + path, json=_body(address, 1), headers={"Idempotency-Key": address}):
+            pass
+
+    assert len(fp.request_times("/sms")) == 2 and len(fp.request_times("/push")) == 1
+    assert fp.request_times() == sorted(fp.request_times("/sms") + fp.request_times("/push"))
+    assert fp.answers() == {200: 2, 400: 1}
+    by_path = {a.path: a for a in fp.accepted()}
+    assert set(by_path) == {"/sms", "/push"}
+    assert by_path["/sms"].arrived <= by_path["/sms"].at
+    assert by_path["/sms"].message_id.startswith("fake-")
+
+
+async def test_storms_confine_random_throttling_to_their_windows(
+    fp: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    fp.behaviour = Behaviour(throttle_rate=1.0, storm_every_seconds=0.6, storm_seconds=0.3)
+    statuses: list[int] = []
+    for i in range(24):
+        statuses.append((await _send(session, fp, f"s{i}@x", i))[0])
+        await asyncio.sleep(0.05)
+
+    # Half of each period is calm: some requests are accepted, the others are throttled.
+    assert {200, 429} == set(statuses)
+
+
+async def test_stalled_answer_outlasts_the_client_and_is_not_accepted(
+    fp: FakeProvider, session: aiohttp.ClientSession
+) -> None:
+    fp.behaviour = Behaviour(timeout_rate=1.0, timeout_seconds=5.0)
+
+    with pytest.raises(asyncio.TimeoutError):
+        await _send_with_timeout(session, fp, 0.2)
+    await asyncio.sleep(0.1)
+
+    assert (fp.accepted_count(), fp.cancelled_count(), fp.answers()) == (0, 1, {})
+
+
+def test_behaviour_from_dict_builds_rules() -> None:
+    behaviour = behaviour_from_dict(
+        {
+            "latency_seconds": 0.1,
+            "fail_prefix_rules": {"+1999": {"status": 400, "body": {"error": {"code": "invalid_number"}}}},
+            "timeout_rate": 0.01,
+        }
+    )
+
+    assert behaviour.fail_prefix_rules["+1999"] == Rule(
+        status=400, body={"error": {"code": "invalid_number"}}
+    )
+    assert (behaviour.latency_seconds, behaviour.timeout_rate) == (0.1, 0.01)
+
+
+def test_provider_process_takes_its_behaviour_and_reports_its_records() -> None:
+    import subprocess
+    import sys
+
+    behaviour = {"fail_prefix_rules": {"bad": {"status": 400}}}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "campaignd.fakeprovider", "--behaviour", json.dumps(behaviour)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+
+        def post(address: str) -> int:
+            req = urllib.request.Request(
+                url,
+                data=json.dumps(_body(address, 1)).encode(),
+                headers={"Content-Type": "application/json", "Idempotency-Key": address},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as err:
+                with err:
+                    return int(err.code)
+
+        assert (post("good@x"), post("bad@x"), post("good@x")) == (200, 400, 200)
+        with urllib.request.urlopen(url.removesuffix("/send") + RECORDS_PATH, timeout=5) as resp:
+            records = json.loads(resp.read())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+    assert records["request_paths"] == ["/send"] * 3
+    assert records["answers"] == {"200": 2, "400": 1}
+    assert records["duplicates"] == {"good@x": 1}
+    [accepted] = records["accepted"]
+    assert (accepted["address"], accepted["path"]) == ("good@x", "/send")
+    assert accepted["message_id"].startswith("fake-") and accepted["arrived"] <= accepted["at"]

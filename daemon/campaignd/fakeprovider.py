@@ -11,6 +11,12 @@ Like a real idempotent API, a request whose key was already accepted is answered
 given the first time and is not accepted again; such repeats are counted in
 :meth:`FakeProvider.duplicate_keys`.
 
+For chaos runs it can also misbehave the way real providers do: random latency, throttling
+(429 with ``Retry-After``, 503) at random or only in periodic storms, answers stalled past any
+sane client timeout, and addresses that always fail. It records each request's arrival time
+and path (one path per sender lets one provider tell senders apart) and each status it
+answered.
+
 A request is accepted only at the very end of the handler, with no ``await`` between the
 "already accepted?" check and the record, so concurrent requests with one key are accepted once. The
 server runs with ``handler_cancellation=True``: when a client gives up (e.g. after its timeout) while
@@ -33,7 +39,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["RECORDS_PATH", "Accepted", "Behaviour", "FakeProvider", "Rule", "main", "max_in_window"]
+__all__ = [
+    "RECORDS_PATH",
+    "Accepted",
+    "Behaviour",
+    "FakeProvider",
+    "Rule",
+    "behaviour_from_dict",
+    "main",
+    "max_in_window",
+]
 
 # GET this path for the records, when the provider runs in a process of its own.
 RECORDS_PATH = "/_fake/records"
@@ -68,9 +83,28 @@ class Behaviour:
     transient_rate: float = 0.0
     throttle_rate: float = 0.0
     throttle_retry_after: str = "1"
+    # When set, transient_rate and throttle_rate apply only during the first storm_seconds of
+    # every storm_every_seconds (from the server's start). A provider that throttles a few
+    # percent of requests all the time drives an AIMD client to its floor and keeps it there;
+    # one that throttles in bursts lets it climb back between them, as real ones do.
+    storm_every_seconds: float | None = None
+    storm_seconds: float = 0.0
+    # This fraction of requests is held timeout_seconds before being answered: set it past the
+    # client's timeout, and the client gives up first (the request is then not accepted).
+    timeout_rate: float = 0.0
+    timeout_seconds: float = 30.0
     required_headers: dict[str, str] = field(default_factory=dict)
     all_status: int | None = None
     seed: int | None = None
+
+
+def behaviour_from_dict(data: dict[str, Any]) -> Behaviour:
+    """A Behaviour from JSON-like data (``--behaviour`` of ``python -m campaignd.fakeprovider``)."""
+    fields = dict(data)
+    for name in ("rules", "fail_prefix_rules"):
+        if name in fields:
+            fields[name] = {match: Rule(**rule) for match, rule in fields[name].items()}
+    return Behaviour(**fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +113,13 @@ class Accepted:
     address: str
     campaign_id: str
     recipient_id: int
+    # When the accepting answer was decided (after any latency).
     at: float
     body: dict[str, Any]
+    # When the request arrived: what a rate limit is about.
+    arrived: float = 0.0
+    path: str = ""
+    message_id: str = ""
 
 
 def max_in_window(times: Sequence[float], window_seconds: float = 1.0) -> int:
@@ -133,6 +172,8 @@ class FakeProvider:
 
         self._lock = threading.Lock()
         self._request_times: list[float] = []
+        self._request_paths: list[str] = []
+        self._answers: dict[int, int] = {}
         self._requests_by_address: dict[str, int] = {}
         self._accepted: dict[str, Accepted] = {}
         self._ids: dict[str, str] = {}
@@ -145,6 +186,7 @@ class FakeProvider:
         self._rng = random.Random()
         self._rng_behaviour: Behaviour | None = None
         self._rng_seed: int | None = None
+        self._started_at = time.monotonic()
 
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -156,6 +198,7 @@ class FakeProvider:
         if self._runner is not None:
             raise RuntimeError("FakeProvider is already started")
         app = web.Application()
+        self._started_at = time.monotonic()
         app.router.add_get(RECORDS_PATH, self._records)
         app.router.add_post("/{tail:.*}", self._handle)
         runner = web.AppRunner(
@@ -240,9 +283,17 @@ class FakeProvider:
         with self._lock:
             return len(self._request_times)
 
-    def request_times(self) -> list[float]:
+    def request_times(self, path: str | None = None) -> list[float]:
+        """Arrival times (``time.monotonic()``) of every request, or of those to one path."""
         with self._lock:
-            return list(self._request_times)
+            if path is None:
+                return list(self._request_times)
+            return [t for t, p in zip(self._request_times, self._request_paths, strict=True) if p == path]
+
+    def answers(self) -> dict[int, int]:
+        """How many requests were answered with each status (cancelled ones are not answered)."""
+        with self._lock:
+            return dict(self._answers)
 
     def duplicate_keys(self) -> dict[str, int]:
         with self._lock:
@@ -268,6 +319,8 @@ class FakeProvider:
         """Forget every record; the behaviour is kept, and its random sequence restarts from its seed."""
         with self._lock:
             self._request_times.clear()
+            self._request_paths.clear()
+            self._answers.clear()
             self._requests_by_address.clear()
             self._accepted.clear()
             self._ids.clear()
@@ -281,10 +334,11 @@ class FakeProvider:
         """Tests use this to check windowing without having to time real requests."""
         with self._lock:
             self._request_times.append(at)
+            self._request_paths.append("")
 
     # ------------------------------------------------------------------ handler
 
-    def _random_draws(self, b: Behaviour) -> tuple[float, float, float]:
+    def _random_draws(self, b: Behaviour) -> tuple[float, float, float, float]:
         # Re-seed when the behaviour is swapped or its seed edited, so each phase is reproducible.
         # All draws happen on arrival, before any await, so the sequence follows arrival order rather
         # than whichever sleeping handler happens to wake first.
@@ -293,7 +347,12 @@ class FakeProvider:
             self._rng_behaviour = b
             self._rng_seed = b.seed
         r = self._rng.random
-        return r(), r(), r()
+        return r(), r(), r(), r()
+
+    def _in_storm(self, b: Behaviour, now: float) -> bool:
+        if b.storm_every_seconds is None:
+            return True
+        return (now - self._started_at) % b.storm_every_seconds < b.storm_seconds
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -308,27 +367,43 @@ class FakeProvider:
         with self._lock:
             payload = {
                 "request_times": list(self._request_times),
+                "request_paths": list(self._request_paths),
                 "accepted": [
                     {
                         "key": a.key,
                         "address": a.address,
                         "campaign_id": a.campaign_id,
                         "recipient_id": a.recipient_id,
+                        "at": a.at,
+                        "arrived": a.arrived,
+                        "path": a.path,
+                        "message_id": a.message_id,
                     }
                     for a in self._accepted.values()
                 ],
                 "duplicates": dict(self._duplicates),
+                # JSON object keys are strings.
+                "answers": {str(status): n for status, n in self._answers.items()},
+                "cancelled": self._cancelled,
             }
         return _json_response(200, payload)
 
     async def _handle(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        with self._lock:
+            self._answers[response.status] = self._answers.get(response.status, 0) + 1
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         b = self.behaviour
         arrived = time.monotonic()
         with self._lock:
             # Arrival is recorded before anything that could fail or be cancelled: a rate limit
             # counts every request that reached the provider, whatever it was answered.
             self._request_times.append(arrived)
-            jitter_draw, transient_draw, throttle_draw = self._random_draws(b)
+            self._request_paths.append(request.path)
+            jitter_draw, transient_draw, throttle_draw, timeout_draw = self._random_draws(b)
+        in_storm = self._in_storm(b, arrived)
         headers = dict(request.headers)
         self.last_headers = headers
 
@@ -348,6 +423,8 @@ class FakeProvider:
                 self._requests_by_address[address] = seen
 
         delay = b.latency_seconds + jitter_draw * b.jitter_seconds
+        if timeout_draw < b.timeout_rate:
+            delay += b.timeout_seconds
         if delay > 0:
             await self._sleep(delay)
 
@@ -382,9 +459,9 @@ class FakeProvider:
                 await self._sleep(rule.delay_seconds)
             return _rule_response(rule)
 
-        if transient_draw < b.transient_rate:
+        if in_storm and transient_draw < b.transient_rate:
             return _error(503, "unavailable", "random transient failure")
-        if throttle_draw < b.throttle_rate:
+        if in_storm and throttle_draw < b.throttle_rate:
             return _error(429, "rate_limited", "random throttling", {"Retry-After": b.throttle_retry_after})
 
         # Lenient on the other fields, as the contract only makes 'to' and the key mandatory here;
@@ -408,6 +485,9 @@ class FakeProvider:
                 ),
                 at=time.monotonic(),
                 body=body,
+                arrived=arrived,
+                path=request.path,
+                message_id=new_id,
             )
             self._keys_by_address.setdefault(address, []).append(key)
         return _json_response(200, {"id": new_id})
@@ -427,12 +507,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--jitter", type=float, default=0.0, help="+ uniform random seconds")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--behaviour",
+        type=orjson.loads,
+        default=None,
+        help="JSON of Behaviour fields (rules as {match: Rule fields}); the flags above override it",
+    )
     args = parser.parse_args(argv)
+    behaviour = behaviour_from_dict(args.behaviour or {})
+    if args.latency:
+        behaviour.latency_seconds = args.latency
+    if args.jitter:
+        behaviour.jitter_seconds = args.jitter
+    if args.seed is not None:
+        behaviour.seed = args.seed
 
     async def serve() -> None:
-        provider = FakeProvider(
-            Behaviour(latency_seconds=args.latency, jitter_seconds=args.jitter, seed=args.seed)
-        )
+        provider = FakeProvider(behaviour)
         await provider.start(args.host, args.port)
         print(provider.url, flush=True)
         await asyncio.Event().wait()
