@@ -1,5 +1,6 @@
-"""Command line: ``campaignd run | migrate | status | demo`` and the operator commands
-``pause | resume | cancel | senders | resume-sender | doctor | healthcheck``.
+"""Command line: ``campaignd run | migrate | status | demo``, the operator commands
+``pause | resume | cancel | senders | resume-sender | doctor | healthcheck``, and
+``campaign create`` (a campaign from a CSV file).
 
 Exit codes: 0 success, 1 runtime failure (database unreachable, schema not migrated),
 2 bad configuration or usage (systemd's RestartPreventExitStatus=2 stops a crash loop).
@@ -94,7 +95,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="embedded PostgreSQL data directory (default: a new temp dir)"
     )
     _add_operator_commands(commands, common)
+    _add_campaign_commands(commands, common)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _add_campaign_commands(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    campaign = commands.add_parser(
+        "campaign", parents=[common], help="create campaigns", description="Create campaigns."
+    )
+    actions = campaign.add_subparsers(dest="campaign_command", required=True, parser_class=_Parser)
+    create = actions.add_parser(
+        "create",
+        parents=[common],
+        help="create a campaign from a JSON message and a CSV of recipients",
+        description="Create a campaign (a draft, or sending with --start) from a message file and a "
+        "recipients CSV, loaded with COPY in one transaction: on any error nothing is created. The CSV "
+        "has a header row with an 'address' column; every other column is a variable for the "
+        "message's {{placeholders}}. Bad rows are reported with their line numbers. Exit 0 created, "
+        "1 database problem or unknown sender, 2 bad input (nothing created).",
+    )
+    create.add_argument("--sender", required=True, help="the sender's id ([senders.<id>])")
+    create.add_argument(
+        "--message", required=True, type=Path, help="JSON file: the message template, a JSON object"
+    )
+    create.add_argument(
+        "--recipients", required=True, type=Path, help="CSV file: header row with 'address' + variables"
+    )
+    create.add_argument("--start", action="store_true", help="start sending at once (default: a draft)")
+    create.add_argument("--name", help="the campaign's name (default: the CSV file's name)")
+    create.add_argument(
+        "--rate", type=_positive_float, help="cap this campaign at R msgs/s, beneath the sender's rate"
+    )
+    create.add_argument(
+        "--on-bad-row",
+        choices=["skip", "reject"],
+        default="skip",
+        help="skip: load the other rows and report the bad ones (default); reject: create nothing, exit 2",
+    )
 
 
 def _add_operator_commands(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
@@ -222,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "resume-sender": _cmd_resume_sender,
         "doctor": _cmd_doctor,
         "healthcheck": _cmd_healthcheck,
+        "campaign": _cmd_campaign,
     }
     handler = handlers[args.command]
     try:
@@ -339,3 +387,20 @@ async def _cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
         print(f"campaignd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return await cmd_healthcheck(url)
+
+
+async def _cmd_campaign(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.bulkload import CreateOptions, cmd_campaign_create
+
+    return await cmd_campaign_create(
+        settings,
+        CreateOptions(
+            sender_id=args.sender,
+            message_file=args.message,
+            recipients_file=args.recipients,
+            start=args.start,
+            name=args.name,
+            rate_per_second=args.rate,
+            on_bad_row=args.on_bad_row,
+        ),
+    )
