@@ -445,10 +445,19 @@ def env_file_assignments(text: str) -> dict[str, str]:
 
 
 def secret_references(config: dict[str, Any]) -> set[str]:
+    # Header values of http senders, and the token fields of the other providers.
+    candidates = [
+        value
+        for sender in config.get("senders", {}).values()
+        for value in [
+            *sender.get("headers", {}).values(),
+            sender.get("access_token"),
+            sender.get("auth_token"),
+        ]
+    ]
     return {
         value[len(SECRET_REFERENCE_PREFIX) :]
-        for sender in config.get("senders", {}).values()
-        for value in sender.get("headers", {}).values()
+        for value in candidates
         if isinstance(value, str) and value.startswith(SECRET_REFERENCE_PREFIX)
     }
 

@@ -26,6 +26,7 @@ import structlog
 
 from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
+from campaignd.breaker import FailureBreaker
 from campaignd.config import AnySenderConfig, DispatchConfig
 from campaignd.db import Backoff, is_transient_db_error, note_unavailable
 from campaignd.leasing import LaneLease, report_in_doubt
@@ -50,6 +51,8 @@ log = structlog.get_logger("campaignd.dispatch")
 # takes effect quickly and few claims are in doubt after a crash.
 CLAIM_HORIZON_SECONDS = 2.0
 PROGRESS_LOG_SECONDS = 10.0
+# Pre-flight renders the message for this many of a campaign's first recipients.
+PREFLIGHT_SAMPLE = 20
 
 
 class Shutdown:
@@ -87,9 +90,21 @@ class CampaignRun:
     campaign_id: str
     template: Template
     cap: CampaignCap | None
+    breaker: FailureBreaker
     cursor: int = 0
     outstanding: int = 0
     active: bool = True
+    # Why this lane is pausing the campaign (provider verdict or circuit breaker), until the
+    # pause is written.
+    pause_reason: str | None = None
+    pause_written: bool = False
+
+    def revive(self, fresh: CampaignRun) -> None:
+        """Resumed while claims from before its pause are still settling: those flights
+        count against this run, so it is revived rather than replaced (with the message as it
+        is now: a host may have edited it while paused)."""
+        self.template, self.cap, self.breaker = fresh.template, fresh.cap, fresh.breaker
+        self.cursor, self.active, self.pause_reason, self.pause_written = 0, True, None, False
 
     def claim_room(self) -> int | None:
         """A capped campaign claims no more than it can send soon, so that its claims, waiting
@@ -219,6 +234,7 @@ class Lane:
                 await self._wait(self._config.poll_seconds)
                 continue
             try:
+                await self._write_campaign_pauses()
                 runs = await self._refresh_campaigns()
                 if not runs and self._outstanding == 0 and not self._buffer:
                     self._log.info("lane_idle")
@@ -272,7 +288,7 @@ class Lane:
                     del self._runs[campaign_id]
         for campaign_id, row in sending.items():
             known = self._runs.get(campaign_id)
-            if known is not None and known.active:
+            if known is not None and (known.active or (known.pause_reason and not known.pause_written)):
                 continue
             started = await self._start_campaign(campaign_id, row)
             if started is None:
@@ -280,10 +296,7 @@ class Lane:
             if known is None:
                 self._runs[campaign_id] = started
             else:
-                # Resumed while claims from before its pause are still settling: those
-                # flights count against this run, so it is revived rather than replaced
-                # (with the message as it is now: a host may have edited it while paused).
-                known.template, known.cap, known.cursor, known.active = started.template, started.cap, 0, True
+                known.revive(started)
         return [run for run in self._runs.values() if run.active]
 
     async def _start_campaign(self, campaign_id: str, row: asyncpg.Record) -> CampaignRun | None:
@@ -309,6 +322,16 @@ class Lane:
                     await connection.execute(
                         QUERIES["prepare_skip_missing_variables"], campaign_id, sorted(template.variables)
                     )
+                sample = await connection.fetch(QUERIES["preflight_sample"], campaign_id, PREFLIGHT_SAMPLE)
+                problem = preflight(self._provider, template, sample)
+                if problem is not None:
+                    # In the preparing transaction, so the campaign never counts as prepared:
+                    # nothing is sent.
+                    await connection.fetchval(
+                        QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"pre-flight: {problem}"
+                    )
+                    bound.warning("campaign_failed", reason=f"pre-flight: {problem}")
+                    return None
                 prepared = await connection.fetchrow(QUERIES["prepare_finish"], campaign_id)
             if prepared is None:
                 return None
@@ -322,7 +345,13 @@ class Lane:
                 to_send=prepared["open"],
             )
         cap = CampaignCap(row["rate_per_second"]) if row["rate_per_second"] else None
-        return CampaignRun(campaign_id, template, cap)
+        breaker = FailureBreaker(
+            self._provider.name,
+            consecutive=self._sender.breaker_consecutive_failures,
+            window=self._sender.breaker_window,
+            ratio=self._sender.breaker_failure_ratio,
+        )
+        return CampaignRun(campaign_id, template, cap, breaker)
 
     async def _claim_round(self, runs: list[CampaignRun]) -> int:
         claimed_total = 0
@@ -382,6 +411,25 @@ class Lane:
                 failed=row["failed_count"],
                 skipped=row["skipped_count"],
             )
+
+    def _pause_campaign(self, run: CampaignRun, reason: str) -> None:
+        """Stop claiming and sending for this campaign now; the feed loop writes the pause."""
+        if run.pause_reason is not None or not run.active:
+            return
+        run.pause_reason = reason
+        run.active = False
+        self._wake.set()
+
+    async def _write_campaign_pauses(self) -> None:
+        pausing = [run for run in self._runs.values() if run.pause_reason and not run.pause_written]
+        for run in pausing:
+            async with self._pool.acquire() as connection:
+                paused = await connection.fetchval(
+                    QUERIES["pause_campaign"], *self.lease.token, run.campaign_id, run.pause_reason
+                )
+            run.pause_written = True
+            if paused:
+                self._log.error("campaign_paused", campaign_id=run.campaign_id, reason=run.pause_reason)
 
     async def _pause_sender(self) -> None:
         reason = self._pause_reason
@@ -506,6 +554,13 @@ class Lane:
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
             self._pause_reason = f"provider rejected the sender: {result.error_code}: {result.error_message}"
             self._wake.set()
+        elif result.kind is ResultKind.CAMPAIGN_FATAL:
+            self._pause_campaign(
+                flight.run, f"provider rejected the campaign: {result.error_code}: {result.error_message}"
+            )
+        tripped = flight.run.breaker.record(result)
+        if tripped is not None:
+            self._pause_campaign(flight.run, f"circuit breaker: {tripped}")
         self._record(update)
 
     def _record(self, update: RecipientUpdate) -> None:
@@ -678,3 +733,16 @@ class Lane:
                     return None
                 await backoff.wait_after(exc, self._log, what)
         return None
+
+
+def preflight(provider: Provider, template: Template, sample: Iterable[asyncpg.Record]) -> str | None:
+    """Why the campaign cannot be valid for its provider, judged on its first recipients'
+    messages (recipients that will be skipped anyway do not count), or None."""
+    messages = []
+    for row in sample:
+        try:
+            provider.normalize_address(row["address"] or "")
+            messages.append(template.render(row["variables"]))
+        except (InvalidAddress, RenderError):
+            continue
+    return provider.check_messages(messages) if messages else None

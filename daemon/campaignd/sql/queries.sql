@@ -245,6 +245,28 @@ SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = no
 WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
 RETURNING id;
 
+-- name: pause_campaign
+-- The provider rejected the campaign's message, or its failures tripped the circuit breaker.
+-- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+)
+UPDATE campaignd.campaigns
+SET status = 'paused', status_reason = $5, updated_at = now()
+WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
+RETURNING id;
+
+-- name: preflight_sample
+-- The first recipients to be sent, for the pre-flight check (matches recipients_fresh).
+-- $1 campaign id, $2 how many
+SELECT address, variables
+FROM campaignd.recipients
+WHERE campaign_id = $1 AND state = 'pending' AND next_attempt_at IS NULL
+ORDER BY id
+LIMIT $2;
+
 -- name: claim_recipients
 -- Due retries first, then fresh recipients after the keyset cursor. The claim commits
 -- before any send starts, so a crash leaves the recipient visibly in_flight (in doubt),

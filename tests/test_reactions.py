@@ -1,0 +1,115 @@
+"""How a running daemon reacts to a provider's verdicts: at the scope the error names.
+
+Real ``campaignd run`` processes, a real PostgreSQL, the fake generic provider.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from campaignd.fakeprovider import FakeProvider, Rule
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_status,
+)
+
+BAD = "+1999"
+NO_SUCH_NUMBER = Rule(400, {"error": {"code": "invalid_number", "message": "no such number"}})
+
+
+def _recipients(prefix: str, count: int) -> list[tuple[str | None, dict[str, Any]]]:
+    return [(f"{prefix}{i:07d}", {"name": f"n{i}"}) for i in range(count)]
+
+
+def _requests_for(fake: FakeProvider, prefix: str) -> int:
+    return sum(fake.requests_by_address(f"{prefix}{i:07d}") for i in range(1000))
+
+
+async def test_breaker_pauses_a_campaign_failing_with_one_code_and_spares_the_others(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.fail_prefix_rules[BAD] = NO_SUCH_NUMBER
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
+    doomed = await create_campaign(conn, "sms", _recipients(BAD, 1000), name="doomed")
+    healthy = await create_campaign(conn, "sms", _recipients("+1555", 300), name="healthy")
+    daemon = daemons(config)
+
+    paused = await wait_status(conn, doomed, "paused", timeout=60)
+    await wait_status(conn, healthy, "completed", timeout=60)
+
+    assert paused["status_reason"] == (
+        "circuit breaker: 20 consecutive failures with http error invalid_number (HTTP 400: no such number)"
+    )
+    # It paused within the first few dozen failures, not after a thousand.
+    assert _requests_for(fake, BAD) < 100
+    counts = await state_counts(conn, doomed)
+    assert counts.get("in_flight", 0) == 0
+    assert counts["pending"] > 900, "unsent recipients wait for a resume, their attempts intact"
+    unspent = await conn.fetchval(
+        "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'pending'"
+        " AND attempts = 0",
+        doomed,
+    )
+    assert unspent == counts["pending"]
+    await assert_counters_match(conn, doomed)
+    assert (await campaign(conn, healthy))["sent_count"] == 300
+
+    # Resumed unchanged, it trips again on the next streak: the breaker starts afresh.
+    before = _requests_for(fake, BAD)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending', status_reason = NULL WHERE id = $1", doomed
+    )
+    again = await wait_status(conn, doomed, "paused", timeout=60)
+    assert again["status_reason"].startswith("circuit breaker: 20 consecutive failures")
+    assert 20 <= _requests_for(fake, BAD) - before < 100
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_breaker_can_be_disabled_then_every_recipient_fails_on_its_own(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.fail_prefix_rules[BAD] = NO_SUCH_NUMBER
+    sender = {"url": fake.url, "breaker_consecutive_failures": 0, "breaker_window": 0}
+    config = daemon_config(tmp_path, database_url, {"sms": sender})
+    doomed = await create_campaign(conn, "sms", _recipients(BAD, 200))
+    daemon = daemons(config)
+
+    row = await wait_status(conn, doomed, "completed", timeout=60)
+
+    assert row["failed_count"] == 200
+    await assert_counters_match(conn, doomed)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_breaker_ratio_rule_pauses_when_most_sends_fail_with_one_code(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # One success in every ten breaks every streak; the ratio rule still sees 90% failing.
+    recipients = [
+        (f"+1555{i:07d}" if i % 10 == 9 else f"{BAD}{i:07d}", {"name": f"n{i}"}) for i in range(1000)
+    ]
+    fake.behaviour.fail_prefix_rules[BAD] = NO_SUCH_NUMBER
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}}, concurrency=4
+    )
+    doomed = await create_campaign(conn, "sms", recipients)
+    daemon = daemons(config)
+
+    paused = await wait_status(conn, doomed, "paused", timeout=60)
+
+    assert paused["status_reason"].startswith("circuit breaker: ")
+    assert "of the last 100 sends failed with http error invalid_number" in paused["status_reason"]
+    assert fake.request_count() < 300
+    await assert_counters_match(conn, doomed)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
