@@ -4,10 +4,13 @@
 -- The trigger's NOTIFY is only delivered at commit, so a daemon never sees a campaign
 -- whose recipients are still being loaded.
 
--- name: bulk_no_statement_timeout
--- The COPY is one statement that lasts as long as the file takes to read; the session's
--- statement_timeout guards the daemon's short statements, not this one.
-SET LOCAL statement_timeout = 0;
+-- name: bulk_session
+-- For this transaction only. statement_timeout: the COPY is one statement that lasts as long
+-- as the file takes to read; the session's timeout guards the daemon's short statements.
+-- plan_cache_mode: campaignd's sessions force custom plans (see db.session_settings), which
+-- makes PostgreSQL plan the foreign-key check of campaign_id again for every row COPY
+-- inserts: measured 40 instead of 13 us of server CPU per row, 3x the whole load.
+SELECT set_config('statement_timeout', '0', true), set_config('plan_cache_mode', 'auto', true);
 
 -- name: bulk_sender
 -- $1 sender id
