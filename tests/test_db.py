@@ -24,3 +24,18 @@ async def test_sessions_have_timeouts_and_plan_per_execution(conn: asyncpg.Conne
         "plan_cache_mode": "force_custom_plan",
         "application_name": "campaignd",
     }
+
+
+async def test_a_connection_left_mid_operation_by_a_vanishing_server_is_retried_not_fatal() -> None:
+    import structlog
+
+    from campaignd.db import Backoff, is_transient_db_error
+
+    # What asyncpg raised in the chaos suite when a daemon thawed from SIGSTOP as the server
+    # shut down; raised, it ended the lane manager and the daemon with exit code 1.
+    error = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+
+    assert is_transient_db_error(error)
+    await Backoff(first=0.01).wait_after(error, structlog.get_logger("test"), "acquire_lanes")

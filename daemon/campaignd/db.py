@@ -38,6 +38,11 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
+    # A pooled connection the server dropped while asyncpg was still consuming its error
+    # ("cannot switch to state 12; another operation (2) is in progress"), seen when a daemon
+    # thawed from SIGSTOP just as the server shut down. The pool terminates such a connection
+    # on release, so a retry gets a new one; raising it killed the daemon mid-outage.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
