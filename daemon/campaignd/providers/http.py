@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
-import aiohttp
 import orjson
 
 from campaignd.config import HttpSenderConfig
 from campaignd.outcomes import ResultKind, SendResult, parse_retry_after
+from campaignd.providers.answers import parse_json, text_id
 from campaignd.providers.base import Delivery, InvalidAddress
-from campaignd.redact import Redactor
+from campaignd.providers.transport import HttpTransport
 
 MAX_ADDRESS_LENGTH = 320
-MAX_BODY_READ = 64 * 1024
 
 
 def classify_http_response(status: int, body: bytes, headers: Mapping[str, str]) -> SendResult:
     """Map one HTTP answer of the generic provider to a result (pure; see README "Providers")."""
-    payload: Any = None
-    if body:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
+    payload = parse_json(body)
     if 200 <= status < 300:
-        message_id = payload.get("id") if isinstance(payload, dict) else None
-        if isinstance(message_id, (str, int)) and not isinstance(message_id, bool) and str(message_id):
-            return SendResult(ResultKind.SENT, provider_message_id=str(message_id)[:200])
+        message_id = text_id(payload.get("id")) if isinstance(payload, dict) else None
+        if message_id is not None:
+            return SendResult(ResultKind.SENT, provider_message_id=message_id)
         # A 2xx we cannot read, or without an id, proves nothing: retry it. The resend carries
         # the same Idempotency-Key, so a provider that did accept it will not deliver twice.
         if payload is None:
@@ -75,19 +67,6 @@ def _error_fields(payload: Any, status: int) -> tuple[str, str]:
     return code, message
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body up to ``limit`` bytes, however many chunks it arrives in."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await response.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 def normalize_generic_address(address: str) -> str:
     cleaned = address.strip()
     if not cleaned:
@@ -109,24 +88,15 @@ class HttpProvider:
         self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
         # Every configured header may carry a credential, and a provider may echo back the
         # bare token without its "Bearer " prefix: both the value and its words are secrets.
-        self._redact = Redactor(
-            [*self._headers.values(), *(word for value in self._headers.values() for word in value.split())]
+        self._transport = HttpTransport(
+            timeout_seconds=config.timeout_seconds,
+            connection_limit=connection_limit,
+            secrets=[
+                *self._headers.values(),
+                *(word for value in self._headers.values() for word in value.split()),
+            ],
         )
         self._headers.setdefault("Content-Type", "application/json")
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
-        self._connection_limit = connection_limit
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # One session and connection pool per sender, sized to the process's concurrency,
-            # reused for every message.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connection_limit, ttl_dns_cache=300),
-                timeout=self._timeout,
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            )
-        return self._session
 
     def normalize_address(self, address: str) -> str:
         return normalize_generic_address(address)
@@ -145,34 +115,9 @@ class HttpProvider:
             }
         )
         headers = {**self._headers, "Idempotency-Key": delivery.idempotency_key}
-        try:
-            async with self._client().post(
-                self._url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                answer = await _read_bounded(response, MAX_BODY_READ)
-                return self._redacted(classify_http_response(response.status, answer, response.headers))
-        except TimeoutError:
-            return SendResult(
-                ResultKind.TRANSIENT, error_code="timeout", error_message="provider did not answer in time"
-            )
-        except aiohttp.ClientError as exc:
-            return SendResult(
-                ResultKind.TRANSIENT,
-                error_code="connection_error",
-                error_message=self._redact(f"{type(exc).__name__}: {exc}"),
-            )
-
-    def _redacted(self, result: SendResult) -> SendResult:
-        """The provider's own words may echo a credential back; they reach the database."""
-        return replace(
-            result,
-            error_code=None if result.error_code is None else self._redact(result.error_code),
-            error_message=None if result.error_message is None else self._redact(result.error_message),
+        return await self._transport.post(
+            self._url, data=body, headers=headers, classify=classify_http_response
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            # Give the connector's transports a turn to close cleanly.
-            await asyncio.sleep(0)
-            self._session = None
+        await self._transport.close()

@@ -1,0 +1,114 @@
+"""What every HTTP provider adapter shares: the connection pool, one exchange, and redaction.
+
+An adapter builds its request and owns a pure classifier ``(status, body, headers) -> SendResult``;
+:class:`HttpTransport` posts, reads a bounded body, turns timeouts and connection errors into
+results, and removes secrets from every text that leaves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+
+import aiohttp
+
+from campaignd.outcomes import ResultKind, SendResult
+from campaignd.redact import REDACTED, Redactor
+
+# An error body worth reading is a few hundred bytes; a provider (or a proxy in front of it)
+# answering megabytes must not cost memory per message.
+MAX_BODY_READ = 64 * 1024
+
+Classifier = Callable[[int, bytes, Mapping[str, str]], SendResult]
+
+# Meta's tokens travel as ``access_token=`` parameters and start with "EAA"; a provider may
+# quote a token that is not exactly the configured one (truncated, or an older one), which
+# value-based redaction would miss.
+_ACCESS_TOKEN_PARAMETER = re.compile(r"(?i)(access_token[\"']?\s*[=:]\s*[\"']?)[^\s&\"',;]+")
+_META_TOKEN = re.compile(r"\bEAA[A-Za-z0-9]{20,}")
+
+
+class HttpTransport:
+    """One aiohttp session and connection pool per sender, reused for every message."""
+
+    def __init__(self, *, timeout_seconds: float, connection_limit: int, secrets: Iterable[str]) -> None:
+        self._redactor = Redactor(secrets)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._connection_limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def redact(self, text: str) -> str:
+        text = _ACCESS_TOKEN_PARAMETER.sub(rf"\1{REDACTED}", self._redactor(text))
+        return _META_TOKEN.sub(REDACTED, text)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # Sized to the process's concurrency, so sends never queue for a connection
+            # behind the sender's own limiter; DNS cached, as every request goes to one host.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connection_limit, ttl_dns_cache=300),
+                timeout=self._timeout,
+            )
+        return self._session
+
+    async def post(
+        self, url: str, *, data: bytes, headers: Mapping[str, str], classify: Classifier
+    ) -> SendResult:
+        """POST once and classify the answer; never raises for network or provider faults."""
+        try:
+            # Redirects are not followed: a provider URL that moved is a fault to report, not
+            # a place to send credentials to.
+            async with self._client().post(
+                url, data=data, headers=headers, allow_redirects=False
+            ) as response:
+                body = await _read_bounded(response, MAX_BODY_READ)
+                return self._redacted(classify(response.status, body, response.headers))
+        except TimeoutError:
+            return SendResult(
+                ResultKind.TRANSIENT, error_code="timeout", error_message="provider did not answer in time"
+            )
+        except aiohttp.ClientError as exc:
+            return SendResult(
+                ResultKind.TRANSIENT,
+                error_code="connection_error",
+                error_message=self.redact(f"{type(exc).__name__}: {exc}"),
+            )
+
+    def _redacted(self, result: SendResult) -> SendResult:
+        """The provider's own words may echo a credential back; they reach the database."""
+        return replace(
+            result,
+            error_code=None if result.error_code is None else self.redact(result.error_code),
+            error_message=None if result.error_message is None else self.redact(result.error_message),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+            # Give the connector's transports a turn to close cleanly.
+            await asyncio.sleep(0)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to ``limit`` bytes, however many chunks it arrives in.
+
+    Once the status line has arrived, a body cut short (the connection dropped, the timeout
+    ran out) still yields what was read: the status alone may already tell that the provider
+    accepted the message, and for providers without an idempotency key that must never turn
+    into a resend.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = await response.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    return b"".join(chunks)
