@@ -193,6 +193,8 @@ async def test_timeout_is_transient(fake: FakeTwilio, make_provider: MakeProvide
     result = await make_provider(timeout_seconds=0.2).send(_delivery())
 
     assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "timeout")
+    # The request left: the provider may have delivered it, so it is not blindly retried.
+    assert result.maybe_delivered
 
 
 @pytest.mark.parametrize(

@@ -328,6 +328,8 @@ async def test_timeout_is_transient(fake: FakeWhatsApp, make_provider: MakeProvi
     result = await make_provider(timeout_seconds=0.2).send(_delivery())
 
     assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "timeout")
+    # The request left: the provider may have delivered it, so it is not blindly retried.
+    assert result.maybe_delivered
 
 
 async def test_closed_port_is_transient_connection_error(make_provider: MakeProvider) -> None:
@@ -338,6 +340,8 @@ async def test_closed_port_is_transient_connection_error(make_provider: MakeProv
     result = await make_provider(f"http://127.0.0.1:{port}/v21.0").send(_delivery())
 
     assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "connection_error")
+    # Nothing was ever sent on a connection that was never made: safe to retry.
+    assert not result.maybe_delivered
 
 
 # ----------------------------------------------------------------- secrets

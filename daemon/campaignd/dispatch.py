@@ -534,15 +534,20 @@ class Lane:
         if result is None:
             self._record(released(flight.claim.recipient_id))
             return
-        update = decide(
-            flight.claim.recipient_id,
-            result,
-            attempts=flight.claim.attempts,
-            max_attempts=self._config.max_attempts,
-            backoff_base=self._config.backoff_base_seconds,
-            backoff_max=self._config.backoff_max_seconds,
-            rng=self._rng,
-        )
+        if result.maybe_delivered and not self._provider.resend_in_doubt:
+            # A provider without idempotency keys may have delivered it: retrying could
+            # deliver it twice, which this sender's config forbids.
+            update = in_doubt(flight.claim.recipient_id, resend=False)
+        else:
+            update = decide(
+                flight.claim.recipient_id,
+                result,
+                attempts=flight.claim.attempts,
+                max_attempts=self._config.max_attempts,
+                backoff_base=self._config.backoff_base_seconds,
+                backoff_max=self._config.backoff_max_seconds,
+                rng=self._rng,
+            )
         if result.kind is ResultKind.THROTTLED:
             self._limiter.throttled(result.retry_after_seconds)
             self._log.info(
@@ -699,6 +704,11 @@ class Lane:
             try:
                 async with self._pool.acquire() as connection:
                     renewal = await leasing.renew(connection, self.lease, campaign_ids)
+                    if not renewal.held:
+                        # Said before the connection goes back to the pool: the feed loop
+                        # sees the lost lease at that await and may cancel this task there.
+                        self._log.warning("lane_taken_over")
+                        self._wake.set()
             except Exception as exc:
                 if not is_transient_db_error(exc):
                     raise
@@ -709,8 +719,6 @@ class Lane:
                 continue
             interval = self.lease.renew_interval
             if not renewal.held:
-                self._log.warning("lane_taken_over")
-                self._wake.set()
                 return
             if renewal.paused_reason is not None and self._pause_reason is None:
                 # Paused from outside (operator or host): stop like a provider rejection.

@@ -42,6 +42,9 @@ class SendResult:
     error_code: str | None = None
     error_message: str | None = None
     retry_after_seconds: float | None = None
+    # The request left but no answer came back (timeout, connection lost mid-request): the
+    # provider may have delivered it. Only a provider that deduplicates may be sent it again.
+    maybe_delivered: bool = False
 
 
 class RecipientState(enum.StrEnum):

@@ -67,13 +67,19 @@ class HttpTransport:
                 return self._redacted(classify(response.status, body, response.headers))
         except TimeoutError:
             return SendResult(
-                ResultKind.TRANSIENT, error_code="timeout", error_message="provider did not answer in time"
+                ResultKind.TRANSIENT,
+                error_code="timeout",
+                error_message="provider did not answer in time",
+                maybe_delivered=True,
             )
         except aiohttp.ClientError as exc:
             return SendResult(
                 ResultKind.TRANSIENT,
                 error_code="connection_error",
                 error_message=self.redact(f"{type(exc).__name__}: {exc}"),
+                # A connection that was never made (refused, DNS) carried nothing; one that
+                # dropped mid-request may have delivered it.
+                maybe_delivered=not isinstance(exc, aiohttp.ClientConnectorError),
             )
 
     def _redacted(self, result: SendResult) -> SendResult:

@@ -1,0 +1,294 @@
+"""A running daemon against local fakes of the real provider APIs: each error class gets the
+reaction at its scope (README "Providers").
+
+Real ``campaignd run`` processes, a real PostgreSQL; the fakes answer with the providers' own
+error envelopes.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
+from tests.provider_fakes import FakeTwilio, FakeWhatsApp, meta_error
+
+TOKEN = "EAAtest-whatsapp-token-0123456789"
+TWILIO_SID = "AC" + "1" * 32
+TWILIO_TOKEN = "twilio-auth-token-0123456789"
+TEMPLATE = {
+    "type": "template",
+    "template": {
+        "name": "spring_sale",
+        "language": {"code": "en_US"},
+        "components": [{"type": "body", "parameters": [{"type": "text", "text": "{{name}}"}]}],
+    },
+}
+
+
+@pytest.fixture
+def whatsapp() -> Iterator[FakeWhatsApp]:
+    fake = FakeWhatsApp(token=TOKEN)
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+@pytest.fixture
+def twilio() -> Iterator[FakeTwilio]:
+    fake = FakeTwilio(account_sid=TWILIO_SID, auth_token=TWILIO_TOKEN)
+    fake.start_in_thread()
+    yield fake
+    fake.stop_thread()
+
+
+def _whatsapp_config(tmp_path: Path, database_url: str, fake: FakeWhatsApp, **sender: Any) -> Path:
+    values = {
+        "provider": "whatsapp",
+        "phone_number_id": fake.phone_number_id,
+        "access_token": "env:TEST_WHATSAPP_TOKEN",
+        "api_base": fake.url,
+        "rate_per_second": 300.0,
+        **sender,
+    }
+    return daemon_config(tmp_path, database_url, {"wa": values})
+
+
+ENV = {"TEST_WHATSAPP_TOKEN": TOKEN}
+
+
+def _numbers(prefix: str, count: int) -> list[tuple[str | None, dict[str, Any]]]:
+    return [(f"+{prefix}{i:06d}", {"name": f"n{i}"}) for i in range(count)]
+
+
+def _sent_to(fake: FakeWhatsApp | FakeTwilio, prefix: str) -> int:
+    return sum(1 for request in fake.requests if (request.address or "").lstrip("+").startswith(prefix))
+
+
+async def test_whatsapp_campaign_is_sent_with_its_template_and_callback_key(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    recipients = [
+        *_numbers("1555", 50),
+        ("not a number", {"name": "x"}),
+        ("+1 (555) 999-0000", {"name": "y"}),
+    ]
+    campaign_id = await create_campaign(conn, "wa", recipients, message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert (row["sent_count"], row["skipped_count"]) == (51, 1)
+    skipped = await conn.fetchrow(
+        "SELECT address, error_code FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'skipped'",
+        campaign_id,
+    )
+    assert (skipped["address"], skipped["error_code"]) == ("not a number", "invalid_address")
+    first = next(r for r in whatsapp.requests if r.address == "1555000000")
+    assert first.json["template"]["components"][0]["parameters"][0]["text"] == "n0"
+    recipient_id = await conn.fetchval(
+        "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 AND address = '+1555000000'", campaign_id
+    )
+    assert first.json["biz_opaque_callback_data"] == f"{campaign_id}:{recipient_id}"
+    wamids = await conn.fetch(
+        "SELECT provider_message_id FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'sent'",
+        campaign_id,
+    )
+    assert {r["provider_message_id"] for r in wamids} == {sent.message_id for sent in whatsapp.sent}
+    assert TOKEN not in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_expired_token_pauses_the_sender_and_all_its_campaigns(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    whatsapp.default = meta_error(
+        190, "Error validating access token: Session has expired", subcode=463, status=401
+    )
+    first = await create_campaign(conn, "wa", _numbers("1555", 300), message=TEMPLATE, name="a")
+    second = await create_campaign(conn, "wa", _numbers("1666", 300), message=TEMPLATE, name="b")
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    for campaign_id in (first, second):
+        row = await wait_status(conn, campaign_id, "paused", timeout=60)
+        assert "190" in row["status_reason"] or "463" in row["status_reason"]
+        assert "Session has expired" in row["status_reason"]
+    paused_reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'wa'")
+    assert "Session has expired" in paused_reason
+    # Stopped at once: nothing near the 600 recipients was tried, and nothing more goes out.
+    tried = len(whatsapp.requests)
+    assert tried < 100
+
+    async def claims_given_back() -> bool:
+        counts = [await state_counts(conn, campaign_id) for campaign_id in (first, second)]
+        return all(c.get("in_flight", 0) == 0 for c in counts)
+
+    await wait_for(claims_given_back, timeout=30, what="the paused lane's claims to go back")
+    for campaign_id in (first, second):
+        counts = await state_counts(conn, campaign_id)
+        assert counts.get("failed", 0) == 0, "the recipients were not at fault"
+        await assert_counters_match(conn, campaign_id)
+    assert TOKEN not in paused_reason and TOKEN not in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert len(whatsapp.requests) == tried
+
+
+async def test_template_rejection_pauses_only_that_campaign(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    for address, _ in _numbers("1777", 200):
+        whatsapp.fail(
+            address.lstrip("+"),
+            meta_error(132001, "Template name does not exist in the translation", details="spring_sale"),
+        )
+    doomed = await create_campaign(conn, "wa", _numbers("1777", 200), message=TEMPLATE, name="doomed")
+    healthy = await create_campaign(conn, "wa", _numbers("1555", 200), message=TEMPLATE, name="healthy")
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    paused = await wait_status(conn, doomed, "paused", timeout=60)
+    await wait_status(conn, healthy, "completed", timeout=60)
+
+    assert paused["status_reason"].startswith("provider rejected the campaign: 132001")
+    assert "Template name does not exist" in paused["status_reason"]
+    assert _sent_to(whatsapp, "1777") < 100
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'wa'") is None
+
+    async def claims_given_back() -> bool:
+        return (await state_counts(conn, doomed)).get("in_flight", 0) == 0
+
+    await wait_for(claims_given_back, timeout=30, what="the paused campaign's claims to go back")
+    counts = await state_counts(conn, doomed)
+    assert counts.get("failed", 0) == 0, "the recipients were not at fault"
+    await assert_counters_match(conn, doomed)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_generic_error_135000_trips_the_breaker_within_a_few_dozen(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    # The seeds' incident: 2,093 messages failed one by one with #135000.
+    whatsapp.default = meta_error(135000, "Generic user error", status=400)
+    campaign_id = await create_campaign(conn, "wa", _numbers("1555", 2093), message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "paused", timeout=60)
+
+    assert row["status_reason"] == (
+        "circuit breaker: 20 consecutive failures with whatsapp error 135000 (Generic user error)"
+    )
+    assert len(whatsapp.requests) < 100
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_pair_rate_limit_delays_only_that_recipient(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    whatsapp.fail(
+        "1555000007",
+        meta_error(131056, "(Business Account, Consumer Account) pair rate limit hit"),
+        times=1,
+    )
+    campaign_id = await create_campaign(conn, "wa", _numbers("1555", 100), message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    async def others_sent() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] == 99
+
+    await wait_for(others_sent, timeout=60, what="the 99 others sent")
+    delayed = await conn.fetchrow(
+        "SELECT state, attempts, error_code, next_attempt_at - now() AS wait"
+        " FROM campaignd.recipients WHERE campaign_id = $1 AND address = '+1555000007'",
+        campaign_id,
+    )
+    assert (delayed["state"], delayed["error_code"]) == ("pending", "131056")
+    assert delayed["wait"].total_seconds() > 60, "it waits for the pair rate to recover"
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'wa'") is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_throttling_retries_the_recipient_without_spending_an_attempt(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    whatsapp.fail_next(5, meta_error(130429, "Rate limit hit", status=429, headers={"Retry-After": "1"}))
+    campaign_id = await create_campaign(conn, "wa", _numbers("1555", 100), message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert row["sent_count"] == 100
+    assert len(whatsapp.requests) == 105, "five throttled requests, each retried once"
+    attempts = await conn.fetch(
+        "SELECT attempts FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    assert {r["attempts"] for r in attempts} == {1}, "a throttled try spends no attempt"
+    assert "sender_throttled" in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_preflight_fails_a_template_without_language_before_any_send(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    message = {"type": "template", "template": {"name": "spring_sale"}}
+    campaign_id = await create_campaign(conn, "wa", _numbers("1555", 50), message=message)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+
+    assert row["status_reason"].startswith("pre-flight: ")
+    assert "language" in row["status_reason"]
+    assert whatsapp.requests == []
+    assert (await state_counts(conn, campaign_id)) == {"pending": 50}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_twilio_timeout_is_in_doubt_not_resent_by_default(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, twilio: FakeTwilio, daemons: Any
+) -> None:
+    # Twilio takes no idempotency key: a request that timed out may have been delivered, so
+    # it ends failed as in_doubt rather than risk a second SMS.
+    twilio.latency_seconds = 3.0
+    sender = {
+        "provider": "twilio",
+        "account_sid": TWILIO_SID,
+        "auth_token": "env:TEST_TWILIO_TOKEN",
+        "from_number": "+15017122661",
+        "api_base": twilio.url,
+        "timeout_seconds": 0.5,
+    }
+    config = daemon_config(tmp_path, database_url, {"tw": sender})
+    campaign_id = await create_campaign(conn, "tw", _numbers("1555", 5), message={"body": "Hi {{name}}"})
+    daemon = daemons(config, env={"TEST_TWILIO_TOKEN": TWILIO_TOKEN})
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert row["failed_count"] == 5
+    codes = await conn.fetch(
+        "SELECT error_code, attempts FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    assert {(r["error_code"], r["attempts"]) for r in codes} == {("in_doubt", 1)}
+    assert len(twilio.requests) == 5, "each was requested once"
+    assert TWILIO_TOKEN not in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
