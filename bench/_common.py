@@ -604,3 +604,16 @@ async def wait_daemon_listening(connection: asyncpg.Connection, daemon: Daemon, 
 
 def new_workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+@contextmanager
+def bench_workdir(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A temporary folder for one run (configs, logs, data), removed afterwards unless kept."""
+    path = new_workdir(prefix)
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"work files kept in {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ import orjson
 
 from _common import (
     PostgresCpu,
+    bench_workdir,
     clone_database,
     create_template,
     drop_database,
     embedded_postgres,
-    new_workdir,
     quiet_moment,
     refresh_settings,
     register_sender,
@@ -172,14 +171,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.rows < 1 or args.rounds < 1:
         parser.error("--rows and --rounds must be at least 1")
-    workdir = new_workdir("campaignd-bench-bulk-")
-    try:
+    with bench_workdir("campaignd-bench-bulk-", keep=args.keep_workdir) as workdir:
         return asyncio.run(main_async(args, workdir))
-    finally:
-        if args.keep_workdir:
-            print(f"work files kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -39,11 +38,11 @@ from typing import Any
 
 from _common import (
     Daemon,
+    bench_workdir,
     clone_database,
     create_campaign,
     create_template,
     embedded_postgres,
-    new_workdir,
     refresh_settings,
     stop_process,
     wait_daemon_listening,
@@ -210,14 +209,8 @@ def main() -> int:
     )
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and daemon logs")
     args = parser.parse_args()
-    workdir = new_workdir("campaignd-bench-rate-")
-    try:
+    with bench_workdir("campaignd-bench-rate-", keep=args.keep_workdir) as workdir:
         return asyncio.run(main_async(args, workdir))
-    finally:
-        if args.keep_workdir:
-            print(f"work files kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

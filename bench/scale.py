@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -40,12 +39,12 @@ from _common import (
     Daemon,
     Postgres,
     Sink,
+    bench_workdir,
     clone_database,
     create_campaign,
     create_template,
     drop_database,
     embedded_postgres,
-    new_workdir,
     quiet_moment,
     refresh_settings,
     register_sender,
@@ -259,15 +258,12 @@ def main() -> int:
     parser.add_argument("--sink", choices=["auto", "nginx", "aiohttp"], default="auto")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and daemon logs")
     args = parser.parse_args()
-    workdir = new_workdir("campaignd-bench-scale-")
-    try:
-        with embedded_postgres(workdir) as postgres, zero_cost_sink(workdir / "sink", args.sink) as sink:
-            asyncio.run(main_async(args, postgres, sink, workdir))
-    finally:
-        if args.keep_workdir:
-            print(f"work files kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with (
+        bench_workdir("campaignd-bench-scale-", keep=args.keep_workdir) as workdir,
+        embedded_postgres(workdir) as postgres,
+        zero_cost_sink(workdir / "sink", args.sink) as sink,
+    ):
+        asyncio.run(main_async(args, postgres, sink, workdir))
     return 0
 
 
