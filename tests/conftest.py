@@ -136,12 +136,13 @@ class ProviderProcess:
     """The fake provider in a process of its own: its arrival times carry no jitter from this
     process's threads, so rate-limit tests measure the daemon, not the harness."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
+        """``args``: extra command-line arguments, e.g. ``--behaviour JSON``."""
         # A provider that is starved of CPU time stamps requests late, in clumps, and the test
         # would measure the machine's load instead of the daemon: when allowed (root, as in
         # CI), the provider gets a higher scheduling priority than the processes under test.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "campaignd.fakeprovider"],
+            [sys.executable, "-m", "campaignd.fakeprovider", *args],
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=_raise_priority,
