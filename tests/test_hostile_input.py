@@ -1,0 +1,138 @@
+"""Whatever a host application writes, a running daemon neither crashes nor stalls: a bad
+recipient ends skipped with a reason, a message no provider could take fails its campaign
+with a reason, and everything else is sent as data.
+
+Real ``campaignd run`` processes, a real PostgreSQL, the fake generic provider.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from pydantic import SecretStr
+
+from campaignd.config import HttpSenderConfig
+from campaignd.fakeprovider import FakeProvider
+from campaignd.outcomes import ResultKind
+from campaignd.providers import Delivery
+from campaignd.providers.http import HttpProvider
+from tests.conftest import assert_counters_match, create_campaign, daemon_config, wait_status
+
+# The generic provider refuses addresses with whitespace (skipped, invalid_address); the rest
+# are opaque to it and go out exactly as written.
+REFUSED_ADDRESSES = [
+    "+1555'; DROP TABLE campaignd.recipients; --",
+    "$(rm -rf /)",
+    '+1555" OR "1"="1',
+]
+HOSTILE_ADDRESSES = [
+    "+1555';DROP/**/TABLE/**/campaignd.recipients;--",
+    "$(reboot)",
+    "`reboot`",
+    "../../etc/passwd",
+    "%s%s%s%n",
+    "{{name}}",
+    "😀📱",
+    "a" * 300,
+]
+
+
+async def test_addresses_that_look_like_sql_or_shell_are_sent_as_data(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    addresses = HOSTILE_ADDRESSES + REFUSED_ADDRESSES
+    recipients = [(address, {"name": f"n{i}"}) for i, address in enumerate(addresses)]
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    daemon = daemons(daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}))
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert (row["sent_count"], row["skipped_count"]) == (len(HOSTILE_ADDRESSES), len(REFUSED_ADDRESSES))
+    assert {a.address for a in fake.accepted()} == set(HOSTILE_ADDRESSES)
+    skipped = await conn.fetch(
+        "SELECT address, error_code FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'skipped'",
+        campaign_id,
+    )
+    assert {(r["address"], r["error_code"]) for r in skipped} == {
+        (address, "invalid_address") for address in REFUSED_ADDRESSES
+    }
+    # The table the addresses name is still there, with every row.
+    assert await conn.fetchval("SELECT count(*) FROM campaignd.recipients") == len(addresses)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_hostile_variables_skip_their_recipient_and_the_campaign_goes_on(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    deep: Any = "x"
+    for _ in range(200):
+        deep = {"n": deep}
+    hostile = {
+        "deeply nested": {"name": deep},
+        "list": {"name": [1, 2, 3]},
+        "huge": {"name": "y" * 1_000_000},
+        "no name": {"other": "z"},
+        "not an object": ["name", "x"],
+    }
+    recipients: list[tuple[str | None, Any]] = [
+        (f"+1555000{i:04d}", variables) for i, variables in enumerate(hostile.values())
+    ]
+    # Control characters and odd unicode are text like any other: sent as given.
+    fine = {"name": "tab\there\x01\x7f\u202e\u0000".replace("\u0000", "")}
+    recipients += [(f"+1666000{i:04d}", fine) for i in range(20)]
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    daemon = daemons(daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}))
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert (row["sent_count"], row["skipped_count"]) == (20, len(hostile))
+    reasons = await conn.fetch(
+        "SELECT error_code, error_message FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'skipped'",
+        campaign_id,
+    )
+    assert all(r["error_code"] and r["error_message"] for r in reasons)
+    assert {a.body["message"]["text"] for a in fake.accepted()} == {f"hello {fine['name']}"}
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_a_message_of_several_megabytes_fails_its_campaign_and_spares_the_next(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    huge = {"text": "hello {{name}} " + "w" * 3_000_000}
+    doomed = await create_campaign(conn, "sms", 10, message=huge, name="huge")
+    normal = await create_campaign(conn, "sms", 10, name="normal")
+    daemon = daemons(daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}))
+
+    failed = await wait_status(conn, doomed, "failed", timeout=60)
+    await wait_status(conn, normal, "completed", timeout=60)
+
+    assert "invalid message" in failed["status_reason"]
+    assert "bytes" in failed["status_reason"]
+    assert {a.campaign_id for a in fake.accepted()} == {normal}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_tls_failure_is_a_transient_connection_error_without_crash(fake: FakeProvider) -> None:
+    # The fake speaks plain HTTP: a TLS handshake with it fails (wrong version number).
+    url = fake.url.replace("http://", "https://", 1)
+    config = HttpSenderConfig(
+        url=url, headers={"Authorization": SecretStr("Bearer tls-secret-123")}, timeout_seconds=5.0
+    )
+    provider = HttpProvider("sms", config, connection_limit=2)
+    try:
+        result = await provider.send(Delivery("c", 1, "+15550001111", {"text": "hi"}))
+    finally:
+        await provider.close()
+
+    assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "connection_error")
+    assert "SSL" in (result.error_message or "") or "TLS" in (result.error_message or "")
+    assert "tls-secret-123" not in (result.error_message or "")
+    assert fake.accepted_count() == 0
