@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import random
@@ -42,6 +43,16 @@ FAILING_CODE = "invalid_number"
 # Seconds a stalled answer is held: far past the client timeout, so the client always gives up
 # first and the provider (which cancels abandoned handlers) never accepts it.
 STALL_ANSWER_SECONDS = 30.0
+
+# What the database going away looks like to a plain asyncpg connection; InternalClientError
+# is a connection the server dropped while asyncpg was mid-operation (see campaignd.db).
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 
 class Server(Protocol):
@@ -337,15 +348,16 @@ class ChaosRun:
         went away and came back in between. None while it is unreachable."""
         try:
             connection = await asyncpg.connect(self.url, timeout=3)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except _UNREACHABLE:
             return None
         try:
             rows: list[asyncpg.Record] = await connection.fetch(sql, *args, timeout=10)
             return rows
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except _UNREACHABLE:
             return None
         finally:
-            await connection.close(timeout=3)
+            with contextlib.suppress(*_UNREACHABLE):
+                await connection.close(timeout=3)
 
     async def _busy_senders(self) -> frozenset[str] | None:
         rows = await self._query(
@@ -376,7 +388,7 @@ class ChaosRun:
                     " FROM campaignd.senders",
                     timeout=2,
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except _UNREACHABLE:
                 connection = None
                 await asyncio.sleep(0.5)
                 continue
@@ -388,7 +400,8 @@ class ChaosRun:
                     self.lane_samples.append(LaneSample(now, row["id"], *state))
             await asyncio.sleep(0.1)
         if connection is not None:
-            await connection.close(timeout=3)
+            with contextlib.suppress(*_UNREACHABLE):
+                await connection.close(timeout=3)
 
     # -------------------------------------------------------------- setup
 
