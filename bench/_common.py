@@ -411,7 +411,7 @@ class Sink:
 
 
 NGINX_CONF = """\
-worker_processes 1;
+{load_modules}worker_processes {workers};
 daemon off;
 master_process on;
 pid {root}/nginx.pid;
@@ -428,10 +428,10 @@ http {{
     keepalive_requests 10000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{reuseport} backlog=4096;
         location / {{
             default_type application/json;
-            return 200 '{answer}';
+{answer_directives}
         }}
         # Requests served, to tell resent messages from first sends.
         location = /nginx_status {{
@@ -454,17 +454,44 @@ def _wait_listening(port: int, processes: list[subprocess.Popen[bytes]], timeout
     raise RuntimeError(f"sink did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
+NGINX_ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+
+def _nginx_answer(latency: float) -> tuple[str, str]:
+    """(load_module lines, location directives) answering 200 {"id":"x"}, after `latency` s."""
+    if latency <= 0:
+        return "", f"            return 200 '{SINK_ANSWER}';"
+    if not NGINX_ECHO_MODULE.exists():
+        raise RuntimeError(
+            "a sink with latency needs nginx's echo module (apt-get install libnginx-mod-http-echo)"
+        )
+    # echo_sleep is a timer in the event loop, not a blocked worker: one worker holds
+    # thousands of sleeping requests at once.
+    return (
+        f"load_module {NGINX_ECHO_MODULE};\n",
+        f"            echo_sleep {latency};\n            echo -n '{SINK_ANSWER}';",
+    )
+
+
 @contextmanager
-def zero_cost_sink(root: Path, kind: str = "auto") -> Iterator[Sink]:
+def zero_cost_sink(
+    root: Path, kind: str = "auto", *, latency: float = 0.0, workers: int = 1
+) -> Iterator[Sink]:
     """nginx answering 200 {"id":"x"} on loopback; a multi-process aiohttp sink without nginx
-    (or with kind="aiohttp")."""
+    (or with kind="aiohttp").
+
+    latency > 0 makes every answer wait that long (a provider's round trip); with nginx it needs
+    the echo module, and kind="auto" falls back to the aiohttp sink without it. workers > 1
+    shares the port between that many nginx workers (SO_REUSEPORT), so that one core's worth
+    of sink cannot be what a benchmark measures.
+    """
     port = free_port()
     nginx = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
     if kind == "nginx" and not nginx:
         raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
-    if kind == "aiohttp":
+    if kind == "aiohttp" or (kind == "auto" and latency > 0 and not NGINX_ECHO_MODULE.exists()):
         nginx = None
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -473,22 +500,42 @@ def zero_cost_sink(root: Path, kind: str = "auto") -> Iterator[Sink]:
             # nginx's workers drop to "nobody" when started as root; they only need to read.
             root.chmod(0o755)
             conf = root / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(root=root, port=port, answer=SINK_ANSWER))
+            load_modules, answer_directives = _nginx_answer(latency)
+            conf.write_text(
+                NGINX_CONF.format(
+                    root=root,
+                    port=port,
+                    workers=workers,
+                    reuseport=" reuseport" if workers > 1 else "",
+                    load_modules=load_modules,
+                    answer_directives=answer_directives,
+                )
+            )
             log = (root / "nginx.out").open("wb")
             processes.append(
                 subprocess.Popen([nginx, "-p", str(root), "-c", str(conf)], stdout=log, stderr=log)
             )
-            description = "nginx (1 worker, access_log off)"
+            description = f"nginx ({workers} worker{'s' if workers > 1 else ''}, access_log off"
+            description += f", echo_sleep {latency * 1000:g} ms)" if latency > 0 else ")"
         else:
-            workers = os.cpu_count() or 1
+            workers = max(workers, os.cpu_count() or 1)
             for _ in range(workers):
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, str(BENCH_DIR / "_sink.py"), "--port", str(port)],
+                        [
+                            sys.executable,
+                            str(BENCH_DIR / "_sink.py"),
+                            "--port",
+                            str(port),
+                            "--latency",
+                            str(latency),
+                        ],
                         stdout=subprocess.DEVNULL,
                     )
                 )
             description = f"aiohttp sink, {workers} processes (not nginx: the sink may be the bottleneck)"
+            if latency > 0:
+                description += f", answering after {latency * 1000:g} ms"
         _wait_listening(port, processes)
         status_url = f"http://127.0.0.1:{port}/nginx_status" if nginx else None
         yield Sink(f"http://127.0.0.1:{port}/v1/messages", description, processes, status_url)
@@ -519,9 +566,13 @@ def write_daemon_config(
     log_level: str = "warning",
     rate_per_second: float = 1_000_000.0,
     burst: int = 100_000,
+    pool_size: int | None = None,
 ) -> Path:
+    database: dict[str, Any] = {"url": database_url}
+    if pool_size is not None:
+        database["pool_size"] = pool_size
     sections: dict[str, dict[str, Any]] = {
-        "database": {"url": database_url},
+        "database": database,
         "dispatch": {
             "concurrency": concurrency,
             "batch_size": batch_size,

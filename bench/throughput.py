@@ -122,45 +122,59 @@ async def measure_raw(
     *,
     profile: Path | None = None,
     native: bool = False,
+    processes: int = 1,
 ) -> RawResult:
+    """The blast in its own process; processes > 1 splits count and concurrency between that
+    many blasts started together, to find the sink's ceiling above what one client reaches."""
     sink_before, requests_before = sink.cpu(), sink.requests()
     load = MachineLoad()
     children_before = children_cpu()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(BENCH_DIR / "_blast.py"),
-        "--url",
-        sink.url,
-        "--count",
-        str(count),
-        "--concurrency",
-        str(concurrency),
-        "--campaign-id",
-        str(uuid.uuid4()),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    profiler = Profiler(process.pid, profile, native=native) if profile else None
+    campaign_id = str(uuid.uuid4())
+    blasts = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(BENCH_DIR / "_blast.py"),
+            "--url",
+            sink.url,
+            "--count",
+            str(count // processes + (1 if index < count % processes else 0)),
+            "--concurrency",
+            str(concurrency // processes),
+            "--campaign-id",
+            campaign_id,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for index in range(processes)
+    ]
+    profiler = Profiler(blasts[0].pid, profile, native=native) if profile else None
     try:
-        stdout, _ = await asyncio.wait_for(process.communicate(), timeout=time_limit)
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(blast.communicate() for blast in blasts)), timeout=time_limit
+        )
     except TimeoutError:
-        process.kill()
-        await process.wait()
+        for blast in blasts:
+            if blast.returncode is None:
+                blast.kill()
+            await blast.wait()
         raise RuntimeError(f"the raw blast did not finish within {time_limit:.0f}s") from None
     finally:
         if profiler:
             profiler.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"the raw blast exited with code {process.returncode}")
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    for blast in blasts:
+        if blast.returncode != 0:
+            raise RuntimeError(f"the raw blast exited with code {blast.returncode}")
+    results = [json.loads(stdout.decode().strip().splitlines()[-1]) for stdout, _ in outputs]
+    # Blasts started together each time their own work: the slowest one is when all was sent.
+    elapsed = max(result["elapsed"] for result in results)
     sink_cpu = sink.cpu() - sink_before
     requests_after = sink.requests()
     # The whole blast process (start-up included) is ours for the load figure.
     others, steal = load.finish(children_cpu() - children_before + sink_cpu)
     return RawResult(
-        rate=count / result["elapsed"],
-        elapsed=result["elapsed"],
-        errors=result["errors"],
-        client_cpu=result["cpu_seconds"],
+        rate=count / elapsed,
+        elapsed=elapsed,
+        errors=sum(result["errors"] for result in results),
+        client_cpu=sum(result["cpu_seconds"] for result in results),
         sink_cpu=sink_cpu,
         others_cores=others,
         steal_cores=steal,
@@ -207,6 +221,7 @@ async def measure_campaignd(
     native: bool = False,
     quiet_wait: float = 0.0,
     analyze_at: float | None = None,
+    pool_size: int | None = None,
 ) -> CampaignResult:
     url = await clone_database(postgres, TEMPLATE_DB, name)
     connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
@@ -228,6 +243,7 @@ async def measure_campaignd(
             sink_url=sink.url,
             concurrency=concurrency,
             batch_size=batch_size,
+            pool_size=pool_size,
         )
         daemon = Daemon(config, workdir / f"{name}.log")
         await wait_daemon_listening(connection, daemon)
@@ -476,6 +492,24 @@ def describe_machine(postgres: Postgres, sink: Sink, args: argparse.Namespace) -
     print(
         "  raw           aiohttp ClientSession(TCPConnector(limit=C)) in its own uvloop process, no database"
     )
+
+
+async def begin_run(title: str, postgres: Postgres, sink: Sink) -> None:
+    """What every script measuring with this module's functions does first: a checked sink,
+    the migrated template campaignd's databases are cloned from, and the common header."""
+    # The schema migration logs at info; only the benchmark's own figures belong on stdout.
+    configure_logging("console", "warning")
+    await refresh_settings(postgres)
+    await check_sink(sink)
+    await create_template(postgres, TEMPLATE_DB)
+    durability = ", ".join(f"{k}={v}" for k, v in postgres.durability.items())
+    print(title)
+    print(f"  date          {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"  machine       {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"  python        {platform.python_version()} ({sys.executable})")
+    print(f"  campaignd     {source_revision()}")
+    print(f"  postgresql    {postgres.version} (embedded); {durability}")
+    print(f"  sink          {sink.kind} at {sink.url}")
 
 
 async def rounds_of(
