@@ -153,7 +153,11 @@ class Lane:
         self._limiter = SenderLimiter(sender.rate_per_second, sender.burst)
         self._rng = random.Random()
         self._runs: dict[str, CampaignRun] = {}
-        self._flights: dict[asyncio.Task[None], Flight] = {}
+        # Claimed recipients wait here for one of the lane's send workers: a fixed pool, not
+        # a task per recipient, keeps the live objects (and the garbage collector's work) to
+        # the pool's size however many claims are queued.
+        self._queue: asyncio.Queue[Flight] = asyncio.Queue()
+        self._workers: dict[asyncio.Task[None], Flight | None] = {}
         self._outstanding = 0
         self._room = asyncio.Event()
         self._buffer: list[RecipientUpdate] = []
@@ -165,10 +169,15 @@ class Lane:
         self._send_duration = metrics.SEND_DURATION.labels(lease.sender_id)
         self._progress_since = time.monotonic()
         self._log = log.bind(sender_id=lease.sender_id, lane_epoch=lease.epoch, owner=lease.owner)
-        horizon = math.ceil(sender.rate_per_second * CLAIM_HORIZON_SECONDS) + sender.burst
-        self._max_outstanding = max(1, min(dispatch.concurrency + dispatch.batch_size, horizon))
+        self._max_outstanding = claim_budget(
+            concurrency=dispatch.concurrency,
+            batch_size=dispatch.batch_size,
+            rate_per_second=sender.rate_per_second,
+            burst=sender.burst,
+        )
         # Claim when this much room is free, so claims come in batches, not one by one.
         self._claim_threshold = max(1, min(dispatch.batch_size, self._max_outstanding) // 2)
+        self._worker_count = max(1, min(dispatch.concurrency, self._max_outstanding))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -178,6 +187,8 @@ class Lane:
         self._log.info("lane_acquired", previous_owner=self.lease.previous_owner)
         try:
             await self._recover_in_doubt()
+            for _ in range(self._worker_count):
+                self._workers[asyncio.create_task(self._worker())] = None
             async with asyncio.TaskGroup() as group:
                 renewer = group.create_task(self._renew_loop(), name=f"renew:{self.lease.sender_id}")
                 flusher = group.create_task(self._flush_loop(), name=f"flush:{self.lease.sender_id}")
@@ -189,10 +200,7 @@ class Lane:
                 finally:
                     renewer.cancel()
                     flusher.cancel()
-                    for task in list(self._flights):
-                        task.cancel()
-                    if self._flights:
-                        await asyncio.gather(*self._flights, return_exceptions=True)
+                    await self._stop_workers()
         finally:
             await self._release()
 
@@ -452,33 +460,51 @@ class Lane:
     def _launch(self, run: CampaignRun, claim: Claim) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(claim, run)
-        task = asyncio.create_task(self._send(flight))
-        self._flights[task] = flight
-        task.add_done_callback(self._landed)
+        self._queue.put_nowait(Flight(claim, run))
 
-    def _landed(self, task: asyncio.Task[None]) -> None:
-        flight = self._flights.pop(task)
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while True:
+            flight = await self._queue.get()
+            self._workers[me] = flight
+            try:
+                await self._send(flight)
+            finally:
+                self._workers[me] = None
+                self._landed(flight)
+
+    def _landed(self, flight: Flight) -> None:
         flight.run.outstanding -= 1
         self._outstanding -= 1
         self._room.set()
         if not flight.settled:
-            # Cancelled (shutdown, lost lease), possibly before its first line ran: a request
+            # Cancelled (shutdown, lost lease) before its outcome was decided: a request
             # that may have reached the provider is in doubt; one that did not goes back.
             recipient_id = flight.claim.recipient_id
             if flight.request_started:
                 self._record(in_doubt(recipient_id, resend=self._provider.resend_in_doubt))
             else:
                 self._record(released(recipient_id))
-        if not task.cancelled() and task.exception() is not None:
-            self._log.error(
-                "send_task_crashed", recipient_id=flight.claim.recipient_id, error=repr(task.exception())
-            )
+
+    def _release_queued(self) -> None:
+        """Claims no worker has picked up go back unsent."""
+        while not self._queue.empty():
+            self._landed(self._queue.get_nowait())
+
+    async def _stop_workers(self) -> None:
+        self._release_queued()
+        for task in self._workers:
+            task.cancel()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
 
     def _may_start(self, run: CampaignRun) -> bool:
         return run.active and not self._stopping() and self.lease.may_send()
 
     async def _send(self, flight: Flight) -> None:
+        """Never raises but CancelledError: a bug is logged and spends the recipient's attempt."""
         claim, run = flight.claim, flight.run
         try:
             async with self._slots:
@@ -575,22 +601,22 @@ class Lane:
 
     async def _drain(self) -> None:
         """Let requests already at the provider finish (within drain_seconds on shutdown)."""
-        if not self._flights:
-            return
         # Claims not yet sent go straight back; only requests in the air are waited for.
-        for task, flight in list(self._flights.items()):
-            if not flight.request_started:
+        self._release_queued()
+        for task, flight in self._workers.items():
+            if flight is not None and not flight.request_started:
                 task.cancel()
-        tasks = list(self._flights)
-        timeout = self._shutdown.drain_remaining()
-        if self.lease.lost:
-            timeout = 0.0
-        _, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        if pending:
-            self._log.warning("drain_timeout", in_doubt=len(pending))
-        await asyncio.gather(*tasks, return_exceptions=True)
+        timeout = 0.0 if self.lease.lost else self._shutdown.drain_remaining()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._outstanding:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                self._log.warning("drain_timeout", in_doubt=self._outstanding)
+                break
+            self._room.clear()
+            await wait_any(self._room, seconds=remaining)
+        await self._stop_workers()
 
     # ---------------------------------------------------------------- recording
 
@@ -754,3 +780,22 @@ def preflight(provider: Provider, template: Template, sample: Iterable[asyncpg.R
         except (InvalidAddress, RenderError):
             continue
     return provider.check_messages(messages) if messages else None
+
+
+def claim_budget(*, concurrency: int, batch_size: int, rate_per_second: float, burst: int) -> int:
+    """How many recipients a lane may hold claimed (claimed, outcome not yet committed).
+
+    Enough for the sends in the air plus the next batch, never more than CLAIM_HORIZON_SECONDS
+    of the sender's rate: more claims ahead only mean more in doubt after a crash.
+    """
+    wanted = concurrency + batch_size
+    # A sender whose rate, not the concurrency, sets the pace holds at least a second of its
+    # sending whatever batch_size is: claims that run out while a claim or an outcome write is
+    # slow leave its token bucket idle, and the bucket saves only `burst` tokens, so that time
+    # is lost for good (a small batch_size cost 15% of a 200/s rate). A fast sender is bound
+    # by the concurrency instead.
+    one_second = math.ceil(rate_per_second) + burst
+    if one_second <= 2 * wanted:
+        wanted = max(wanted, one_second)
+    horizon = math.ceil(rate_per_second * CLAIM_HORIZON_SECONDS) + burst
+    return max(1, min(wanted, horizon))
