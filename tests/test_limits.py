@@ -65,6 +65,38 @@ async def test_sender_limiter_first_burst_is_immediate_then_waits() -> None:
     assert limiter.factor == 1.0
 
 
+async def test_smooth_start_paces_the_first_window_at_the_rate_without_a_burst() -> None:
+    rate, burst = 100.0, 20
+    limiter = SenderLimiter(rate, burst, smooth_start=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    times = await _acquire_times(limiter.acquire, 60)
+
+    # No burst at the start: the 20th token comes about 0.2 s in, not at once.
+    assert times[burst - 1] - started >= 0.15
+    # Paced near the rate (at most rate + burst over the guard's window): 60 tokens take
+    # about half a second, with no clump.
+    assert 0.45 <= times[-1] - started < 3.0
+    assert max_in_window(times, 0.25) <= (rate + burst) * 0.25 + 2
+
+
+async def test_restart_smoothly_paces_again_after_an_idle_spell() -> None:
+    rate, burst = 100.0, 20
+    limiter = SenderLimiter(rate, burst)
+    await _acquire_times(limiter.acquire, 5)
+    await asyncio.sleep(1.2)
+    limiter.restart_smoothly()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    times = await _acquire_times(limiter.acquire, burst)
+
+    # Without the restart the bucket, full again after the idle spell, would hand out the
+    # whole burst at once.
+    assert times[-1] - started >= 0.15
+
+
 async def test_throttled_holds_next_acquire_for_retry_after_and_halves_factor() -> None:
     limiter = SenderLimiter(1000.0, 10)
     await limiter.acquire()

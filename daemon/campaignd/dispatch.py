@@ -150,7 +150,7 @@ class Lane:
         self._slots = send_slots
         self._shutdown = shutdown
         self._wake = wake
-        self._limiter = SenderLimiter(sender.rate_per_second, sender.burst)
+        self._limiter = SenderLimiter(sender.rate_per_second, sender.burst, smooth_start=True)
         self._rng = random.Random()
         self._runs: dict[str, CampaignRun] = {}
         # Claimed recipients wait here for one of the lane's send workers: a fixed pool, not
@@ -159,7 +159,11 @@ class Lane:
         self._queue: asyncio.Queue[Flight] = asyncio.Queue()
         self._workers: dict[asyncio.Task[None], Flight | None] = {}
         self._outstanding = 0
+        # Set when outcome writes free claim room; the feed loop waits on it.
         self._room = asyncio.Event()
+        # Set when a claimed recipient lands (its outcome decided or the claim given back);
+        # a draining lane waits on it.
+        self._landing = asyncio.Event()
         self._buffer: list[RecipientUpdate] = []
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -277,10 +281,17 @@ class Lane:
         self._wake.clear()
 
     async def _wait_for_room(self) -> None:
-        # A NOTIFY (a campaign started on this sender) wakes it too: a busy lane picks up new
-        # work at once instead of on the next poll.
-        self._room.clear()
-        await wait_any(self._room, self._wake, self._shutdown.requested, seconds=self._config.poll_seconds)
+        """Until a batch's worth of room is free (claims come in batches, not a few rows per
+        round trip), the poll is due, or a NOTIFY (a campaign started on this sender) or a
+        shutdown wakes the lane: a busy lane picks up new work at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.poll_seconds
+        while self._free_room() < self._claim_threshold:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._wake.is_set() or self._shutdown.requested.is_set():
+                break
+            self._room.clear()
+            await wait_any(self._room, self._wake, self._shutdown.requested, seconds=remaining)
         self._wake.clear()
 
     async def _refresh_campaigns(self) -> list[CampaignRun]:
@@ -477,7 +488,7 @@ class Lane:
     def _landed(self, flight: Flight) -> None:
         flight.run.outstanding -= 1
         self._outstanding -= 1
-        self._room.set()
+        self._landing.set()
         if not flight.settled:
             # Cancelled (shutdown, lost lease) before its outcome was decided: a request
             # that may have reached the provider is in doubt; one that did not goes back.
@@ -547,11 +558,11 @@ class Lane:
 
     async def _timed_send(self, delivery: Delivery) -> SendResult:
         started = time.perf_counter()
-        metrics.SENDS_IN_FLIGHT.inc()
+        metrics.InFlight.count += 1
         try:
             return await self._provider.send(delivery)
         finally:
-            metrics.SENDS_IN_FLIGHT.dec()
+            metrics.InFlight.count -= 1
             self._send_duration.observe(time.perf_counter() - started)
 
     def _settle(self, flight: Flight, result: SendResult | None) -> None:
@@ -614,8 +625,8 @@ class Lane:
             if remaining is not None and remaining <= 0:
                 self._log.warning("drain_timeout", in_doubt=self._outstanding)
                 break
-            self._room.clear()
-            await wait_any(self._room, seconds=remaining)
+            self._landing.clear()
+            await wait_any(self._landing, seconds=remaining)
         await self._stop_workers()
 
     # ---------------------------------------------------------------- recording
@@ -727,9 +738,14 @@ class Lane:
         while True:
             await asyncio.sleep(interval)
             campaign_ids = [run.campaign_id for run in self._runs.values() if run.outstanding]
+            was_blocked = not self.lease.may_send()
             try:
                 async with self._pool.acquire() as connection:
                     renewal = await leasing.renew(connection, self.lease, campaign_ids)
+                    if renewal.held and was_blocked:
+                        # Sending again after an outage: requests held back all at once
+                        # would leave together, so the first second is paced like a start.
+                        self._limiter.restart_smoothly()
                     if not renewal.held:
                         # Said before the connection goes back to the pool: the feed loop
                         # sees the lost lease at that await and may cancel this task there.

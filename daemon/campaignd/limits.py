@@ -4,6 +4,7 @@ and the optional per-campaign cap."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from aiolimiter import AsyncLimiter
@@ -35,9 +36,15 @@ def token_bucket(rate_per_second: float, burst: int) -> AsyncLimiter:
 class SenderLimiter:
     """Every request that reaches the provider, whatever its outcome, takes one token."""
 
-    def __init__(self, rate_per_second: float, burst: int) -> None:
+    def __init__(self, rate_per_second: float, burst: int, *, smooth_start: bool = False) -> None:
         self.rate_per_second = rate_per_second
         self.burst = burst
+        # A lane that starts (a takeover, a restart, a graceful handover) may follow another
+        # owner's full second of sends, and its first requests leave late while connections
+        # open in a busy process, arriving in a clump. Starting as if the last window had been
+        # full paces the first second at the rate, with the burst kept as slack for both.
+        self._unprimed = smooth_start
+        self._assumed_full_until = 0.0
         self._bucket = token_bucket(rate_per_second, burst)
         # The promise is "no one-second window above rate + burst"; the bucket keeps it at
         # the moment tokens are taken, the window guard keeps it with a margin for jitter.
@@ -48,6 +55,11 @@ class SenderLimiter:
         self._factor = 1.0
         self._hold_until = 0.0
         self._last_adjust = 0.0
+
+    def restart_smoothly(self) -> None:
+        """Pace the next window as after a start (see ``smooth_start``)."""
+        self._recent.clear()
+        self._unprimed = True
 
     @property
     def factor(self) -> float:
@@ -71,14 +83,31 @@ class SenderLimiter:
                 return
 
     async def _window_guard(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._unprimed:
+            self._unprimed = False
+            self._assumed_full_until = loop.time() + self._window_seconds
         while True:
             now = loop.time()
             while self._recent and self._recent[0] <= now - self._window_seconds:
                 self._recent.popleft()
-            if len(self._recent) < self._window_limit:
+            assumed, next_expiry = self._assumed(now)
+            if len(self._recent) + assumed < self._window_limit:
                 self._recent.append(now)
                 return
-            await asyncio.sleep(self._recent[0] + self._window_seconds - now)
+            if self._recent:
+                next_expiry = min(next_expiry, self._recent[0] + self._window_seconds)
+            await asyncio.sleep(max(next_expiry - now, 0.0))
+
+    def _assumed(self, now: float) -> tuple[int, float]:
+        """Sends assumed in the window before a (re)start: a full window of them, evenly
+        spaced, expiring one by one. Counted, not stored: at a high rate that is millions.
+        Returns how many still count, and when the next one expires."""
+        left = self._assumed_full_until - now
+        if left <= 0:
+            return 0, float("inf")
+        spacing = self._window_seconds / self._window_limit
+        count = math.ceil(left / spacing)
+        return count, now + (left - (count - 1) * spacing)
 
     def throttled(self, retry_after_seconds: float | None) -> None:
         now = asyncio.get_running_loop().time()

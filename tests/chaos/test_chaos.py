@@ -34,12 +34,8 @@ async def test_three_instances_killed_frozen_and_cut_off_from_the_database_lose_
     assert report.kills >= 10 and report.stalls >= 3 and len(report.outages) == 1
     assert report.lost == 0 and report.duplicates == 0
     assert report.sent > 0 and report.failed > 0
-    # The promise is rate + burst in every second at the provider, and report.rate_violations
-    # says when a run broke it. It is not asserted as such: in about half the runs on a loaded
-    # 2-core machine a lane starting in a busy process sends up to ~5% more in one second,
-    # because its requests leave later than their tokens were taken (new connections, event
-    # loop lag) and arrive in clumps; the daemon's window guard absorbs only 0.1 s of that. What
-    # is asserted is that no more than another 0.1 s of the rate gets through.
-    for sender_id, (accepted, _, limit) in report.max_window.items():
-        rate = ChaosPlan().senders[sender_id].rate_per_second
-        assert accepted <= limit + 0.1 * rate, f"{sender_id}: {accepted} accepted in one second"
+    # The promise: in no 1-second window does the provider accept more than rate + burst of a
+    # sender's sends. A lane that starts or resumes (takeover, restart, the database back)
+    # paces its first window at the rate, which leaves the burst as slack for requests that
+    # leave late while connections open in a busy process.
+    assert report.rate_violations == []
