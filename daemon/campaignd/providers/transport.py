@@ -84,6 +84,8 @@ class HttpTransport:
 
     def _redacted(self, result: SendResult) -> SendResult:
         """The provider's own words may echo a credential back; they reach the database."""
+        if result.error_code is None and result.error_message is None:
+            return result
         return replace(
             result,
             error_code=None if result.error_code is None else self.redact(result.error_code),
