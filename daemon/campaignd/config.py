@@ -24,6 +24,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -166,24 +167,28 @@ class HttpSenderConfig(_SenderBase):
         return {name: _resolve_env_reference(raw, f"header {name!r}") for name, raw in value.items()}
 
 
-class _MetaSenderBase(_SenderBase):
-    access_token: SecretStr
-    api_base: str = "https://graph.facebook.com/v21.0"
-    # Meta's APIs take no idempotency key: an in-doubt resend may deliver twice, so by
-    # default an interrupted send ends failed with error_code "in_doubt" instead.
+class _ApiSenderBase(_SenderBase):
+    """A provider with its own API: a base URL (a local fake's, in tests) and a token."""
+
+    api_base: str
+    # None of these providers takes an idempotency key: an in-doubt resend may deliver twice,
+    # so by default an interrupted send ends failed with error_code "in_doubt" instead.
     resend_in_doubt: bool = False
-
-    _api_base = field_validator("api_base")(_http_base)
-
-    @field_validator("access_token", mode="before")
-    @classmethod
-    def _resolve_token(cls, value: Any) -> Any:
-        return _resolve_env_reference(value, "access_token")
 
     @field_validator("api_base", mode="after")
     @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _api_base(cls, value: str) -> str:
+        return _http_base(value).rstrip("/")
+
+    @field_validator("access_token", "auth_token", mode="before", check_fields=False)
+    @classmethod
+    def _resolve_token(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_env_reference(value, str(info.field_name))
+
+
+class _MetaSenderBase(_ApiSenderBase):
+    access_token: SecretStr
+    api_base: str = "https://graph.facebook.com/v21.0"
 
 
 class WhatsAppSenderConfig(_MetaSenderBase):
@@ -208,7 +213,7 @@ class MessengerSenderConfig(_MetaSenderBase):
         return self
 
 
-class TwilioSenderConfig(_SenderBase):
+class TwilioSenderConfig(_ApiSenderBase):
     provider: Literal["twilio"]
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
     auth_token: SecretStr
@@ -216,25 +221,11 @@ class TwilioSenderConfig(_SenderBase):
     from_number: str | None = Field(default=None, pattern=r"^\+[1-9][0-9]{6,14}$")
     status_callback: str | None = None
     api_base: str = "https://api.twilio.com"
-    # Twilio cannot deduplicate message creation: an in-doubt resend may deliver twice.
-    resend_in_doubt: bool = False
-
-    _api_base = field_validator("api_base")(_http_base)
 
     @field_validator("status_callback")
     @classmethod
     def _callback_url(cls, value: str | None) -> str | None:
         return None if value is None else _http_base(value)
-
-    @field_validator("auth_token", mode="before")
-    @classmethod
-    def _resolve_token(cls, value: Any) -> Any:
-        return _resolve_env_reference(value, "auth_token")
-
-    @field_validator("api_base", mode="after")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _one_origin(self) -> TwilioSenderConfig:
