@@ -197,6 +197,28 @@ def test_provider_tokens_are_read_from_the_environment(
     assert "twilio-secret-value" not in repr(sender)
 
 
+def test_secret_with_a_trailing_newline_is_refused_without_quoting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `echo token > file` then EnvironmentFile: the classic way a token gains a newline.
+    monkeypatch.setenv("SMS_TOKEN_WITH_NEWLINE", "Bearer secret-value-42\n")
+
+    message = _load_error(
+        tmp_path, _sender_config('headers = { Authorization = "env:SMS_TOKEN_WITH_NEWLINE" }')
+    )
+
+    assert "senders.sms.headers" in message
+    assert "line break" in message and "SMS_TOKEN_WITH_NEWLINE" in message
+    assert "secret-value-42" not in message
+
+
+@pytest.mark.parametrize("url", ["http://" + "a" * 64 + ".example/send", "http:///send", "https://:443/send"])
+def test_url_without_a_usable_host_is_refused(tmp_path: Path, url: str) -> None:
+    message = _load_error(tmp_path, f'[senders.sms]\nurl = "{url}"\n')
+
+    assert "senders.sms.url" in message and "usable URL" in message
+
+
 def test_a_sender_without_provider_is_generic_http(tmp_path: Path) -> None:
     sender = load_settings(_write(tmp_path, _sender_config())).senders["sms"]
 

@@ -136,3 +136,39 @@ async def test_tls_failure_is_a_transient_connection_error_without_crash(fake: F
     assert "SSL" in (result.error_message or "") or "TLS" in (result.error_message or "")
     assert "tls-secret-123" not in (result.error_message or "")
     assert fake.accepted_count() == 0
+
+
+async def test_dns_failure_is_a_bounded_transient_error() -> None:
+    # .invalid never resolves (RFC 2606); the lookup fails fast, or at worst times out.
+    config = HttpSenderConfig(url="http://campaignd-test.invalid/send", timeout_seconds=5.0)
+    provider = HttpProvider("sms", config, connection_limit=2)
+    try:
+        result = await provider.send(Delivery("c", 1, "+15550001111", {"text": "hi"}))
+    finally:
+        await provider.close()
+
+    assert result.kind is ResultKind.TRANSIENT
+    assert result.error_code in ("connection_error", "timeout")
+    if result.error_code == "connection_error":
+        assert not result.maybe_delivered, "a name that never resolved carried nothing"
+
+
+async def test_a_request_that_cannot_be_built_pauses_the_sender_instead_of_raising(
+    fake: FakeProvider,
+) -> None:
+    # Config refuses such a header; this is the last line of defence should one slip through.
+    config = HttpSenderConfig.model_construct(
+        url=fake.url,
+        headers={"Authorization": SecretStr("Bearer secret-1234\r\nX-Injected: 1")},
+        timeout_seconds=5.0,
+        resend_in_doubt=True,
+    )
+    provider = HttpProvider("sms", config, connection_limit=2)
+    try:
+        result = await provider.send(Delivery("c", 1, "+15550001111", {"text": "hi"}))
+    finally:
+        await provider.close()
+
+    assert (result.kind, result.error_code) == (ResultKind.SENDER_FATAL, "invalid_request")
+    assert "secret-1234" not in (result.error_message or "")
+    assert fake.request_count() == 0

@@ -15,6 +15,7 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -123,19 +124,36 @@ class LogConfig(_Section):
 
 
 def _resolve_env_reference(value: Any, what: str) -> Any:
-    """A value written ``env:NAME`` is read from the environment, so secrets stay out of files."""
+    """A value written ``env:NAME`` is read from the environment, so secrets stay out of files.
+
+    A secret ends up in request headers, where a line break would be refused by the HTTP client
+    on every send (or worse, split the header): refused here, at start.
+    """
     text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    source = ""
     if isinstance(text, str) and text.startswith(SECRET_REFERENCE_PREFIX):
         variable = text[len(SECRET_REFERENCE_PREFIX) :]
         if variable not in os.environ:
             raise ValueError(f"{what} refers to environment variable {variable} which is not set")
-        return os.environ[variable]
+        text = os.environ[variable]
+        source = f" (from environment variable {variable}: a trailing newline from a file?)"
+    if isinstance(text, str) and any(ch in text for ch in "\r\n\x00"):
+        raise ValueError(f"{what} contains a line break or NUL character{source}")
     return text
 
 
 def _http_base(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
+    try:
+        host = urlsplit(value).hostname
+        if not host:
+            raise ValueError("has no host")
+        # What the resolver will do with it: a label over 63 characters, say, fails here
+        # instead of on every send.
+        host.encode("idna")
+    except ValueError as exc:
+        raise ValueError(f"is not a usable URL ({exc})") from None
     return value
 
 

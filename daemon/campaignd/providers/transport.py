@@ -81,6 +81,15 @@ class HttpTransport:
                 # dropped mid-request may have delivered it.
                 maybe_delivered=not isinstance(exc, aiohttp.ClientConnectorError),
             )
+        except ValueError as exc:
+            # The request could not even be built (a host name the resolver refuses, a header
+            # value aiohttp rejects): nothing left, and no send on this sender can succeed.
+            # Checked after ClientError, because aiohttp's InvalidURL is both.
+            return SendResult(
+                ResultKind.SENDER_FATAL,
+                error_code="invalid_request",
+                error_message=self.redact(f"the request cannot be built: {type(exc).__name__}: {exc}"),
+            )
 
     def _redacted(self, result: SendResult) -> SendResult:
         """The provider's own words may echo a credential back; they reach the database."""
