@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from campaignd.outcomes import (
     ERROR_MESSAGE_LIMIT,
+    RECIPIENT_DELAY_DEFAULT_SECONDS,
     THROTTLE_DEFAULT_SECONDS,
+    UNKNOWN_ATTEMPTS,
     RecipientState,
     RecipientUpdate,
     ResultKind,
@@ -48,6 +50,43 @@ def test_sent_keeps_provider_message_id() -> None:
     update = _decide(SendResult(ResultKind.SENT, provider_message_id="m-1"))
 
     assert update == RecipientUpdate(42, RecipientState.SENT, provider_message_id="m-1")
+
+
+def test_unknown_error_is_retried_but_only_up_to_three_attempts() -> None:
+    unknown = SendResult(ResultKind.UNKNOWN, error_code="135000", error_message="Generic user error")
+
+    retried = _decide(unknown, attempts=2)
+    gave_up = _decide(unknown, attempts=UNKNOWN_ATTEMPTS)
+
+    assert MAX_ATTEMPTS > UNKNOWN_ATTEMPTS, "the test needs the general limit to be higher"
+    assert retried.state is RecipientState.PENDING and retried.retry_in_seconds is not None
+    assert gave_up.state is RecipientState.FAILED
+    assert gave_up.error_message == "gave up after 3 attempts: Generic user error"
+    assert gave_up.error_class == "unknown"
+
+
+def test_recipient_delay_waits_as_told_and_spends_the_attempt() -> None:
+    delayed = _decide(
+        SendResult(ResultKind.RECIPIENT_DELAY, error_code="131056", retry_after_seconds=300.0), attempts=1
+    )
+    default = _decide(SendResult(ResultKind.RECIPIENT_DELAY, error_code="131056"), attempts=1)
+    last = _decide(SendResult(ResultKind.RECIPIENT_DELAY, error_code="131056"), attempts=MAX_ATTEMPTS)
+
+    assert (delayed.state, delayed.retry_in_seconds, delayed.attempt_adjust) == (
+        RecipientState.PENDING,
+        300.0,
+        0,
+    )
+    assert default.retry_in_seconds == RECIPIENT_DELAY_DEFAULT_SECONDS
+    assert last.state is RecipientState.FAILED
+
+
+@pytest.mark.parametrize("kind", [ResultKind.SENDER_FATAL, ResultKind.CAMPAIGN_FATAL])
+def test_sender_or_campaign_verdict_gives_the_recipient_back_unspent(kind: ResultKind) -> None:
+    update = _decide(SendResult(kind, error_code="132001", error_message="no such template"), attempts=1)
+
+    assert (update.state, update.retry_in_seconds, update.attempt_adjust) == (RecipientState.PENDING, 0.0, -1)
+    assert update.error_class == kind.value
 
 
 def test_permanent_fails_with_code_and_message() -> None:
