@@ -81,6 +81,33 @@ def test_recipient_delay_waits_as_told_and_spends_the_attempt() -> None:
     assert last.state is RecipientState.FAILED
 
 
+def test_maybe_delivered_send_is_in_doubt_when_the_sender_cannot_deduplicate() -> None:
+    timeout = SendResult(ResultKind.TRANSIENT, error_code="timeout", maybe_delivered=True)
+    refused = SendResult(ResultKind.TRANSIENT, error_code="connection_error")
+
+    def decided(result: SendResult, *, resend_in_doubt: bool) -> RecipientUpdate:
+        return decide(
+            42,
+            result,
+            attempts=1,
+            max_attempts=MAX_ATTEMPTS,
+            backoff_base=BASE,
+            backoff_max=CAP,
+            rng=random.Random(0),
+            resend_in_doubt=resend_in_doubt,
+        )
+
+    no_key = decided(timeout, resend_in_doubt=False)
+    assert (no_key.state, no_key.error_code, no_key.error_class) == (
+        RecipientState.FAILED,
+        "in_doubt",
+        "in_doubt",
+    )
+    # With an idempotency key the resend is safe; a connection never made carried nothing.
+    assert decided(timeout, resend_in_doubt=True).state is RecipientState.PENDING
+    assert decided(refused, resend_in_doubt=False).state is RecipientState.PENDING
+
+
 @pytest.mark.parametrize("kind", [ResultKind.SENDER_FATAL, ResultKind.CAMPAIGN_FATAL])
 def test_sender_or_campaign_verdict_gives_the_recipient_back_unspent(kind: ResultKind) -> None:
     update = _decide(SendResult(kind, error_code="132001", error_message="no such template"), attempts=1)

@@ -571,20 +571,16 @@ class Lane:
         if result is None:
             self._record(released(flight.claim.recipient_id))
             return
-        if result.maybe_delivered and not self._provider.resend_in_doubt:
-            # A provider without idempotency keys may have delivered it: retrying could
-            # deliver it twice, which this sender's config forbids.
-            update = in_doubt(flight.claim.recipient_id, resend=False)
-        else:
-            update = decide(
-                flight.claim.recipient_id,
-                result,
-                attempts=flight.claim.attempts,
-                max_attempts=self._config.max_attempts,
-                backoff_base=self._config.backoff_base_seconds,
-                backoff_max=self._config.backoff_max_seconds,
-                rng=self._rng,
-            )
+        update = decide(
+            flight.claim.recipient_id,
+            result,
+            attempts=flight.claim.attempts,
+            max_attempts=self._config.max_attempts,
+            backoff_base=self._config.backoff_base_seconds,
+            backoff_max=self._config.backoff_max_seconds,
+            rng=self._rng,
+            resend_in_doubt=self._provider.resend_in_doubt,
+        )
         if result.kind is ResultKind.THROTTLED:
             self._limiter.throttled(result.retry_after_seconds)
             self._log.info(

@@ -102,8 +102,15 @@ def decide(
     backoff_base: float,
     backoff_max: float,
     rng: random.Random,
+    resend_in_doubt: bool = True,
 ) -> RecipientUpdate:
-    """The recipient's next state after one send; ``attempts`` includes this one."""
+    """The recipient's next state after one send; ``attempts`` includes this one.
+
+    ``resend_in_doubt`` is the sender's: false for a provider that cannot deduplicate a resend.
+    """
+    if result.maybe_delivered and not resend_in_doubt:
+        # The request may have been delivered: retrying could deliver it twice.
+        return in_doubt(recipient_id, resend=False)
     message = _clip(result.error_message)
     update = _decide(recipient_id, result, message, attempts, max_attempts, backoff_base, backoff_max, rng)
     if result.kind is ResultKind.SENT:
@@ -134,31 +141,23 @@ def _decide(
             return RecipientUpdate(
                 recipient_id, RecipientState.FAILED, error_code=result.error_code, error_message=message
             )
-        case ResultKind.TRANSIENT | ResultKind.UNKNOWN:
+        case ResultKind.TRANSIENT | ResultKind.UNKNOWN | ResultKind.RECIPIENT_DELAY:
             # An error nobody has classified is retried, but only a few times: a permanent
-            # error in disguise must not cost every recipient max_attempts requests.
-            limit = (
-                max_attempts if result.kind is ResultKind.TRANSIENT else min(max_attempts, UNKNOWN_ATTEMPTS)
-            )
+            # error in disguise must not cost every recipient max_attempts requests. A
+            # recipient the provider keeps deferring spends attempts too, and ends failed.
+            limit = min(max_attempts, UNKNOWN_ATTEMPTS) if result.kind is ResultKind.UNKNOWN else max_attempts
             if attempts >= limit:
                 return _gave_up(recipient_id, result, message, attempts)
+            if result.kind is ResultKind.RECIPIENT_DELAY:
+                retry_in = result.retry_after_seconds or RECIPIENT_DELAY_DEFAULT_SECONDS
+            else:
+                retry_in = backoff_seconds(attempts, backoff_base, backoff_max, rng)
             return RecipientUpdate(
                 recipient_id,
                 RecipientState.PENDING,
                 error_code=result.error_code,
                 error_message=message,
-                retry_in_seconds=backoff_seconds(attempts, backoff_base, backoff_max, rng),
-            )
-        case ResultKind.RECIPIENT_DELAY:
-            # Spends an attempt, so a recipient the provider keeps deferring ends failed.
-            if attempts >= max_attempts:
-                return _gave_up(recipient_id, result, message, attempts)
-            return RecipientUpdate(
-                recipient_id,
-                RecipientState.PENDING,
-                error_code=result.error_code,
-                error_message=message,
-                retry_in_seconds=result.retry_after_seconds or RECIPIENT_DELAY_DEFAULT_SECONDS,
+                retry_in_seconds=retry_in,
             )
         case ResultKind.THROTTLED:
             return RecipientUpdate(
