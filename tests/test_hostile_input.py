@@ -7,6 +7,8 @@ Real ``campaignd run`` processes, a real PostgreSQL, the fake generic provider.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -120,22 +122,39 @@ async def test_a_message_of_several_megabytes_fails_its_campaign_and_spares_the_
     assert daemon.wait() == 0
 
 
-async def test_tls_failure_is_a_transient_connection_error_without_crash(fake: FakeProvider) -> None:
-    # The fake speaks plain HTTP: a TLS handshake with it fails (wrong version number).
-    url = fake.url.replace("http://", "https://", 1)
+async def test_tls_failure_is_a_transient_connection_error_without_crash() -> None:
+    # A server that answers a TLS ClientHello with plain HTTP (wrong version number), and
+    # closes every connection it accepted before the test ends: no socket outlives the test.
+    accepted: list[bytes] = []
+
+    async def plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(await reader.read(1024))
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     config = HttpSenderConfig(
-        url=url, headers={"Authorization": SecretStr("Bearer tls-secret-123")}, timeout_seconds=5.0
+        url=f"https://127.0.0.1:{port}/send",
+        headers={"Authorization": SecretStr("Bearer tls-secret-123")},
+        timeout_seconds=5.0,
     )
     provider = HttpProvider("sms", config, connection_limit=2)
     try:
         result = await provider.send(Delivery("c", 1, "+15550001111", {"text": "hi"}))
     finally:
         await provider.close()
+        server.close()
+        await server.wait_closed()
 
+    assert accepted, "the handshake reached the server"
     assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "connection_error")
     assert "SSL" in (result.error_message or "") or "TLS" in (result.error_message or "")
     assert "tls-secret-123" not in (result.error_message or "")
-    assert fake.accepted_count() == 0
 
 
 async def test_dns_failure_is_a_bounded_transient_error() -> None:
