@@ -215,6 +215,7 @@ def daemon_config(
     *,
     name: str = "campaignd.toml",
     health_listen: str = "127.0.0.1:0",
+    watchdog_interval: float = 1.0,
     **dispatch: Any,
 ) -> Path:
     sections: dict[str, dict[str, Any]] = {
@@ -233,7 +234,7 @@ def daemon_config(
         # Several daemons run at once in a test: an ephemeral port each. A fast watchdog
         # makes every test exercise it alongside the lanes.
         "health": {"listen": health_listen},
-        "watchdog": {"interval_seconds": 1.0},
+        "watchdog": {"interval_seconds": watchdog_interval},
     }
     for sender_id, values in senders.items():
         sections[f"senders.{sender_id}"] = {

@@ -262,6 +262,25 @@ async def test_claims_stop_while_outcomes_cannot_be_written(
     assert daemon.wait() == 0
 
 
+async def test_a_campaign_completes_once_its_last_outcomes_are_written_not_a_poll_later(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The poll and the watchdog are a minute away: only the lane noticing that its last
+    # claims have landed can complete the campaign within the timeout. (The last claim finds
+    # nothing left while sends are still in the air; the lane used to sleep a whole poll.)
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url}}, poll_seconds=60.0, watchdog_interval=60.0
+    )
+    campaign_id = await create_campaign(conn, "sms", 500)
+    daemon = daemons(config)
+
+    await wait_status(conn, campaign_id, "completed", timeout=30)
+    assert (await campaign(conn, campaign_id))["sent_count"] == 500
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
 async def test_a_busy_lane_picks_up_a_new_campaign_at_once(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:

@@ -51,6 +51,11 @@ log = structlog.get_logger("campaignd.dispatch")
 # takes effect quickly and few claims are in doubt after a crash.
 CLAIM_HORIZON_SECONDS = 2.0
 PROGRESS_LOG_SECONDS = 10.0
+# A busy lane claims several times a second; it looks up its campaigns again about this
+# often (at once when woken), while it waits for room, so that a claim does not wait behind
+# a second query. A campaign paused from outside stops being sent within about this time
+# (twice it at most): its unsent claims go back.
+REFRESH_SECONDS = 0.25
 # Pre-flight renders the message for this many of a campaign's first recipients.
 PREFLIGHT_SAMPLE = 20
 
@@ -167,6 +172,8 @@ class Lane:
         self._buffer: list[RecipientUpdate] = []
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
+        self._refresh_due_at = 0.0
+        self._refresh_interval = min(REFRESH_SECONDS, dispatch.poll_seconds)
         self._pause_reason: str | None = None
         self._progress: Counter[str] = Counter()
         # Looked up once: labels() per message costs a dict lookup under a lock.
@@ -179,8 +186,10 @@ class Lane:
             rate_per_second=sender.rate_per_second,
             burst=sender.burst,
         )
-        # Claim when this much room is free, so claims come in batches, not one by one.
-        self._claim_threshold = max(1, min(dispatch.batch_size, self._max_outstanding) // 2)
+        # Claim when this much room is free: claims come in batches, not one by one, and the
+        # next one is asked for while a good part of the last is still queued, so that the
+        # send workers do not run dry while it is in the air.
+        self._claim_threshold = max(1, min(dispatch.batch_size, self._max_outstanding) // 4)
         self._worker_count = max(1, min(dispatch.concurrency, self._max_outstanding))
 
     # ---------------------------------------------------------------- lifecycle
@@ -247,24 +256,25 @@ class Lane:
                 continue
             try:
                 await self._write_campaign_pauses()
-                runs = await self._refresh_campaigns()
+                runs = await self._campaigns()
                 if not runs and self._outstanding == 0 and not self._buffer:
                     self._log.info("lane_idle")
                     return
                 claimed = await self._claim_round(runs)
                 backoff.reset()
+                if self._pause_reason is not None:
+                    return
+                if not claimed and (self._outstanding or self._buffer):
+                    await self._wait_until_written()
+                elif not claimed:
+                    await self._wait(self._config.poll_seconds)
+                elif self._free_room() < self._claim_threshold:
+                    await self._wait_for_room()
             except LaneLost:
                 return
             except Exception as exc:
                 await backoff.wait_after(exc, self._log, "claim", self._wake, self._shutdown.requested)
-                self._wake.clear()
-                continue
-            if self._pause_reason is not None:
-                return
-            if not claimed:
-                await self._wait(self._config.poll_seconds)
-            elif self._free_room() < self._claim_threshold:
-                await self._wait_for_room()
+                self._consume_wake()
 
     def _free_room(self) -> int:
         """How many more recipients may be claimed now.
@@ -278,23 +288,74 @@ class Lane:
     async def _wait(self, seconds: float) -> None:
         """Until woken by NOTIFY, a shutdown, or the timeout."""
         await wait_any(self._wake, self._shutdown.requested, seconds=seconds)
-        self._wake.clear()
+        self._consume_wake()
+
+    def _consume_wake(self) -> None:
+        """A wake (NOTIFY: a campaign started on this sender; a pause decided here) asks for a
+        fresh look at the lane's campaigns."""
+        if self._wake.is_set():
+            self._wake.clear()
+            self._refresh_due_at = 0.0
 
     async def _wait_for_room(self) -> None:
         """Until a batch's worth of room is free (claims come in batches, not a few rows per
         round trip), the poll is due, or a NOTIFY (a campaign started on this sender) or a
-        shutdown wakes the lane: a busy lane picks up new work at once."""
+        shutdown wakes the lane: a busy lane picks up new work at once.
+
+        The campaigns are looked up again during this wait, while the send workers have
+        claims to work on, rather than in front of the next claim, where they would wait.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.poll_seconds
         while self._free_room() < self._claim_threshold:
             remaining = deadline - loop.time()
             if remaining <= 0 or self._wake.is_set() or self._shutdown.requested.is_set():
                 break
+            if self._refresh_due():
+                await self._refresh_campaigns()
+                continue
+            if self._free_room() + len(self._buffer) >= self._claim_threshold:
+                # Committing the outcomes already decided makes the room: write them now, not
+                # at the next flush tick, or the send workers run dry while the claim waits.
+                self._flush_wanted.set()
+            self._room.clear()
+            await wait_any(
+                self._room,
+                self._wake,
+                self._shutdown.requested,
+                seconds=min(remaining, self._refresh_due_at - loop.time()),
+            )
+        self._consume_wake()
+
+    async def _wait_until_written(self) -> None:
+        """Nothing left to claim, but claims still out: until their outcomes are written (the
+        campaign may be complete then), rather than a whole poll later."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.poll_seconds
+        while self._outstanding or self._buffer:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._wake.is_set() or self._shutdown.requested.is_set():
+                break
+            if not self._outstanding:
+                self._flush_wanted.set()
             self._room.clear()
             await wait_any(self._room, self._wake, self._shutdown.requested, seconds=remaining)
-        self._wake.clear()
+        self._consume_wake()
+
+    async def _campaigns(self) -> list[CampaignRun]:
+        """The campaigns to claim for: the ones known, looked up again when woken or when the
+        waits for room have not done it (a lane that never waits)."""
+        known = [run for run in self._runs.values() if run.active]
+        if known and not self._refresh_due(overdue=True):
+            return known
+        return await self._refresh_campaigns()
+
+    def _refresh_due(self, *, overdue: bool = False) -> bool:
+        due_at = self._refresh_due_at + (self._refresh_interval if overdue and self._refresh_due_at else 0.0)
+        return asyncio.get_running_loop().time() >= due_at
 
     async def _refresh_campaigns(self) -> list[CampaignRun]:
+        self._refresh_due_at = asyncio.get_running_loop().time() + self._refresh_interval
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(QUERIES["sending_campaigns"], self.lease.sender_id)
         sending = {str(row["id"]): row for row in rows}
