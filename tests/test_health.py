@@ -14,11 +14,13 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client import CollectorRegistry, generate_latest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.health import HealthServer, Heartbeats
+from campaignd.metrics import DurationHistogram
 from campaignd.schema import migrate
 from tests.conftest import create_campaign, daemon_config, wait_for, wait_status
 
@@ -40,6 +42,24 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_send_duration_histogram_exposes_cumulative_buckets_count_and_sum() -> None:
+    registry = CollectorRegistry()
+    histogram = DurationHistogram("t_seconds", "help", "sender_id", (0.01, 0.1, 1.0), registry)
+    series = histogram.labels("sms")
+    for seconds in (0.001, 0.01, 0.05, 0.5, 7.0):
+        series.observe(seconds)
+    assert histogram.labels("sms") is series
+    text = generate_latest(registry).decode()
+    # A bucket counts the observations at or below its bound (0.01 is in le="0.01").
+    assert 't_seconds_bucket{le="0.01",sender_id="sms"} 2.0' in text
+    assert 't_seconds_bucket{le="0.1",sender_id="sms"} 3.0' in text
+    assert 't_seconds_bucket{le="1.0",sender_id="sms"} 4.0' in text
+    assert 't_seconds_bucket{le="+Inf",sender_id="sms"} 5.0' in text
+    assert 't_seconds_count{sender_id="sms"} 5.0' in text
+    assert 't_seconds_sum{sender_id="sms"} 7.561' in text
+    assert "# TYPE t_seconds histogram" in text
 
 
 def test_heartbeats_name_the_loop_that_stopped_ticking() -> None:

@@ -7,10 +7,15 @@ Prometheus conventions: ``campaignd_`` prefix, ``_total`` counters, base units.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterator
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -21,12 +26,62 @@ MESSAGES = Counter(
     ["sender_id", "outcome", "error_class"],
     registry=REGISTRY,
 )
-SEND_DURATION = Histogram(
+
+
+class DurationSeries:
+    """One label set's histogram: counts per bucket and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        # counts[i] counts observations <= bounds[i] and > bounds[i - 1]; the last, the rest.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+
+class DurationHistogram:
+    """A histogram observed by the one event loop and read at scrape time (by the health
+    server, on the same loop): prometheus_client's Histogram takes a lock twice per
+    observation, for threads this process does not have, which cost about 5 µs of every
+    message's CPU. The exposition is the same (cumulative buckets, _count, _sum)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        bounds: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation, self._label = name, documentation, label
+        self._bounds = bounds
+        self._series: dict[str, DurationSeries] = {}
+        registry.register(self)
+
+    def labels(self, value: str) -> DurationSeries:
+        return self._series.setdefault(value, DurationSeries(self._bounds))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, series in self._series.items():
+            cumulative = list(accumulate(series.counts))
+            labels = [*map(floatToGoString, self._bounds), "+Inf"]
+            buckets = [(le, float(count)) for le, count in zip(labels, cumulative, strict=True)]
+            family.add_metric([value], buckets, series.sum)
+        yield family
+
+
+SEND_DURATION = DurationHistogram(
     "campaignd_send_duration_seconds",
     "Time from a request's start to the provider's answer (or the client's timeout).",
-    ["sender_id"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-    registry=REGISTRY,
+    "sender_id",
+    (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    REGISTRY,
 )
 SENDS_IN_FLIGHT = Gauge(
     "campaignd_sends_in_flight", "Requests to providers currently in the air.", registry=REGISTRY
