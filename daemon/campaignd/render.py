@@ -63,10 +63,15 @@ def _compile_string(text: str, names: set[str]) -> Renderer | str:
         raise TemplateError(f"malformed placeholder in {text[:80]!r}: use {{{{name}}}} with a plain name")
     if len(pieces) == 1:
         return text
-    frozen = tuple(pieces)
+    # The literal parts stay in place; each render fills a copy's variable slots.
+    template = [piece if isinstance(piece, str) else "" for piece in pieces]
+    slots = tuple((index, piece[0]) for index, piece in enumerate(pieces) if not isinstance(piece, str))
 
     def render(variables: Mapping[str, Any]) -> str:
-        return "".join(p if isinstance(p, str) else _variable_text(variables, p[0]) for p in frozen)
+        parts = template.copy()
+        for index, name in slots:
+            parts[index] = _variable_text(variables, name)
+        return "".join(parts)
 
     return render
 
@@ -78,14 +83,31 @@ def _compile_node(node: Any, names: set[str], depth: int) -> Renderer | Any:
         return _compile_string(node, names)
     if isinstance(node, list):
         items = [_compile_node(item, names, depth + 1) for item in node]
-        if not any(callable(item) for item in items):
+        dynamic_items = tuple((index, item) for index, item in enumerate(items) if callable(item))
+        if not dynamic_items:
             return node
-        return lambda v: [item(v) if callable(item) else item for item in items]
+
+        def render_list(variables: Mapping[str, Any]) -> list[Any]:
+            rendered = items.copy()
+            for index, item in dynamic_items:
+                rendered[index] = item(variables)
+            return rendered
+
+        return render_list
     if isinstance(node, dict):
-        fields = [(key, _compile_node(value, names, depth + 1)) for key, value in node.items()]
-        if not any(callable(value) for _, value in fields):
+        fields = {key: _compile_node(value, names, depth + 1) for key, value in node.items()}
+        dynamic_fields = tuple((key, value) for key, value in fields.items() if callable(value))
+        if not dynamic_fields:
             return node
-        return lambda v: {key: value(v) if callable(value) else value for key, value in fields}
+
+        def render_dict(variables: Mapping[str, Any]) -> dict[str, Any]:
+            # A copy of the compiled fields keeps the message's key order.
+            rendered = fields.copy()
+            for key, value in dynamic_fields:
+                rendered[key] = value(variables)
+            return rendered
+
+        return render_dict
     if node is None or isinstance(node, (bool, int, float)):
         return node
     raise TemplateError(f"message holds a {type(node).__name__}, which is not JSON")
@@ -110,7 +132,8 @@ class Template:
         self.variables: frozenset[str] = frozenset(names)
 
     def render(self, variables: Any) -> Any:
-        if not isinstance(variables, Mapping):
+        # type() first: isinstance against the Mapping ABC is slow, and it is a dict every time.
+        if type(variables) is not dict and not isinstance(variables, Mapping):
             if self.variables:
                 raise RenderError("bad_variable", "variables must be a JSON object")
             variables = {}

@@ -120,6 +120,12 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
+        first = await response.content.read(limit)
+        if response.content.at_eof() or not first:
+            # The whole body in one read: a provider's answer almost always is.
+            return first
+        chunks.append(first)
+        size = len(first)
         while size < limit:
             chunk = await response.content.read(limit - size)
             if not chunk:
