@@ -580,7 +580,8 @@ class Lane:
         claim, run = flight.claim, flight.run
         try:
             async with self._slots:
-                if not self._may_start(run):
+                # The lease's clock is read once, right before the request (below).
+                if not run.active or self._stopping():
                     self._settle(flight, None)
                     return
                 try:
@@ -759,11 +760,11 @@ class Lane:
     def _count(self, batch: Iterable[RecipientUpdate]) -> None:
         """Counted only after the batch is committed."""
         tally: Counter[tuple[str, str]] = Counter()
-        for update in batch:
-            outcome = update.state.value
-            if update.state is RecipientState.PENDING:
-                outcome = "released" if update.error_class == "released" else "retry"
-            tally[(outcome, update.error_class)] += 1
+        for (state, error_class), count in Counter((u.state, u.error_class) for u in batch).items():
+            outcome = state.value
+            if state is RecipientState.PENDING:
+                outcome = "released" if error_class == "released" else "retry"
+            tally[(outcome, error_class)] += count
         for (outcome, error_class), count in tally.items():
             metrics.MESSAGES.labels(self.lease.sender_id, outcome, error_class).inc(count)
         sent = sum(count for (outcome, _), count in tally.items() if outcome == "sent")

@@ -68,32 +68,41 @@ class SenderLimiter:
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            wait = self._hold_until - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            now = loop.time()
+            if now < self._hold_until:
+                await asyncio.sleep(self._hold_until - now)
                 continue
-            self._maybe_recover(loop.time())
+            if self._factor < 1.0:
+                self._maybe_recover(now)
             slowdown = self._slowdown
             if slowdown is not None:
                 await slowdown.acquire()
             await self._bucket.acquire()
-            await self._window_guard(loop)
+            # Almost every send finds room in the window at once, without another coroutine.
+            if not self._take_window_slot(loop.time()):
+                await self._window_guard(loop)
             # A throttle that arrived while this task waited for a token wins.
             if loop.time() >= self._hold_until:
                 return
 
-    async def _window_guard(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _take_window_slot(self, now: float) -> bool:
         if self._unprimed:
             self._unprimed = False
-            self._assumed_full_until = loop.time() + self._window_seconds
-        while True:
-            now = loop.time()
-            while self._recent and self._recent[0] <= now - self._window_seconds:
-                self._recent.popleft()
-            assumed, next_expiry = self._assumed(now)
-            if len(self._recent) + assumed < self._window_limit:
-                self._recent.append(now)
-                return
+            self._assumed_full_until = now + self._window_seconds
+        recent = self._recent
+        expired = now - self._window_seconds
+        while recent and recent[0] <= expired:
+            recent.popleft()
+        assumed = self._assumed(now)[0] if now < self._assumed_full_until else 0
+        if len(recent) + assumed < self._window_limit:
+            recent.append(now)
+            return True
+        return False
+
+    async def _window_guard(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Until the window has room: when the oldest send in it (or assumed in it) expires."""
+        while not self._take_window_slot(now := loop.time()):
+            _, next_expiry = self._assumed(now)
             if self._recent:
                 next_expiry = min(next_expiry, self._recent[0] + self._window_seconds)
             await asyncio.sleep(max(next_expiry - now, 0.0))
