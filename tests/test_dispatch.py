@@ -376,6 +376,10 @@ async def test_bad_recipients_are_skipped_with_reasons(
         ("+1555 0000004", {"name": "space"}),
         ("+15550000005", {"name": {"nested": 1}}),
         ("+15550000006", {"name": "ok"}),
+        # The first of two with one address cannot be sent: the second is, not skipped as its
+        # duplicate.
+        ("+15550000007", {}),
+        ("+15550000007", {"name": "second"}),
     ]
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
     campaign_id = await create_campaign(conn, "sms", recipients)
@@ -399,9 +403,11 @@ async def test_bad_recipients_are_skipped_with_reasons(
         ("skipped", "invalid_address"),
         ("skipped", "bad_variable"),
         ("sent", None),
+        ("skipped", "missing_variable"),
+        ("sent", None),
     ]
-    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (9, 2, 7)
-    assert fake.request_count() == 2
+    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (11, 3, 8)
+    assert fake.request_count() == 3
     await assert_counters_match(conn, campaign_id)
 
 

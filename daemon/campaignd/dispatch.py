@@ -397,11 +397,13 @@ class Lane:
                     self.lease.lost = True
                     raise LaneLost
                 await connection.execute(QUERIES["prepare_skip_no_address"], campaign_id)
-                await connection.execute(QUERIES["prepare_skip_duplicates"], campaign_id)
                 if template.variables:
                     await connection.execute(
                         QUERIES["prepare_skip_missing_variables"], campaign_id, sorted(template.variables)
                     )
+                # Last, so that a recipient skipped for its variables does not keep its address
+                # from a later duplicate that can be sent.
+                await connection.execute(QUERIES["prepare_skip_duplicates"], campaign_id)
                 sample = await connection.fetch(QUERIES["preflight_sample"], campaign_id, PREFLIGHT_SAMPLE)
                 problem = preflight(self._provider, template, sample)
                 if problem is not None:

@@ -179,7 +179,8 @@ SET state = 'skipped', error_code = 'no_address',
 WHERE campaign_id = $1 AND state = 'pending' AND (address IS NULL OR btrim(address) = '');
 
 -- name: prepare_skip_duplicates
--- The lowest id of each address is kept. $1 campaign id
+-- The lowest id of each address among the recipients not skipped is kept; runs after the
+-- other skips. $1 campaign id
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
     error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
