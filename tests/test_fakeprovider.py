@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -440,3 +442,37 @@ def test_provider_process_takes_its_behaviour_and_reports_its_records() -> None:
     [accepted] = records["accepted"]
     assert (accepted["address"], accepted["path"]) == ("good@x", "/send")
     assert accepted["message_id"].startswith("fake-") and accepted["arrived"] <= accepted["at"]
+
+
+async def test_clients_connecting_while_the_threaded_server_stops_leak_no_socket() -> None:
+    # Daemons may be reconnecting at the moment a test stops its fake. A connection accepted
+    # in the loop turn that closes the server used to be left unwrapped (Python 3.11's
+    # asyncio) and its socket surfaced later as a ResourceWarning in whichever test the
+    # garbage collector ran in.
+    async def hammer(host: str, port: int, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.001)
+                continue
+            writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            await asyncio.sleep(0.001)
+            writer.close()
+
+    leaked: list[str] = []
+    for _ in range(10):
+        provider = FakeProvider()
+        provider.start_in_thread()
+        host, port = provider.url.split("//")[1].split("/")[0].rsplit(":", 1)
+        stopping = asyncio.Event()
+        clients = [asyncio.create_task(hammer(host, int(port), stopping)) for _ in range(30)]
+        await asyncio.sleep(0.05)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            await asyncio.to_thread(provider.stop_thread)
+            stopping.set()
+            await asyncio.gather(*clients)
+            gc.collect()
+        leaked += [str(w.message) for w in caught if f"'127.0.0.1', {port})" in str(w.message)]
+    assert leaked == []

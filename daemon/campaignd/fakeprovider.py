@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -58,6 +59,8 @@ RECORDS_PATH = "/_fake/records"
 _SHUTDOWN_TIMEOUT = 0.5
 _THREAD_START_TIMEOUT = 10.0
 _THREAD_STOP_TIMEOUT = 10.0
+# Event-loop turns an accept under way needs to become a connection (see FakeProvider.stop).
+_ACCEPT_DRAIN_TURNS = 5
 
 
 @dataclass
@@ -157,6 +160,15 @@ def _rule_response(rule: Rule) -> web.Response:
     return web.Response(status=rule.status, headers=headers)
 
 
+async def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and await what is still running on a server thread's loop before it closes (as
+    asyncio.run does), so that nothing it holds is left to the garbage collector."""
+    tasks = [task for task in asyncio.all_tasks(loop) if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class FakeProvider:
     """An aiohttp server answering ``POST`` on any path according to :attr:`behaviour`.
 
@@ -189,6 +201,7 @@ class FakeProvider:
         self._started_at = time.monotonic()
 
         self._runner: web.AppRunner | None = None
+        self._listening: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
 
@@ -206,11 +219,16 @@ class FakeProvider:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            listening = socket.socket(family, kind, proto)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind(address)
+            site = web.SockSite(runner, listening)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
+        self._listening = listening
         bound_host, bound_port = runner.addresses[0][:2]
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown_host}:{bound_port}/send"
@@ -218,8 +236,18 @@ class FakeProvider:
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        if runner is None:
+            return
+        # Stop accepting before the server closes, and let the accepts already under way
+        # finish: on Python 3.11 a connection accepted in the same loop turn as the close is
+        # never wrapped (asyncio's Server._attach asserts it is open) and its socket leaks.
+        # Once they have landed, aiohttp's shutdown closes them with the others.
+        if self._listening is not None:
+            asyncio.get_running_loop().remove_reader(self._listening.fileno())
+            self._listening = None
+            for _ in range(_ACCEPT_DRAIN_TURNS):
+                await asyncio.sleep(0)
+        await runner.cleanup()
 
     # ------------------------------------------------------------------ lifecycle (background thread)
 
@@ -245,6 +273,7 @@ class FakeProvider:
                 loop.run_forever()
             finally:
                 with contextlib.suppress(Exception):
+                    loop.run_until_complete(_finish_tasks(loop))
                     loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
