@@ -68,10 +68,10 @@ class DurationHistogram:
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        bucket_labels = [*map(floatToGoString, self._bounds), "+Inf"]
         for value, series in self._series.items():
-            cumulative = list(accumulate(series.counts))
-            labels = [*map(floatToGoString, self._bounds), "+Inf"]
-            buckets = [(le, float(count)) for le, count in zip(labels, cumulative, strict=True)]
+            cumulative = accumulate(series.counts)
+            buckets = [(le, float(count)) for le, count in zip(bucket_labels, cumulative, strict=True)]
             family.add_metric([value], buckets, series.sum)
         yield family
 
