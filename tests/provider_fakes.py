@@ -42,6 +42,8 @@ from urllib.parse import parse_qs
 import orjson
 from aiohttp import web
 
+from campaignd.fakeprovider import ServedApp, finish_tasks
+
 P = TypeVar("P")
 F = TypeVar("F", bound="FakeApi")
 WHATSAPP_TYPES = frozenset(
@@ -178,7 +180,7 @@ class FakeApi:
         self._rules: dict[str, _Rule] = {}
         self._next: deque[Reply] = deque()
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
+        self._served: ServedApp | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -217,18 +219,14 @@ class FakeApi:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
+        self._served = await ServedApp.start(app, host, port)
+        bound_host, bound_port = self._served.address
         self.url = f"http://{bound_host}:{bound_port}{self.base_path}"
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._served is not None:
+            served, self._served = self._served, None
+            await served.stop()
 
     def start_in_thread(self) -> None:
         """Serve from a thread with its own loop (for a daemon in a subprocess); returns once listening."""
@@ -245,6 +243,7 @@ class FakeApi:
             listening.set_result(None)
             loop.run_forever()
             loop.run_until_complete(self.stop())
+            loop.run_until_complete(finish_tasks(loop))
             loop.close()
 
         self._loop = loop

@@ -160,7 +160,48 @@ def _rule_response(rule: Rule) -> web.Response:
     return web.Response(status=rule.status, headers=headers)
 
 
-async def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+class ServedApp:
+    """An aiohttp application listening on a socket of its own, so that it can stop accepting
+    before it closes (see :meth:`stop`). Shared with the tests' fakes of the real APIs."""
+
+    def __init__(self, runner: web.AppRunner, listening: socket.socket) -> None:
+        self._runner = runner
+        self._listening = listening
+
+    @classmethod
+    async def start(cls, app: web.Application, host: str, port: int) -> ServedApp:
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            listening = socket.socket(family, kind, proto)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind(address)
+            await web.SockSite(runner, listening).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return cls(runner, listening)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._runner.addresses[0][:2]
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        # Stop accepting before the server closes, and let the accepts already under way
+        # finish: on Python 3.11 a connection accepted in the same loop turn as the close is
+        # never wrapped (asyncio's Server._attach asserts it is open) and its socket leaks.
+        # Once they have landed, aiohttp's shutdown closes them with the others.
+        asyncio.get_running_loop().remove_reader(self._listening.fileno())
+        for _ in range(_ACCEPT_DRAIN_TURNS):
+            await asyncio.sleep(0)
+        await self._runner.cleanup()
+
+
+async def finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel and await what is still running on a server thread's loop before it closes (as
     asyncio.run does), so that nothing it holds is left to the garbage collector."""
     tasks = [task for task in asyncio.all_tasks(loop) if task is not asyncio.current_task()]
@@ -200,60 +241,35 @@ class FakeProvider:
         self._rng_seed: int | None = None
         self._started_at = time.monotonic()
 
-        self._runner: web.AppRunner | None = None
-        self._listening: socket.socket | None = None
+        self._served: ServedApp | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle (caller's loop)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        if self._runner is not None:
+        if self._served is not None:
             raise RuntimeError("FakeProvider is already started")
         app = web.Application()
         self._started_at = time.monotonic()
         app.router.add_get(RECORDS_PATH, self._records)
         app.router.add_post("/{tail:.*}", self._handle)
-        runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-            listening = socket.socket(family, kind, proto)
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listening.bind(address)
-            site = web.SockSite(runner, listening)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._listening = listening
-        bound_host, bound_port = runner.addresses[0][:2]
+        served = await ServedApp.start(app, host, port)
+        bound_host, bound_port = served.address
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown_host}:{bound_port}/send"
-        self._runner = runner
+        self._served = served
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        # Stop accepting before the server closes, and let the accepts already under way
-        # finish: on Python 3.11 a connection accepted in the same loop turn as the close is
-        # never wrapped (asyncio's Server._attach asserts it is open) and its socket leaks.
-        # Once they have landed, aiohttp's shutdown closes them with the others.
-        if self._listening is not None:
-            asyncio.get_running_loop().remove_reader(self._listening.fileno())
-            self._listening = None
-            for _ in range(_ACCEPT_DRAIN_TURNS):
-                await asyncio.sleep(0)
-        await runner.cleanup()
+        served, self._served = self._served, None
+        if served is not None:
+            await served.stop()
 
     # ------------------------------------------------------------------ lifecycle (background thread)
 
     def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Serve from a new thread with its own event loop; returns once the server is listening."""
-        if self._thread is not None or self._runner is not None:
+        if self._thread is not None or self._served is not None:
             raise RuntimeError("FakeProvider is already started")
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -273,7 +289,7 @@ class FakeProvider:
                 loop.run_forever()
             finally:
                 with contextlib.suppress(Exception):
-                    loop.run_until_complete(_finish_tasks(loop))
+                    loop.run_until_complete(finish_tasks(loop))
                     loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
 
