@@ -304,3 +304,35 @@ async def test_a_busy_lane_picks_up_a_new_campaign_at_once(
     await wait_status(conn, quick, "completed", timeout=30)
     assert time.monotonic() - started < 3.0, "the new campaign waited behind the busy lane"
     assert (await campaign(conn, slow))["status"] == "sending"
+
+
+async def test_a_new_campaign_is_not_queued_behind_a_capped_campaigns_claims(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A campaign capped at 5/s keeps about 2 s of its sends claimed (11), more than the lane's
+    # 4 send workers. Those claims used to wait for the cap in the lane's one send queue,
+    # ahead of a newly started campaign's: the newcomer's first request came after several
+    # more of the capped campaign's. Now they wait for their tokens apart, and the newcomer
+    # goes out among the next one or two.
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 500.0}}, concurrency=4
+    )
+    capped = await create_campaign(conn, "sms", 500, name="capped", rate_per_second=5.0)
+    daemons(config)
+
+    async def capped_sending() -> bool:
+        return (await campaign(conn, capped))["sent_count"] >= 10
+
+    await wait_for(capped_sending, timeout=30, what="the capped campaign to send")
+    newcomer = await create_campaign(
+        conn, "sms", [(f"+1888{i:07d}", {"name": "n"}) for i in range(3)], name="newcomer", start=False
+    )
+    started = time.monotonic()
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", newcomer)
+    await wait_status(conn, newcomer, "completed", timeout=30)
+
+    accepted = fake.accepted()
+    first = min(a.arrived for a in accepted if a.campaign_id == newcomer)
+    capped_before = [a for a in accepted if a.campaign_id == capped and started <= a.arrived < first]
+    assert len(capped_before) <= 4, f"{len(capped_before)} capped sends went out before the newcomer's first"
+    assert (await campaign(conn, capped))["status"] == "sending"

@@ -16,9 +16,9 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -103,6 +103,10 @@ class CampaignRun:
     # pause is written.
     pause_reason: str | None = None
     pause_written: bool = False
+    # A capped campaign's claims wait here for its cap's tokens, not in the lane's send queue
+    # (see Lane._pace).
+    waiting: deque[Flight] = field(default_factory=deque)
+    pacer: asyncio.Task[None] | None = None
 
     def revive(self, fresh: CampaignRun) -> None:
         """Resumed while claims from before its pause are still settling: those flights
@@ -163,6 +167,7 @@ class Lane:
         # the pool's size however many claims are queued.
         self._queue: asyncio.Queue[Flight] = asyncio.Queue()
         self._workers: dict[asyncio.Task[None], Flight | None] = {}
+        self._pacers: set[asyncio.Task[None]] = set()
         self._outstanding = 0
         # Set when outcome writes free claim room; the feed loop waits on it.
         self._room = asyncio.Event()
@@ -534,7 +539,28 @@ class Lane:
     def _launch(self, run: CampaignRun, claim: Claim) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        self._queue.put_nowait(Flight(claim, run))
+        flight = Flight(claim, run)
+        if run.cap is None:
+            self._queue.put_nowait(flight)
+            return
+        run.waiting.append(flight)
+        if run.pacer is None or run.pacer.done():
+            run.pacer = asyncio.create_task(self._pace(run), name=f"pace:{run.campaign_id}")
+            self._pacers.add(run.pacer)
+            run.pacer.add_done_callback(self._pacers.discard)
+
+    async def _pace(self, run: CampaignRun) -> None:
+        """A capped campaign's claims enter the send queue one cap token at a time: the queue
+        then holds only recipients ready to send, and the sender's other campaigns (a new one
+        above all) never wait behind claims that wait for their own campaign's cap. (A
+        recipient skipped at send time, for an address the provider refuses, spends a token.)"""
+        while run.waiting:
+            cap = run.cap
+            if cap is not None and run.active and not self._stopping():
+                await cap.acquire()
+            if run.waiting:
+                # A paused or stopping run's claims go straight on, to be given back.
+                self._queue.put_nowait(run.waiting.popleft())
 
     async def _worker(self) -> None:
         me = asyncio.current_task()
@@ -563,15 +589,19 @@ class Lane:
 
     def _release_queued(self) -> None:
         """Claims no worker has picked up go back unsent."""
+        for run in self._runs.values():
+            while run.waiting:
+                self._landed(run.waiting.popleft())
         while not self._queue.empty():
             self._landed(self._queue.get_nowait())
 
     async def _stop_workers(self) -> None:
         self._release_queued()
-        for task in self._workers:
+        tasks = [*self._workers, *self._pacers]
+        for task in tasks:
             task.cancel()
-        if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
 
     def _may_start(self, run: CampaignRun) -> bool:
@@ -596,8 +626,6 @@ class Lane:
                 except RenderError as exc:
                     result = SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
                 else:
-                    if run.cap is not None:
-                        await run.cap.acquire()
                     await self._limiter.acquire()
                     # Waiting for a token can take long; the world may have changed.
                     if not self._may_start(run):
