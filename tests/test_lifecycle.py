@@ -292,18 +292,27 @@ async def test_a_busy_lane_picks_up_a_new_campaign_at_once(
     slow = await create_campaign(conn, "sms", 2000, name="slow", rate_per_second=20.0)
     daemons(config)
 
-    async def slow_sending() -> bool:
-        return (await campaign(conn, slow))["sent_count"] >= 20
-
-    await wait_for(slow_sending, timeout=30, what="the slow campaign to send")
-    quick = await create_campaign(
-        conn, "sms", [(f"+1888{i:07d}", {"name": "q"}) for i in range(5)], name="quick", start=False
-    )
-    started = time.monotonic()
-    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", quick)
-    await wait_status(conn, quick, "completed", timeout=30)
+    _, started = await start_a_newcomer_beside(conn, slow, once_sent=20, recipients=5)
     assert time.monotonic() - started < 3.0, "the new campaign waited behind the busy lane"
     assert (await campaign(conn, slow))["status"] == "sending"
+
+
+async def start_a_newcomer_beside(
+    conn: asyncpg.Connection, busy: str, *, once_sent: int, recipients: int
+) -> tuple[str, float]:
+    """Once ``busy`` has sent ``once_sent``, start a small campaign on the same sender and wait
+    for it to complete; returns its id and when it was started (time.monotonic())."""
+
+    async def busy_sending() -> bool:
+        return (await campaign(conn, busy))["sent_count"] >= once_sent
+
+    await wait_for(busy_sending, timeout=30, what="the busy campaign to send")
+    addresses = [(f"+1888{i:07d}", {"name": "n"}) for i in range(recipients)]
+    newcomer = await create_campaign(conn, "sms", addresses, name="newcomer", start=False)
+    started = time.monotonic()
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", newcomer)
+    await wait_status(conn, newcomer, "completed", timeout=30)
+    return newcomer, started
 
 
 async def test_a_new_campaign_is_not_queued_behind_a_capped_campaigns_claims(
@@ -320,17 +329,7 @@ async def test_a_new_campaign_is_not_queued_behind_a_capped_campaigns_claims(
     capped = await create_campaign(conn, "sms", 500, name="capped", rate_per_second=5.0)
     daemons(config)
 
-    async def capped_sending() -> bool:
-        return (await campaign(conn, capped))["sent_count"] >= 10
-
-    await wait_for(capped_sending, timeout=30, what="the capped campaign to send")
-    newcomer = await create_campaign(
-        conn, "sms", [(f"+1888{i:07d}", {"name": "n"}) for i in range(3)], name="newcomer", start=False
-    )
-    started = time.monotonic()
-    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", newcomer)
-    await wait_status(conn, newcomer, "completed", timeout=30)
-
+    newcomer, started = await start_a_newcomer_beside(conn, capped, once_sent=10, recipients=3)
     accepted = fake.accepted()
     first = min(a.arrived for a in accepted if a.campaign_id == newcomer)
     capped_before = [a for a in accepted if a.campaign_id == capped and started <= a.arrived < first]
