@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,25 +303,40 @@ class Lane:
             self._refresh_due_at = 0.0
 
     async def _wait_for_room(self) -> None:
-        """Until a batch's worth of room is free (claims come in batches, not a few rows per
-        round trip), the poll is due, or a NOTIFY (a campaign started on this sender) or a
-        shutdown wakes the lane: a busy lane picks up new work at once.
+        """Until a batch's worth of room is free: claims come in batches, not a few rows per
+        round trip. Committing the outcomes already decided makes the room, so they are
+        written at once when that would be enough."""
+        await self._wait_on_outcomes(
+            lambda: self._free_room() >= self._claim_threshold,
+            write_now=lambda: self._free_room() + len(self._buffer) >= self._claim_threshold,
+        )
+
+    async def _wait_until_written(self) -> None:
+        """Nothing left to claim, but claims still out: until their outcomes are written (the
+        campaign may be complete then), rather than a whole poll later."""
+        await self._wait_on_outcomes(
+            lambda: not (self._outstanding or self._buffer), write_now=lambda: not self._outstanding
+        )
+
+    async def _wait_on_outcomes(self, done: Callable[[], bool], *, write_now: Callable[[], bool]) -> None:
+        """Until ``done()`` (checked whenever outcome writes free room), the poll is due, or a
+        NOTIFY (a campaign started on this sender) or a shutdown wakes the lane: a busy lane
+        picks up new work at once. Outcomes are written at once, not at the next flush tick,
+        when ``write_now()``: otherwise the send workers could run dry while the lane waits.
 
         The campaigns are looked up again during this wait, while the send workers have
         claims to work on, rather than in front of the next claim, where they would wait.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.poll_seconds
-        while self._free_room() < self._claim_threshold:
+        while not done():
             remaining = deadline - loop.time()
             if remaining <= 0 or self._wake.is_set() or self._shutdown.requested.is_set():
                 break
             if self._refresh_due():
                 await self._refresh_campaigns()
                 continue
-            if self._free_room() + len(self._buffer) >= self._claim_threshold:
-                # Committing the outcomes already decided makes the room: write them now, not
-                # at the next flush tick, or the send workers run dry while the claim waits.
+            if write_now():
                 self._flush_wanted.set()
             self._room.clear()
             await wait_any(
@@ -330,21 +345,6 @@ class Lane:
                 self._shutdown.requested,
                 seconds=min(remaining, self._refresh_due_at - loop.time()),
             )
-        self._consume_wake()
-
-    async def _wait_until_written(self) -> None:
-        """Nothing left to claim, but claims still out: until their outcomes are written (the
-        campaign may be complete then), rather than a whole poll later."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.poll_seconds
-        while self._outstanding or self._buffer:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._wake.is_set() or self._shutdown.requested.is_set():
-                break
-            if not self._outstanding:
-                self._flush_wanted.set()
-            self._room.clear()
-            await wait_any(self._room, self._wake, self._shutdown.requested, seconds=remaining)
         self._consume_wake()
 
     async def _campaigns(self) -> list[CampaignRun]:
