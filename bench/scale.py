@@ -21,19 +21,27 @@ Decile rates come from the recipients' ``sent_at`` (the time the daemon's outcom
 written): 10% of N / (time of the 10%-th send - time of the first), and likewise for the
 last 10%. RSS is VmRSS read from /proc/<pid>/status every 0.5 s (max and last) and VmHWM
 (the kernel's peak) just before SIGTERM.
+
+A rate over a few seconds moves with the hypervisor's steal and with other tenants, so each
+flat-cost pass also prints, for every tenth of the campaign, what it *cost*: the daemon's and
+PostgreSQL's CPU milliseconds per message, the cores stolen meanwhile, and the autovacuum and
+autoanalyze passes on the recipients table that ran in it. A cost that grows with the rows
+already sent shows there, whatever the machine's neighbours do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from _common import (
     Daemon,
@@ -45,9 +53,11 @@ from _common import (
     create_template,
     drop_database,
     embedded_postgres,
+    process_cpu,
     quiet_moment,
     refresh_settings,
     register_sender,
+    tree_cpu,
     wait_daemon_listening,
     write_daemon_config,
     zero_cost_sink,
@@ -110,6 +120,72 @@ async def add_old_rows(url: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class Sample:
+    at: float
+    done: int
+    daemon_cpu: float
+    postgres_cpu: float
+    steal: float
+    autovacuums: int
+    autoanalyzes: int
+
+
+@dataclass(frozen=True)
+class Tenth:
+    """What one tenth of a campaign's recipients cost, between the samples that bracket it."""
+
+    rate: float
+    daemon_ms_per_msg: float
+    postgres_ms_per_msg: float
+    stolen_cores: float
+    autovacuums: int
+    autoanalyzes: int
+
+
+SAMPLE_QUERY = (
+    "SELECT c.status, c.sent_count + c.failed_count + c.skipped_count AS done,"
+    " coalesce(s.autovacuum_count, 0) AS autovacuums, coalesce(s.autoanalyze_count, 0) AS autoanalyzes"
+    " FROM campaignd.campaigns c"
+    " LEFT JOIN pg_stat_user_tables s ON s.schemaname = 'campaignd' AND s.relname = 'recipients'"
+    " WHERE c.id = $1"
+)
+
+
+def stolen_seconds() -> float:
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
+def tenths(samples: list[Sample], recipients: int) -> list[Tenth]:
+    """Cost per tenth of the recipients, from the first sample at or past each tenth's boundary.
+
+    The first tenth starts at the first sample with an outcome counted, so that preparing the
+    campaign (validation, duplicate marking) is not charged to its sends.
+    """
+    result: list[Tenth] = []
+    boundaries = [max(1, recipients * k // 10) for k in range(11)]
+    marks: list[Sample] = []
+    for boundary in boundaries:
+        mark = next((s for s in samples if s.done >= boundary), None)
+        if mark is None:
+            return result
+        marks.append(mark)
+    for start, end in itertools.pairwise(marks):
+        messages = max(1, end.done - start.done)
+        wall = max(1e-9, end.at - start.at)
+        result.append(
+            Tenth(
+                rate=messages / wall,
+                daemon_ms_per_msg=1000 * (end.daemon_cpu - start.daemon_cpu) / messages,
+                postgres_ms_per_msg=1000 * (end.postgres_cpu - start.postgres_cpu) / messages,
+                stolen_cores=(end.steal - start.steal) / wall,
+                autovacuums=end.autovacuums - start.autovacuums,
+                autoanalyzes=end.autoanalyzes - start.autoanalyzes,
+            )
+        )
+    return result
+
+
 @dataclass
 class Run:
     label: str
@@ -122,6 +198,7 @@ class Run:
     rss_max_mb: float
     rss_last_mb: float
     hwm_mb: float
+    tenths: list[Tenth] = field(default_factory=list)
 
 
 async def run_campaign(
@@ -154,13 +231,24 @@ async def run_campaign(
             rss_max = rss_last = 0
             deadline = started + 120 + recipients / 500
             status = "sending"
+            samples: list[Sample] = []
+            last_rss_read = 0.0
             while status == "sending" and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-                rss_last = proc_status_kib(daemon.pid, "VmRSS")
-                rss_max = max(rss_max, rss_last)
-                status = await connection.fetchval(
-                    "SELECT status FROM campaignd.campaigns WHERE id = $1", campaign_id
-                )
+                await asyncio.sleep(0.25)
+                now = time.monotonic()
+                if now - last_rss_read >= 0.5:
+                    last_rss_read = now
+                    rss_last = proc_status_kib(daemon.pid, "VmRSS")
+                    rss_max = max(rss_max, rss_last)
+                row = await connection.fetchrow(SAMPLE_QUERY, campaign_id)
+                assert row is not None
+                status = row["status"]
+                samples.append(
+                    Sample(
+                        time.monotonic(), row["done"], process_cpu(daemon.pid), tree_cpu(postgres.pid),
+                        stolen_seconds(), row["autovacuums"], row["autoanalyzes"],
+                    )
+                )  # fmt: skip
                 if not daemon.alive():
                     raise RuntimeError(f"campaignd exited:\n{daemon.log_tail()}")
             elapsed = time.monotonic() - started
@@ -175,7 +263,7 @@ async def run_campaign(
         await drop_database(postgres, name)
     return Run(
         label, recipients, old_rows, elapsed, recipients / elapsed, first, last,
-        rss_max / 1024, rss_last / 1024, hwm / 1024,
+        rss_max / 1024, rss_last / 1024, hwm / 1024, tenths(samples, recipients),
     )  # fmt: skip
 
 
@@ -203,6 +291,30 @@ def report(run: Run) -> None:
         f" RSS max {run.rss_max_mb:.1f} MB, at end {run.rss_last_mb:.1f} MB, VmHWM {run.hwm_mb:.1f} MB",
         flush=True,
     )
+    if run.label.startswith("old-"):
+        report_tenths(run.tenths)
+
+
+def report_tenths(parts: list[Tenth]) -> None:
+    print("      tenth  msg/s  daemon ms/msg  PG ms/msg  stolen cores  autovacuum/analyze")
+    for index, part in enumerate(parts, start=1):
+        print(
+            f"      {index:>5}  {part.rate:>5,.0f}  {part.daemon_ms_per_msg:>13.3f}"
+            f"  {part.postgres_ms_per_msg:>9.3f}  {part.stolen_cores:>12.2f}"
+            f"  {part.autovacuums}/{part.autoanalyzes}",
+            flush=True,
+        )
+    if len(parts) == 10:
+        first, last = parts[0], parts[-1]
+        first_cost = first.daemon_ms_per_msg + first.postgres_ms_per_msg
+        last_cost = last.daemon_ms_per_msg + last.postgres_ms_per_msg
+        print(
+            f"      CPU per message, last/first tenth: daemon"
+            f" {last.daemon_ms_per_msg / max(1e-9, first.daemon_ms_per_msg):.2f},"
+            f" PostgreSQL {last.postgres_ms_per_msg / max(1e-9, first.postgres_ms_per_msg):.2f},"
+            f" both {last_cost / max(1e-9, first_cost):.2f}",
+            flush=True,
+        )
 
 
 async def main_async(args: argparse.Namespace, postgres: Postgres, sink: Sink, workdir: Path) -> None:
