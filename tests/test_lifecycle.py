@@ -335,3 +335,24 @@ async def test_a_new_campaign_is_not_queued_behind_a_capped_campaigns_claims(
     capped_before = [a for a in accepted if a.campaign_id == capped and started <= a.arrived < first]
     assert len(capped_before) <= 4, f"{len(capped_before)} capped sends went out before the newcomer's first"
     assert (await campaign(conn, capped))["status"] == "sending"
+
+
+async def test_a_capped_campaigns_unsendable_recipients_do_not_spend_its_cap(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Capped at one send per 2 s, 20 recipients that turn out unsendable at send time (an
+    # address the provider refuses, a variable that does not render) ahead of 2 good ones.
+    # They used to take a cap token each on their way to being skipped, so the first good one
+    # went out ~40 s after the start. Skipped before the cap, they cost it nothing.
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}})
+    refused = [(f"+1555 {i:07d}", {"name": "refused"}) for i in range(10)]
+    unrenderable = [(f"+1555{i:07d}", {"name": {"nested": i}}) for i in range(10)]
+    good = [(f"+1666{i:07d}", {"name": "good"}) for i in range(2)]
+    campaign_id = await create_campaign(conn, "sms", refused + unrenderable + good, rate_per_second=0.5)
+    daemons(config)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=20)
+    assert (row["sent_count"], row["skipped_count"]) == (2, 20)
+    assert await state_counts(conn, campaign_id) == {"sent": 2, "skipped": 20}
+    assert sorted(a.address for a in fake.accepted()) == ["+16660000000", "+16660000001"]
+    await assert_counters_match(conn, campaign_id)

@@ -130,6 +130,8 @@ class Flight:
 
     claim: Claim
     run: CampaignRun
+    # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace).
+    delivery: Delivery | None = None
     request_started: bool = False
     settled: bool = False
 
@@ -552,11 +554,26 @@ class Lane:
     async def _pace(self, run: CampaignRun) -> None:
         """A capped campaign's claims enter the send queue one cap token at a time: the queue
         then holds only recipients ready to send, and the sender's other campaigns (a new one
-        above all) never wait behind claims that wait for their own campaign's cap. (A
-        recipient skipped at send time, for an address the provider refuses, spends a token.)"""
+        above all) never wait behind claims that wait for their own campaign's cap. A recipient
+        that cannot be sent (an address the provider refuses, a variable that does not render)
+        is skipped here, before it takes a token: it would otherwise slow the campaign by one
+        cap interval each."""
         while run.waiting:
             cap = run.cap
             if cap is not None and run.active and not self._stopping():
+                flight = run.waiting[0]
+                if flight.delivery is None:
+                    try:
+                        prepared = self._prepare(flight)
+                    except Exception:
+                        # A bug: the worker meets it again, logs it and spends the attempt.
+                        prepared = None
+                    if isinstance(prepared, SendResult):
+                        run.waiting.popleft()
+                        self._settle(flight, prepared)
+                        self._landed(flight)
+                        continue
+                    flight.delivery = prepared
                 await cap.acquire()
             if run.waiting:
                 # A paused or stopping run's claims go straight on, to be given back.
@@ -616,15 +633,9 @@ class Lane:
                 if not run.active or self._stopping():
                     self._settle(flight, None)
                     return
-                try:
-                    address = self._provider.normalize_address(claim.address or "")
-                    message = run.template.render(claim.variables)
-                except InvalidAddress as exc:
-                    result = SendResult(
-                        ResultKind.SKIPPED, error_code="invalid_address", error_message=str(exc)
-                    )
-                except RenderError as exc:
-                    result = SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
+                prepared = flight.delivery or self._prepare(flight)
+                if isinstance(prepared, SendResult):
+                    result = prepared
                 else:
                     await self._limiter.acquire()
                     # Waiting for a token can take long; the world may have changed.
@@ -632,9 +643,7 @@ class Lane:
                         self._settle(flight, None)
                         return
                     flight.request_started = True
-                    result = await self._timed_send(
-                        Delivery(run.campaign_id, claim.recipient_id, address, message)
-                    )
+                    result = await self._timed_send(prepared)
             self._settle(flight, result)
         except Exception as exc:
             # A bug, not a provider answer: spend an attempt so it cannot loop forever.
@@ -647,6 +656,18 @@ class Lane:
                     ResultKind.TRANSIENT, error_code="internal_error", error_message=type(exc).__name__
                 ),
             )
+
+    def _prepare(self, flight: Flight) -> Delivery | SendResult:
+        """The request for a claimed recipient, or the skip of one that cannot be sent."""
+        claim, run = flight.claim, flight.run
+        try:
+            address = self._provider.normalize_address(claim.address or "")
+            message = run.template.render(claim.variables)
+        except InvalidAddress as exc:
+            return SendResult(ResultKind.SKIPPED, error_code="invalid_address", error_message=str(exc))
+        except RenderError as exc:
+            return SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
+        return Delivery(run.campaign_id, claim.recipient_id, address, message)
 
     async def _timed_send(self, delivery: Delivery) -> SendResult:
         started = time.perf_counter()
