@@ -291,8 +291,18 @@ def report(run: Run) -> None:
         f" RSS max {run.rss_max_mb:.1f} MB, at end {run.rss_last_mb:.1f} MB, VmHWM {run.hwm_mb:.1f} MB",
         flush=True,
     )
-    if run.label.startswith("old-"):
+    if timed_tenths(run):
         report_tenths(run.tenths)
+
+
+# A tenth shorter than this spans too few 0.25 s samples to say what it cost.
+MIN_TENTH_SECONDS = 2.0
+
+
+def timed_tenths(run: Run) -> list[Tenth]:
+    if len(run.tenths) != 10 or any(run.recipients / 10 / t.rate < MIN_TENTH_SECONDS for t in run.tenths):
+        return []
+    return run.tenths
 
 
 def report_tenths(parts: list[Tenth]) -> None:
@@ -314,6 +324,49 @@ def report_tenths(parts: list[Tenth]) -> None:
             f" PostgreSQL {last.postgres_ms_per_msg / max(1e-9, first.postgres_ms_per_msg):.2f},"
             f" both {last_cost / max(1e-9, first_cost):.2f}",
             flush=True,
+        )
+
+
+def least_squares(rows: list[tuple[float, ...]], values: list[float]) -> list[float]:
+    """Coefficients c minimising sum((row . c - value)^2), by the normal equations."""
+    width = len(rows[0])
+    matrix = [[sum(r[i] * r[j] for r in rows) for j in range(width)] for i in range(width)]
+    vector = [sum(r[i] * v for r, v in zip(rows, values, strict=True)) for i in range(width)]
+    for column in range(width):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(column, width), key=lambda row: abs(matrix[row][column]))
+        matrix[column], matrix[pivot] = matrix[pivot], matrix[column]
+        vector[column], vector[pivot] = vector[pivot], vector[column]
+        for row in range(width):
+            if row != column and matrix[column][column]:
+                factor = matrix[row][column] / matrix[column][column]
+                matrix[row] = [a - factor * b for a, b in zip(matrix[row], matrix[column], strict=True)]
+                vector[row] -= factor * vector[column]
+    return [vector[i] / matrix[i][i] if matrix[i][i] else 0.0 for i in range(width)]
+
+
+def report_trend(runs: list[Run]) -> None:
+    """Does a message cost more the more of its campaign is already sent?
+
+    Over every tenth of every long enough run, fit cost = a + b * stolen cores + c * position
+    (tenth 1..10): c is the change per tenth with the hypervisor's steal held equal, which on a
+    shared machine moves single tenths by far more than any trend.
+    """
+    parts = [(index, part) for run in runs for index, part in enumerate(timed_tenths(run), start=1)]
+    if len(parts) < 10:
+        return
+    rows = [(1.0, part.stolen_cores, float(index)) for index, part in parts]
+    print(f"cost against position over {len(parts)} tenths of {len(parts) // 10} runs (steal held equal):")
+    for name, values in (
+        ("daemon CPU per message", [part.daemon_ms_per_msg for _, part in parts]),
+        ("PostgreSQL CPU per message", [part.postgres_ms_per_msg for _, part in parts]),
+        ("msg/s", [part.rate for _, part in parts]),
+    ):
+        base, per_stolen_core, per_tenth = least_squares(rows, values)
+        at_start = base + per_tenth
+        print(
+            f"  {name}: {100 * per_tenth / at_start:+.2f}% per tenth of the campaign"
+            f" ({100 * 9 * per_tenth / at_start:+.1f}% from the first tenth to the last);"
+            f" {100 * per_stolen_core / at_start:+.0f}% per stolen core"
         )
 
 
@@ -341,6 +394,7 @@ async def main_async(args: argparse.Namespace, postgres: Postgres, sink: Sink, w
         f"\nflat cost: last/first decile ratios {min(ratios):.2f}-{max(ratios):.2f}"
         f" (target 1.00 ± {FLAT_TOLERANCE:.2f})"
     )
+    report_trend(runs)
     for old in old_sizes:
         base = [r.rate for r in flat if r.old_rows == 0]
         with_old = [r.rate for r in flat if r.old_rows == old]
