@@ -570,8 +570,10 @@ class Lane:
                         prepared = None
                     if isinstance(prepared, SendResult):
                         run.waiting.popleft()
-                        self._settle(flight, prepared)
-                        self._landed(flight)
+                        try:
+                            self._settle(flight, prepared)
+                        finally:
+                            self._landed(flight)
                         continue
                     flight.delivery = prepared
                 await cap.acquire()
