@@ -293,26 +293,32 @@ async def drop_database(postgres: Postgres, name: str) -> None:
 
 
 async def register_sender(
-    connection: asyncpg.Connection, rate_per_second: float = 1_000_000.0, burst: int = 100_000
+    connection: asyncpg.Connection,
+    rate_per_second: float = 1_000_000.0,
+    burst: int = 100_000,
+    *,
+    sender_id: str = SENDER_ID,
 ) -> None:
     """The benchmark sender's row, as `campaignd migrate` would write it (rate limits out of the way)."""
     await connection.execute(
         "INSERT INTO campaignd.senders (id, provider, rate_per_second, burst) VALUES ($1, 'http', $2, $3)"
         " ON CONFLICT (id) DO NOTHING",
-        SENDER_ID,
+        sender_id,
         rate_per_second,
         burst,
     )
 
 
-async def create_campaign(connection: asyncpg.Connection, recipients: int) -> str:
+async def create_campaign(
+    connection: asyncpg.Connection, recipients: int, *, sender_id: str = SENDER_ID
+) -> str:
     """As a host does it: sender row, draft campaign, COPY recipients; started separately."""
-    await register_sender(connection)
+    await register_sender(connection, sender_id=sender_id)
     async with connection.transaction():
         campaign_id = await connection.fetchval(
             "INSERT INTO campaignd.campaigns (name, sender_id, message)"
             " VALUES ('bench', $1, $2) RETURNING id",
-            SENDER_ID,
+            sender_id,
             MESSAGE_TEMPLATE,
         )
         await connection.copy_records_to_table(
@@ -567,6 +573,7 @@ def write_daemon_config(
     rate_per_second: float = 1_000_000.0,
     burst: int = 100_000,
     pool_size: int | None = None,
+    sender_id: str = SENDER_ID,
 ) -> Path:
     database: dict[str, Any] = {"url": database_url}
     if pool_size is not None:
@@ -585,7 +592,7 @@ def write_daemon_config(
         "health": {"listen": ""},
         # Rate limits out of the way by default: the bucket must never be what is measured,
         # except by the rate-accuracy benchmark.
-        f"senders.{SENDER_ID}": {
+        f"senders.{sender_id}": {
             "provider": "http",
             "url": sink_url,
             "rate_per_second": rate_per_second,
@@ -634,8 +641,13 @@ class Daemon:
         return "\n".join(text[-lines:])
 
 
-async def wait_daemon_listening(connection: asyncpg.Connection, daemon: Daemon, limit: float = 30.0) -> None:
-    """Ready once its NOTIFY listener is connected: from then on a start wakes it at once."""
+async def wait_daemon_listening(
+    connection: asyncpg.Connection, daemon: Daemon, limit: float = 30.0, *, listeners: int = 1
+) -> None:
+    """Ready once its NOTIFY listener is connected: from then on a start wakes it at once.
+
+    ``listeners``: how many daemons on this database must be listening (the others started
+    before this one)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if not daemon.alive():
@@ -647,7 +659,7 @@ async def wait_daemon_listening(connection: asyncpg.Connection, daemon: Daemon, 
             " WHERE application_name = 'campaignd' AND datname = current_database()"
             " AND query ILIKE 'LISTEN%'"
         )
-        if listening:
+        if listening >= listeners:
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"campaignd did not start listening within {limit}s:\n{daemon.log_tail()}")
