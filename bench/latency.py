@@ -99,6 +99,7 @@ async def measure_campaignd_split(
     name: str,
     time_limit: float,
     quiet_wait: float,
+    pool_size: int | None,
 ) -> SplitResult:
     url = await clone_database(postgres, TEMPLATE_DB, name)
     connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
@@ -118,6 +119,7 @@ async def measure_campaignd_split(
                 sink_url=sink.url,
                 concurrency=concurrency // 2,
                 batch_size=batch_size,
+                pool_size=pool_size,
                 sender_id=sender,
             )
             daemons.append(Daemon(config, workdir / f"{name}_{sender}.log"))
@@ -201,6 +203,7 @@ async def measure_point(
         name=f"bench_latency_split_{concurrency}_{index}",
         time_limit=time_limit,
         quiet_wait=args.quiet_wait,
+        pool_size=args.pool_size,
     )
     ideal = concurrency / args.latency
     print(
