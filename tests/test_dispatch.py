@@ -184,6 +184,52 @@ async def test_two_daemons_share_the_work_each_recipient_once_rates_respected(
         assert daemon.wait() == 0
 
 
+async def test_replicas_configured_alike_share_senders_that_start_together(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Two replicas with one config, four senders whose campaigns start in one transaction:
+    # both replicas wake at once, and the first to ask used to take all four lanes, leaving
+    # the other idle. Now a replica takes one lane per attempt and, once it serves some,
+    # waits a little before the next, so the other gets a share.
+    senders = ("s1", "s2", "s3", "s4")
+    config = daemon_config(
+        tmp_path, database_url, {sender: {"url": fake.url, "rate_per_second": 50.0} for sender in senders}
+    )
+    campaigns = [
+        await create_campaign(
+            conn, sender, [(f"+1777{index}{i:06d}", {"name": "x"}) for i in range(150)], start=False
+        )
+        for index, sender in enumerate(senders)
+    ]
+    replicas = [daemons(config), daemons(config)]
+
+    async def both_listening() -> bool:
+        listeners = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'campaignd'"
+            " AND datname = current_database() AND query ILIKE 'LISTEN%'"
+        )
+        return bool(listeners >= len(replicas))
+
+    await wait_for(both_listening, timeout=30, what="both replicas listening")
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending' WHERE id = ANY($1::uuid[])", campaigns
+    )
+
+    async def all_lanes_taken() -> list[str] | None:
+        owners = await conn.fetch(
+            "SELECT lease_owner FROM campaignd.senders WHERE id = ANY($1::text[])", list(senders)
+        )
+        values = [row["lease_owner"] for row in owners]
+        return values if len(values) == len(senders) and all(values) else None
+
+    owners = await wait_for(all_lanes_taken, timeout=30, what="every sender's lane taken")
+    assert len(set(owners)) == len(replicas), f"lanes by owner: {Counter(owners)}"
+    for campaign_id in campaigns:
+        await wait_status(conn, campaign_id, "completed", timeout=60)
+        await assert_counters_match(conn, campaign_id)
+    assert fake.request_count() == 150 * len(senders)
+
+
 async def test_frozen_daemon_is_fenced_after_takeover(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:

@@ -190,6 +190,11 @@ class Daemon:
             metrics.LANES_HELD.set(len(self._lanes))
             free = [sender_id for sender_id in self.settings.senders if sender_id not in self._lanes]
             if free:
+                deferral = leasing.acquisition_deferral(len(self._lanes))
+                if deferral:
+                    await wait_any(self.shutdown.requested, seconds=deferral)
+                    if self.shutdown.requested.is_set():
+                        continue
                 try:
                     async with pool.acquire() as connection:
                         leases = await leasing.acquire_lanes(
@@ -204,6 +209,9 @@ class Daemon:
                     continue
                 for lease in leases:
                     self._start_lane(lease, pool, providers[lease.sender_id])
+                if leases:
+                    # There may be more: try again at once (after this lane's deferral).
+                    self._wake_manager.set()
             self.ready.set()
             await self._sleep(config.poll_seconds)
         if self._lanes:

@@ -31,6 +31,18 @@ RENEWALS_PER_LEASE = 3
 SAFETY_FRACTION = 0.1
 
 
+# Replicas configured with the same senders share the lanes that have work, the least busy
+# first: a daemon takes one lane per attempt, and one that already serves lanes waits this
+# long per lane (up to the cap) before each attempt. Without it, the first replica to wake
+# takes every lane whose campaigns start together and the others stay idle.
+DEFERRAL_PER_HELD_LANE_SECONDS = 0.01
+MAX_ACQUISITION_DEFERRAL_SECONDS = 0.2
+
+
+def acquisition_deferral(held_lanes: int) -> float:
+    return min(held_lanes * DEFERRAL_PER_HELD_LANE_SECONDS, MAX_ACQUISITION_DEFERRAL_SECONDS)
+
+
 def local_clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
@@ -62,10 +74,10 @@ class LaneLease:
 
 
 async def acquire_lanes(
-    connection: Connection, sender_ids: list[str], owner: str, lease_seconds: float
+    connection: Connection, sender_ids: list[str], owner: str, lease_seconds: float, *, limit: int = 1
 ) -> list[LaneLease]:
     asked_at = local_clock()
-    rows = await connection.fetch(QUERIES["acquire_lanes"], sender_ids, owner, lease_seconds)
+    rows = await connection.fetch(QUERIES["acquire_lanes"], sender_ids, owner, lease_seconds, limit)
     leases = []
     for row in rows:
         lease = LaneLease(

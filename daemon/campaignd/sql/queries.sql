@@ -45,9 +45,9 @@ WHERE (senders.provider, senders.rate_per_second, senders.burst, senders.resend_
       IS DISTINCT FROM (EXCLUDED.provider, EXCLUDED.rate_per_second, EXCLUDED.burst, EXCLUDED.resend_in_doubt);
 
 -- name: acquire_lanes
--- Takes every free or expired lane of the given senders that has SENDING work.
+-- Takes up to $4 free or expired lanes of the given senders that have SENDING work.
 -- SKIP LOCKED: two daemons polling at once split the lanes instead of queueing on them.
--- $1 sender ids, $2 owner, $3 lease seconds
+-- $1 sender ids, $2 owner, $3 lease seconds, $4 how many at most
 WITH candidates AS (
     SELECT s.id, s.lease_owner AS previous_owner
     FROM campaignd.senders s
@@ -56,6 +56,7 @@ WITH candidates AS (
       AND (s.lease_owner IS NULL OR s.lease_expires_at < now())
       AND EXISTS (SELECT 1 FROM campaignd.campaigns c WHERE c.sender_id = s.id AND c.status = 'sending')
     ORDER BY s.id
+    LIMIT $4
     FOR UPDATE OF s SKIP LOCKED
 )
 UPDATE campaignd.senders s
