@@ -356,3 +356,31 @@ async def test_a_capped_campaigns_unsendable_recipients_do_not_spend_its_cap(
     assert await state_counts(conn, campaign_id) == {"sent": 2, "skipped": 20}
     assert sorted(a.address for a in fake.accepted()) == ["+16660000000", "+16660000001"]
     await assert_counters_match(conn, campaign_id)
+
+
+async def test_a_capped_campaign_edited_while_paused_sends_the_edited_message(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Capped at one send per 5 s, the second recipient's request is prepared while it waits
+    # for its token. The host pauses the campaign, edits the message and resumes it before
+    # that token comes: the request must carry the message as it is now.
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}})
+    campaign_id = await create_campaign(conn, "sms", 3, rate_per_second=0.2)
+    daemons(config)
+
+    async def first_sent() -> bool:
+        return fake.accepted_count() >= 1
+
+    await wait_for(first_sent, timeout=30, what="the first request")
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'paused' WHERE id = $1", campaign_id)
+    await asyncio.sleep(1.0)  # the lane looks its campaigns up every 0.25 s
+    assert fake.accepted_count() == 1
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET message = $2, status = 'sending' WHERE id = $1",
+        campaign_id,
+        {"text": "edited {{name}}"},
+    )
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    texts = [a.body["message"]["text"] for a in sorted(fake.accepted(), key=lambda a: a.recipient_id)]
+    assert texts == ["hello n0", "edited n1", "edited n2"]
+    await assert_counters_match(conn, campaign_id)

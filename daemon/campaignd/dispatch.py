@@ -130,8 +130,10 @@ class Flight:
 
     claim: Claim
     run: CampaignRun
-    # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace).
+    # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
+    # with the template it was rendered from: a run revived after a pause may have another.
     delivery: Delivery | None = None
+    rendered_with: Template | None = None
     request_started: bool = False
     settled: bool = False
 
@@ -575,7 +577,7 @@ class Lane:
                         finally:
                             self._landed(flight)
                         continue
-                    flight.delivery = prepared
+                    flight.delivery, flight.rendered_with = prepared, run.template
                 await cap.acquire()
             if run.waiting:
                 # A paused or stopping run's claims go straight on, to be given back.
@@ -635,7 +637,11 @@ class Lane:
                 if not run.active or self._stopping():
                     self._settle(flight, None)
                     return
-                prepared = flight.delivery or self._prepare(flight)
+                prepared: Delivery | SendResult
+                if flight.delivery is not None and flight.rendered_with is run.template:
+                    prepared = flight.delivery
+                else:
+                    prepared = self._prepare(flight)
                 if isinstance(prepared, SendResult):
                     result = prepared
                 else:
