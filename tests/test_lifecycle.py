@@ -366,14 +366,20 @@ async def test_a_capped_campaign_edited_while_paused_sends_the_edited_message(
     # that token comes: the request must carry the message as it is now.
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 100.0}})
     campaign_id = await create_campaign(conn, "sms", 3, rate_per_second=0.2)
-    daemons(config)
+    daemon = daemons(config)
 
     async def first_sent() -> bool:
         return fake.accepted_count() >= 1
 
     await wait_for(first_sent, timeout=30, what="the first request")
     await conn.execute("UPDATE campaignd.campaigns SET status = 'paused' WHERE id = $1", campaign_id)
-    await asyncio.sleep(1.0)  # the lane looks its campaigns up every 0.25 s
+
+    async def pause_seen() -> bool:
+        return "campaign_no_longer_sending" in daemon.log()
+
+    # The edit takes effect when the lane has seen the pause (a pause and resume it never
+    # saw leave the campaign running as it was).
+    await wait_for(pause_seen, timeout=4, what="the lane to see the pause")
     assert fake.accepted_count() == 1
     await conn.execute(
         "UPDATE campaignd.campaigns SET message = $2, status = 'sending' WHERE id = $1",
