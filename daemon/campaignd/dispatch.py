@@ -137,6 +137,10 @@ class Flight:
     request_started: bool = False
     settled: bool = False
 
+    def prepared(self) -> Delivery | None:
+        """The request prepared ahead, while its run's message is the one it was rendered from."""
+        return self.delivery if self.rendered_with is self.run.template else None
+
 
 class LaneLost(Exception):
     """Another daemon holds this sender lane now."""
@@ -563,25 +567,32 @@ class Lane:
         while run.waiting:
             cap = run.cap
             if cap is not None and run.active and not self._stopping():
-                flight = run.waiting[0]
-                if flight.delivery is None:
-                    try:
-                        prepared = self._prepare(flight)
-                    except Exception:
-                        # A bug: the worker meets it again, logs it and spends the attempt.
-                        prepared = None
-                    if isinstance(prepared, SendResult):
-                        run.waiting.popleft()
-                        try:
-                            self._settle(flight, prepared)
-                        finally:
-                            self._landed(flight)
-                        continue
-                    flight.delivery, flight.rendered_with = prepared, run.template
+                if self._skipped_before_its_token(run.waiting[0]):
+                    continue
                 await cap.acquire()
             if run.waiting:
                 # A paused or stopping run's claims go straight on, to be given back.
                 self._queue.put_nowait(run.waiting.popleft())
+
+    def _skipped_before_its_token(self, flight: Flight) -> bool:
+        """Prepares the request of the next claim to pace; settles (and returns True for) one
+        that cannot be sent."""
+        if flight.prepared() is not None:
+            return False
+        try:
+            prepared = self._prepare(flight)
+        except Exception:
+            # A bug: the worker meets it again, logs it and spends the attempt.
+            return False
+        if isinstance(prepared, Delivery):
+            flight.delivery, flight.rendered_with = prepared, flight.run.template
+            return False
+        flight.run.waiting.popleft()
+        try:
+            self._settle(flight, prepared)
+        finally:
+            self._landed(flight)
+        return True
 
     async def _worker(self) -> None:
         me = asyncio.current_task()
@@ -637,11 +648,7 @@ class Lane:
                 if not run.active or self._stopping():
                     self._settle(flight, None)
                     return
-                prepared: Delivery | SendResult
-                if flight.delivery is not None and flight.rendered_with is run.template:
-                    prepared = flight.delivery
-                else:
-                    prepared = self._prepare(flight)
+                prepared = flight.prepared() or self._prepare(flight)
                 if isinstance(prepared, SendResult):
                     result = prepared
                 else:
