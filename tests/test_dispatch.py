@@ -230,6 +230,127 @@ async def test_replicas_configured_alike_share_senders_that_start_together(
     assert fake.request_count() == 150 * len(senders)
 
 
+async def lane_owners(conn: asyncpg.Connection, senders: tuple[str, ...]) -> Counter[str | None]:
+    rows = await conn.fetch(
+        "SELECT lease_owner FROM campaignd.senders WHERE id = ANY($1::text[])", list(senders)
+    )
+    return Counter(row["lease_owner"] for row in rows)
+
+
+async def wait_one_replica_serves_all(conn: asyncpg.Connection, senders: tuple[str, ...]) -> None:
+    async def one_owner() -> bool:
+        owners = await lane_owners(conn, senders)
+        return len(owners) == 1 and None not in owners
+
+    await wait_for(one_owner, timeout=30, what=f"one replica serving the lanes of {senders}")
+
+
+async def test_a_replica_started_later_gets_a_share_of_busy_lanes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # One replica serves four long campaigns when a second starts (a rolling restart, or
+    # scaling out). Before, the newcomer stayed idle until the campaigns ended; now the busy
+    # replica hands it lanes until they are two and two, each lane draining before it is
+    # released, so no message is sent twice and no sender ever has two lanes at once.
+    senders = ("s1", "s2", "s3", "s4")
+    rate, burst, count = 40.0, 5, 600
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {sender: {"url": fake.url, "rate_per_second": rate, "burst": burst} for sender in senders},
+        rebalance_seconds=0.5,
+    )
+    campaigns = {
+        sender: await create_campaign(
+            conn, sender, [(f"+1778{index}{i:06d}", {"name": "x"}) for i in range(count)]
+        )
+        for index, sender in enumerate(senders)
+    }
+    first = daemons(config)
+    await wait_one_replica_serves_all(conn, senders)
+    second = daemons(config)
+
+    async def shared() -> Counter[str | None] | None:
+        owners = await lane_owners(conn, senders)
+        return owners if sorted(owners.values()) == [2, 2] and None not in owners else None
+
+    owners = await wait_for(shared, timeout=30, what="two lanes each")
+    sent_when_shared = sum([(await campaign(conn, c))["sent_count"] for c in campaigns.values()])
+    assert sent_when_shared < count * len(senders) / 2, "the campaigns were nearly over: too late to tell"
+    for campaign_id in campaigns.values():
+        await wait_status(conn, campaign_id, "completed", timeout=90)
+        await assert_counters_match(conn, campaign_id)
+        assert_exactly_once(fake, campaign_id, count)
+    assert fake.request_count() == count * len(senders), "a message went out twice"
+    assert first.log().count('"lane_handover"') == 2, owners
+    assert "in_doubt_recovered" not in first.log() + second.log()
+    # The lane moved only after it drained: its sender's rate held across the move.
+    for sender, campaign_id in campaigns.items():
+        arrivals = [a.arrived for a in fake.accepted() if a.campaign_id == campaign_id]
+        assert max_in_window(arrivals, 1.0) <= rate + burst, sender
+    for daemon in (first, second):
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+    assert await conn.fetchval("SELECT count(*) FROM campaignd.daemons") == 0, "a daemon left its row"
+
+
+async def test_sigkill_while_handing_a_lane_over_loses_nothing(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The bad moment of a handover: the lane has stopped claiming and is draining requests
+    # still at the provider when its daemon dies. The lane is neither released nor written
+    # off: the replica takes it when its lease expires and settles the claims as in doubt.
+    fake.behaviour.latency_seconds = 0.4
+    senders = ("h1", "h2")
+    count = 1500
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {sender: {"url": fake.url, "rate_per_second": 150.0} for sender in senders},
+        rebalance_seconds=0.5,
+        lease_seconds=2.0,
+    )
+    campaigns = [
+        await create_campaign(conn, sender, [(f"+1779{index}{i:06d}", {"name": "x"}) for i in range(count)])
+        for index, sender in enumerate(senders)
+    ]
+    first = daemons(config)
+    await wait_one_replica_serves_all(conn, senders)
+    second = daemons(config)
+
+    async def handing_over() -> bool:
+        return '"lane_handover"' in first.log()
+
+    await wait_for(handing_over, timeout=30, interval=0.01, what="a handover")
+    first.kill()
+    in_flight_at_kill = await conn.fetchval(
+        "SELECT count(*) FROM campaignd.recipients"
+        " WHERE campaign_id = ANY($1::uuid[]) AND state = 'in_flight'",
+        campaigns,
+    )
+    assert in_flight_at_kill > 0, "nothing was in flight at the kill: not the moment under test"
+
+    for campaign_id in campaigns:
+        await wait_status(conn, campaign_id, "completed", timeout=120)
+        assert await state_counts(conn, campaign_id) == {"sent": count}
+        assert_exactly_once(fake, campaign_id, count)
+        await assert_counters_match(conn, campaign_id)
+    # Sent twice only as in-doubt resends under the same key, of claims in flight at the kill.
+    resends = sum(fake.duplicate_keys().values())
+    abandoned = fake.cancelled_count()
+    assert resends + abandoned <= in_flight_at_kill
+    assert fake.request_count() == count * len(senders) + resends + abandoned
+    assert "in_doubt_recovered" in second.log()
+    assert (
+        await conn.fetchval(
+            "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = ANY($1::uuid[])", campaigns
+        )
+        == 1
+    )
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+
+
 async def test_frozen_daemon_is_fenced_after_takeover(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:

@@ -75,6 +75,9 @@ class DispatchConfig(_Section):
     backoff_max_seconds: float = Field(default=300.0, gt=0)
     # How often buffered outcomes are written when the buffer is not yet full.
     flush_seconds: float = Field(default=0.05, gt=0, le=10.0)
+    # How often this daemon announces itself to its replicas and checks whether one of them
+    # serves two lanes fewer and could take one of its own; 0 turns both off.
+    rebalance_seconds: float = Field(default=10.0, ge=0, le=3600.0)
     owner: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}", min_length=1)
 
     @model_validator(mode="after")

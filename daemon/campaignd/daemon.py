@@ -7,7 +7,9 @@ Lifecycle, in order (each step undone in reverse on the way out):
 4. provider sessions;
 5. side loops: the NOTIFY listener (wakes lane acquisition the moment a campaign starts),
    the watchdog, the event-loop lag probe, and systemd notifications;
-6. the lane manager, which acquires free or expired lanes and runs one Lane task each.
+6. the lane manager, which acquires free or expired lanes and runs one Lane task each;
+7. the balancer, which announces this daemon to its replicas and hands one of its lanes
+   to a replica that serves two fewer (the lane drains and is released, as on shutdown).
 On shutdown the manager stops acquiring and waits for every lane to drain and release.
 """
 
@@ -55,6 +57,12 @@ class Daemon:
         self._wake_manager = asyncio.Event()
         self._lane_wakes: dict[str, asyncio.Event] = {s: asyncio.Event() for s in settings.senders}
         self._lanes: dict[str, asyncio.Task[None]] = {}
+        # Per lane: its own stop (a part of the daemon's shutdown) and when it was taken.
+        self._lane_stops: dict[str, Shutdown] = {}
+        self._lanes_since: dict[str, float] = {}
+        # Lanes handed over to a replica: not taken back until this (loop) time, which is set
+        # once the lane is released; None while it drains.
+        self._handed_over: dict[str, float | None] = {}
         self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
         self._pool: asyncpg.Pool | None = None
         self.heartbeats = Heartbeats()
@@ -109,10 +117,14 @@ class Daemon:
                 group.create_task(watchdog.run(self.shutdown.requested), name="watchdog")
                 group.create_task(self._measure_loop_lag(), name="loop-lag")
                 group.create_task(self._notify_systemd(notifier), name="sd-notify")
+                if self.settings.dispatch.rebalance_seconds > 0:
+                    group.create_task(self._balance(pool), name="balance")
                 await self._manage_lanes(pool, providers)
                 listener.cancel()
         finally:
             self._pool = None
+            if self.settings.dispatch.rebalance_seconds > 0:
+                await self._retire(pool)
             for provider in providers.values():
                 await provider.close()
             await pool.close()
@@ -188,7 +200,11 @@ class Daemon:
         while not self.shutdown.requested.is_set():
             self.heartbeats.beat(DISPATCHER_HEARTBEAT)
             metrics.LANES_HELD.set(len(self._lanes))
-            free = [sender_id for sender_id in self.settings.senders if sender_id not in self._lanes]
+            free = [
+                sender_id
+                for sender_id in self.settings.senders
+                if sender_id not in self._lanes and not self._handing_over(sender_id)
+            ]
             if free:
                 deferral = leasing.acquisition_deferral(len(self._lanes))
                 if deferral:
@@ -219,6 +235,7 @@ class Daemon:
             await asyncio.gather(*self._lanes.values(), return_exceptions=True)
 
     def _start_lane(self, lease: leasing.LaneLease, pool: asyncpg.Pool, provider: Provider) -> None:
+        stop = self._lane_stops[lease.sender_id] = self.shutdown.part()
         lane = Lane(
             lease=lease,
             sender=self.settings.senders[lease.sender_id],
@@ -226,16 +243,23 @@ class Daemon:
             pool=pool,
             dispatch=self.settings.dispatch,
             send_slots=self._send_slots,
-            shutdown=self.shutdown,
+            shutdown=stop,
             wake=self._lane_wakes[lease.sender_id],
         )
         task = asyncio.create_task(lane.run(), name=f"lane:{lease.sender_id}")
         self._lanes[lease.sender_id] = task
+        self._lanes_since[lease.sender_id] = asyncio.get_running_loop().time()
         task.add_done_callback(self._lane_done(lease.sender_id))
 
     def _lane_done(self, sender_id: str) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             self._lanes.pop(sender_id, None)
+            self._lanes_since.pop(sender_id, None)
+            self._lane_stops.pop(sender_id, None)
+            if sender_id in self._handed_over:
+                self._handed_over[sender_id] = asyncio.get_running_loop().time() + leasing.handover_grace(
+                    self.settings.dispatch.poll_seconds
+                )
             if not task.cancelled() and task.exception() is not None:
                 # A lane never takes the daemon down: its lease expires or is re-acquired,
                 # and its in-flight claims are recovered as in doubt. It is taken again on the
@@ -251,6 +275,72 @@ class Daemon:
             self._wake_manager.set()
 
         return done
+
+    def _handing_over(self, sender_id: str) -> bool:
+        """Whether a lane handed over is still left to the replica it was meant for.
+
+        If that replica has not taken it within the grace (it died, or lost the race to a
+        third), this daemon may take it back like any free lane.
+        """
+        if sender_id not in self._handed_over:
+            return False
+        until = self._handed_over[sender_id]
+        if until is None or asyncio.get_running_loop().time() < until:
+            return True
+        del self._handed_over[sender_id]
+        return False
+
+    # --------------------------------------------------------------- balancing
+
+    async def _balance(self, pool: asyncpg.Pool) -> None:
+        interval = self.settings.dispatch.rebalance_seconds
+        senders = sorted(self.settings.senders)
+        while not self.shutdown.requested.is_set():
+            try:
+                async with pool.acquire() as connection:
+                    peers = await leasing.announce(connection, self._owner, senders, interval)
+            except Exception as exc:
+                # Only sharing waits: the lanes go on, and the next round tries again.
+                log.warning("announce_failed", error=type(exc).__name__)
+            else:
+                self._hand_over_if_unbalanced(peers, settled_after=interval)
+            await wait_any(self.shutdown.requested, seconds=interval)
+
+    def _hand_over_if_unbalanced(self, peers: list[leasing.Peer], *, settled_after: float) -> None:
+        # One handover at a time, and none while a lane stops for another reason: the counts
+        # the next decision rests on must have settled.
+        if any(self._handing_over(sender_id) for sender_id in list(self._handed_over)):
+            return
+        if any(stop.requested.is_set() for stop in self._lane_stops.values()):
+            return
+        handover = leasing.lane_to_hand_over(
+            self._lanes_since, peers, now=asyncio.get_running_loop().time(), settled_after=settled_after
+        )
+        if handover is None:
+            return
+        stop = self._lane_stops.get(handover.sender_id)
+        if stop is None:
+            return
+        log.info(
+            "lane_handover",
+            sender_id=handover.sender_id,
+            owner=self._owner,
+            to=handover.to.owner,
+            lanes=len(self._lanes),
+            their_lanes=handover.to.lanes,
+        )
+        metrics.LANE_HANDOVERS.labels(handover.sender_id).inc()
+        self._handed_over[handover.sender_id] = None
+        stop.request()
+
+    async def _retire(self, pool: asyncpg.Pool) -> None:
+        """Leave the replicas' view at once rather than when the announcement expires."""
+        try:
+            async with asyncio.timeout(2):
+                async with pool.acquire() as connection:
+                    await leasing.retire(connection, self._owner)
+        except Exception as exc:
+            log.warning("retire_failed", error=type(exc).__name__)
 
     async def _sleep(self, seconds: float) -> None:
         await wait_any(self._wake_manager, self.shutdown.requested, seconds=seconds)

@@ -16,6 +16,7 @@ import asyncio
 import math
 import random
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,20 +62,36 @@ PREFLIGHT_SAMPLE = 20
 
 
 class Shutdown:
-    """SIGTERM asks lanes to stop claiming and drain; a second signal ends the drain now."""
+    """SIGTERM asks lanes to stop claiming and drain; a second signal ends the drain now.
+
+    Each lane stops through a part of the daemon's Shutdown (Shutdown.part()): a part can
+    be asked to stop on its own (a lane handed over to another replica), and stops, within
+    the daemon's deadline if that comes sooner, whenever the daemon does.
+    """
 
     def __init__(self, drain_seconds: float) -> None:
         self.requested = asyncio.Event()
         self.drain_seconds = drain_seconds
         self.drain_deadline: float | None = None
+        self._parts: weakref.WeakSet[Shutdown] = weakref.WeakSet()
 
     def request(self) -> None:
-        loop = asyncio.get_running_loop()
-        if not self.requested.is_set():
-            self.drain_deadline = loop.time() + self.drain_seconds
-            self.requested.set()
-        else:
-            self.drain_deadline = loop.time()
+        now = asyncio.get_running_loop().time()
+        self._stop_by(now if self.requested.is_set() else now + self.drain_seconds)
+
+    def part(self) -> Shutdown:
+        part = Shutdown(self.drain_seconds)
+        self._parts.add(part)
+        if self.drain_deadline is not None:
+            part._stop_by(self.drain_deadline)
+        return part
+
+    def _stop_by(self, deadline: float) -> None:
+        if self.drain_deadline is None or deadline < self.drain_deadline:
+            self.drain_deadline = deadline
+        self.requested.set()
+        for part in list(self._parts):
+            part._stop_by(self.drain_deadline)
 
     def drain_remaining(self) -> float | None:
         if self.drain_deadline is None:

@@ -12,6 +12,7 @@ gone and sends nothing more before asking the database.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,76 @@ MAX_ACQUISITION_DEFERRAL_SECONDS = 0.2
 
 def acquisition_deferral(held_lanes: int) -> float:
     return min(held_lanes * DEFERRAL_PER_HELD_LANE_SECONDS, MAX_ACQUISITION_DEFERRAL_SECONDS)
+
+
+def handover_grace(poll_seconds: float) -> float:
+    """How long a lane handed over is left for its new owner before the old may take it back:
+    the release wakes the replicas at once, and three polls cover a lost notification."""
+    return 3 * poll_seconds + MAX_ACQUISITION_DEFERRAL_SECONDS
+
+
+# A replica hands a lane over only to a peer holding at least this many lanes fewer: moving
+# one then narrows the gap without reversing it, so two replicas never pass a lane back and
+# forth.
+HANDOVER_MIN_GAP = 2
+# A daemon's row in campaignd.daemons counts for this many of its announcement intervals:
+# one lost announcement is forgiven, and a frozen or dead daemon stops being offered lanes
+# soon after (one offered a lane meanwhile leaves it free, and the lane comes back).
+PRESENCE_INTERVALS = 2
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another live daemon, as announced in campaignd.daemons."""
+
+    owner: str
+    senders: frozenset[str]
+    lanes: int
+
+
+@dataclass(frozen=True)
+class Handover:
+    sender_id: str
+    to: Peer
+
+
+def lane_to_hand_over(
+    held_since: Mapping[str, float], peers: Iterable[Peer], *, now: float, settled_after: float
+) -> Handover | None:
+    """The lane this daemon should give up so that a less busy peer takes it, if any.
+
+    held_since maps each lane this daemon serves to when it took it. A lane is given only to
+    a peer configured for its sender, and only once held for settled_after seconds: a lane
+    just taken stays put while counts settle. The least busy peer is served first; of the
+    lanes it could take, the one taken last moves (the one longest held keeps its warm
+    connections), ties broken by sender id so that the choice is reproducible.
+    """
+    held = len(held_since)
+    for peer in sorted(peers, key=lambda p: (p.lanes, p.owner)):
+        if peer.lanes + HANDOVER_MIN_GAP > held:
+            break
+        movable = [
+            sender_id
+            for sender_id, since in held_since.items()
+            if sender_id in peer.senders and now - since >= settled_after
+        ]
+        if movable:
+            return Handover(max(movable, key=lambda s: (held_since[s], s)), peer)
+    return None
+
+
+async def announce(
+    connection: Connection, owner: str, sender_ids: list[str], interval_seconds: float
+) -> list[Peer]:
+    """Refresh this daemon's presence; returns the other live daemons."""
+    rows = await connection.fetch(
+        QUERIES["announce_daemon"], owner, sender_ids, interval_seconds * PRESENCE_INTERVALS
+    )
+    return [Peer(row["owner"], frozenset(row["senders"]), int(row["lanes"])) for row in rows]
+
+
+async def retire(connection: Connection, owner: str) -> None:
+    await connection.execute(QUERIES["retire_daemon"], owner)
 
 
 def local_clock() -> float:

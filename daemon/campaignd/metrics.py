@@ -115,6 +115,12 @@ WATCHDOG_RUNS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+LANE_HANDOVERS = Counter(
+    "campaignd_lane_handovers",
+    "Sender lanes this process gave up so that a less busy replica would serve them.",
+    ["sender_id"],
+    registry=REGISTRY,
+)
 LEASE_TAKEOVERS = Counter(
     "campaignd_lease_takeovers",
     "Sender lanes taken from a previous owner whose lease had expired (by a daemon or the watchdog).",

@@ -147,17 +147,43 @@ WITH lane AS (
 SELECT lease_expires_at, paused_reason FROM lane;
 
 -- name: release_lane
+-- Wakes the other daemons (at commit), so that a lane given up with work left, by a
+-- daemon stopping or handing it over, is taken at once rather than at their next poll.
 -- $1 sender id, $2 owner, $3 epoch
 WITH lane AS (
     UPDATE campaignd.senders
     SET lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     RETURNING id
+), campaigns AS (
+    UPDATE campaignd.campaigns c
+    SET lease_owner = NULL, lease_expires_at = NULL
+    FROM lane
+    WHERE c.sender_id = lane.id AND c.lease_owner = $2
 )
-UPDATE campaignd.campaigns c
-SET lease_owner = NULL, lease_expires_at = NULL
-FROM lane
-WHERE c.sender_id = lane.id AND c.lease_owner = $2;
+SELECT pg_notify('campaignd_work', lane.id) FROM lane;
+
+-- name: announce_daemon
+-- A daemon's presence, refreshed, and every other live daemon with the senders it serves
+-- and the lanes it holds now (from the leases, not from what it said). Rows of daemons gone
+-- for a day are dropped on the way. $1 owner, $2 senders served, $3 seconds the row counts
+WITH me AS (
+    INSERT INTO campaignd.daemons (owner, senders, expires_at)
+    VALUES ($1, $2, now() + make_interval(secs => $3))
+    ON CONFLICT (owner) DO UPDATE
+    SET senders = EXCLUDED.senders, seen_at = now(), expires_at = EXCLUDED.expires_at
+), forgotten AS (
+    DELETE FROM campaignd.daemons WHERE expires_at < now() - interval '1 day'
+)
+SELECT d.owner, d.senders,
+       (SELECT count(*) FROM campaignd.senders s
+        WHERE s.lease_owner = d.owner AND s.lease_expires_at > now()) AS lanes
+FROM campaignd.daemons d
+WHERE d.owner <> $1 AND d.expires_at > now();
+
+-- name: retire_daemon
+-- $1 owner
+DELETE FROM campaignd.daemons WHERE owner = $1;
 
 -- name: sending_campaigns
 -- $1 sender id
