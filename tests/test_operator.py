@@ -1,4 +1,4 @@
-"""Operator commands: pause, resume, cancel, senders, resume-sender, doctor, healthcheck.
+"""Operator commands: pause, resume, cancel, senders, daemons, resume-sender, doctor, healthcheck.
 
 The commands run as the operator runs them, ``python -m campaignd …`` in a subprocess, against
 real daemons where the command's point is what a running daemon does next. The doctor's
@@ -138,6 +138,18 @@ async def test_pause_resume_and_cancel_from_the_cli_while_sending(
     (sms,) = json.loads(listing.stdout)
     assert sms["id"] == "sms" and sms["lease_live"] is True and sms["sending_campaigns"] == 1
     assert sms["lease_owner"].endswith(f":{daemon.pid}") and sms["paused_reason"] is None
+    # The daemon announced itself: live, holding that lane, configured for that sender.
+    listing = await campaignd(config, "daemons", "--json")
+    assert listing.returncode == 0, listing.stderr
+    (announced,) = json.loads(listing.stdout)
+    assert (announced["owner"], announced["live"], announced["lanes"], announced["senders"]) == (
+        sms["lease_owner"],
+        True,
+        1,
+        ["sms"],
+    )
+    table = await campaignd(config, "daemons")
+    assert table.returncode == 0 and sms["lease_owner"] in table.stdout, table.stdout
 
     cancelled = await campaignd(config, "cancel", second)
     assert cancelled.returncode == 0, cancelled.stderr
@@ -319,6 +331,7 @@ async def test_commands_refuse_what_they_cannot_do(
         (ops.cmd_resume_sender(settings, "nosuch"), "no sender nosuch"),
         (ops.cmd_doctor(settings, unknown, as_json=False), f"no campaign {unknown}"),
         (ops.cmd_senders(unreachable, as_json=False), "cannot connect to the database"),
+        (ops.cmd_daemons(unreachable, as_json=False), "cannot connect to the database"),
     ]
     for command, message in cases:
         code = await command

@@ -1,5 +1,5 @@
 """Command line: ``campaignd run | migrate | status | demo``, the operator commands
-``pause | resume | cancel | senders | resume-sender | doctor | healthcheck``, and
+``pause | resume | cancel | senders | daemons | resume-sender | doctor | healthcheck``, and
 ``campaign create`` (a campaign from a CSV file).
 
 Exit codes: 0 success, 1 runtime failure (database unreachable, schema not migrated),
@@ -177,6 +177,15 @@ def _add_operator_commands(commands: argparse._SubParsersAction[_Parser], common
         "that lease is live), why it is paused, and how many campaigns it is sending.",
     )
     senders.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    daemons = commands.add_parser(
+        "daemons",
+        parents=[common],
+        help="list the daemons serving this database, and the lanes each holds",
+        description="Every daemon that announced itself (every [dispatch] rebalance_seconds): live or "
+        "gone, the lanes it holds now, the senders it is configured for, when it started and was last "
+        "seen. Replicas hand lanes to one that serves two fewer.",
+    )
+    daemons.add_argument("--json", action="store_true", help="print JSON instead of a table")
     resume_sender = commands.add_parser(
         "resume-sender",
         parents=[common],
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "resume": _cmd_resume,
         "cancel": _cmd_cancel,
         "senders": _cmd_senders,
+        "daemons": _cmd_daemons,
         "resume-sender": _cmd_resume_sender,
         "doctor": _cmd_doctor,
         "healthcheck": _cmd_healthcheck,
@@ -357,6 +367,12 @@ async def _cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     from campaignd.operator import cmd_cancel
 
     return await cmd_cancel(settings, str(args.campaign_id))
+
+
+async def _cmd_daemons(settings: Settings, args: argparse.Namespace) -> int:
+    from campaignd.operator import cmd_daemons
+
+    return await cmd_daemons(settings, as_json=args.json)
 
 
 async def _cmd_senders(settings: Settings, args: argparse.Namespace) -> int:

@@ -295,10 +295,14 @@ class Daemon:
     async def _balance(self, pool: asyncpg.Pool) -> None:
         interval = self.settings.dispatch.rebalance_seconds
         senders = sorted(self.settings.senders)
+        announced = False
         while not self.shutdown.requested.is_set():
             try:
                 async with pool.acquire() as connection:
-                    peers = await leasing.announce(connection, self._owner, senders, interval)
+                    peers = await leasing.announce(
+                        connection, self._owner, senders, interval, first=not announced
+                    )
+                announced = True
             except Exception as exc:
                 # Only sharing waits: the lanes go on, and the next round tries again.
                 log.warning("announce_failed", error=type(exc).__name__)

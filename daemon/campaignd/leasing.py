@@ -101,11 +101,11 @@ def lane_to_hand_over(
 
 
 async def announce(
-    connection: Connection, owner: str, sender_ids: list[str], interval_seconds: float
+    connection: Connection, owner: str, sender_ids: list[str], interval_seconds: float, *, first: bool
 ) -> list[Peer]:
     """Refresh this daemon's presence; returns the other live daemons."""
     rows = await connection.fetch(
-        QUERIES["announce_daemon"], owner, sender_ids, interval_seconds * PRESENCE_INTERVALS
+        QUERIES["announce_daemon"], owner, sender_ids, interval_seconds * PRESENCE_INTERVALS, first
     )
     return [Peer(row["owner"], frozenset(row["senders"]), int(row["lanes"])) for row in rows]
 

@@ -9,7 +9,7 @@ Commands return an exit code: 0 done, 1 refused or a problem found.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -259,14 +259,26 @@ async def cmd_cancel(settings: Settings, campaign_id: str) -> int:
 # ----------------------------------------------------------------------------- senders
 
 
-async def fetch_senders(connection: Connection) -> list[dict[str, Any]]:
-    return [dict(row) for row in await connection.fetch(QUERIES["op_senders"])]
-
-
-def print_senders(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
+async def _print_listing(
+    settings: Settings,
+    query: str,
+    tabulate: Callable[[list[dict[str, Any]]], Table],
+    *,
+    as_json: bool,
+) -> int:
+    try:
+        async with connected(settings) as connection:
+            rows = [dict(row) for row in await connection.fetch(QUERIES[query])]
+    except OperatorError as exc:
+        return _fail(str(exc))
     if as_json:
-        _print_json(list(rows))
-        return
+        _print_json(rows)
+    else:
+        _console().print(tabulate(rows))
+    return 0
+
+
+def senders_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="senders")
     for column in ("id", "provider", "rate/s", "burst", "resend in doubt", "lane", "sending", "paused"):
         table.add_column(column, overflow="fold")
@@ -287,17 +299,34 @@ def print_senders(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
             str(row["sending_campaigns"]),
             Text(row["paused_reason"] or "", style="red"),
         )
-    _console().print(table)
+    return table
 
 
 async def cmd_senders(settings: Settings, *, as_json: bool) -> int:
-    try:
-        async with connected(settings) as connection:
-            rows = await fetch_senders(connection)
-    except OperatorError as exc:
-        return _fail(str(exc))
-    print_senders(rows, as_json=as_json)
-    return 0
+    return await _print_listing(settings, "op_senders", senders_table, as_json=as_json)
+
+
+def daemons_table(rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(
+        title="daemons",
+        caption=None if rows else "none announced (a daemon with [dispatch] rebalance_seconds = 0 does not)",
+    )
+    for column in ("owner", "state", "lanes", "senders served", "started", "last seen"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            Text(row["owner"]),
+            "live" if row["live"] else Text("gone", style="red"),
+            str(row["lanes"]),
+            Text(", ".join(row["senders"])),
+            _stamp(row["started_at"]),
+            _stamp(row["seen_at"]),
+        )
+    return table
+
+
+async def cmd_daemons(settings: Settings, *, as_json: bool) -> int:
+    return await _print_listing(settings, "op_daemons", daemons_table, as_json=as_json)
 
 
 @dataclass(frozen=True)

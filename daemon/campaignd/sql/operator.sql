@@ -75,6 +75,15 @@ SELECT s.id, s.provider, s.rate_per_second, s.burst, s.resend_in_doubt,
 FROM campaignd.senders s
 ORDER BY s.id;
 
+-- name: op_daemons
+-- Every daemon that announced itself, live first; lanes counted from the live leases.
+SELECT d.owner, d.senders, d.started_at, d.seen_at, d.expires_at,
+       d.expires_at > now() AS live,
+       (SELECT count(*) FROM campaignd.senders s
+        WHERE s.lease_owner = d.owner AND s.lease_expires_at > now()) AS lanes
+FROM campaignd.daemons d
+ORDER BY d.expires_at > now() DESC, d.owner;
+
 -- name: op_lock_sender
 -- First statement of resume-sender's transaction: waits for a pause_sender in progress to
 -- commit, so the next statements see every campaign it paused. $1 sender id

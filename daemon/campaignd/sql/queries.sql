@@ -166,12 +166,14 @@ SELECT pg_notify('campaignd_work', lane.id) FROM lane;
 -- name: announce_daemon
 -- A daemon's presence, refreshed, and every other live daemon with the senders it serves
 -- and the lanes it holds now (from the leases, not from what it said). Rows of daemons gone
--- for a day are dropped on the way. $1 owner, $2 senders served, $3 seconds the row counts
+-- for a day are dropped on the way. $1 owner, $2 senders served, $3 seconds the row counts,
+-- $4 true on the process's first announcement (an owner name can come back after a restart)
 WITH me AS (
     INSERT INTO campaignd.daemons (owner, senders, expires_at)
     VALUES ($1, $2, now() + make_interval(secs => $3))
     ON CONFLICT (owner) DO UPDATE
-    SET senders = EXCLUDED.senders, seen_at = now(), expires_at = EXCLUDED.expires_at
+    SET senders = EXCLUDED.senders, seen_at = now(), expires_at = EXCLUDED.expires_at,
+        started_at = CASE WHEN $4 THEN now() ELSE daemons.started_at END
 ), forgotten AS (
     DELETE FROM campaignd.daemons WHERE expires_at < now() - interval '1 day'
 )
