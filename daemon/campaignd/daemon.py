@@ -63,6 +63,7 @@ class Daemon:
         # Lanes handed over to a replica: not taken back until this (loop) time, which is set
         # once the lane is released; None while it drains.
         self._handed_over: dict[str, float | None] = {}
+        self._announced = False
         self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
         self._pool: asyncpg.Pool | None = None
         self.heartbeats = Heartbeats()
@@ -123,7 +124,7 @@ class Daemon:
                 listener.cancel()
         finally:
             self._pool = None
-            if self.settings.dispatch.rebalance_seconds > 0:
+            if self._announced:
                 await self._retire(pool)
             for provider in providers.values():
                 await provider.close()
@@ -295,14 +296,13 @@ class Daemon:
     async def _balance(self, pool: asyncpg.Pool) -> None:
         interval = self.settings.dispatch.rebalance_seconds
         senders = sorted(self.settings.senders)
-        announced = False
         while not self.shutdown.requested.is_set():
             try:
                 async with pool.acquire() as connection:
                     peers = await leasing.announce(
-                        connection, self._owner, senders, interval, first=not announced
+                        connection, self._owner, senders, interval, first=not self._announced
                     )
-                announced = True
+                self._announced = True
             except Exception as exc:
                 # Only sharing waits: the lanes go on, and the next round tries again.
                 log.warning("announce_failed", error=type(exc).__name__)
