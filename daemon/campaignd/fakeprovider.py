@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import socket
 import threading
@@ -538,6 +539,19 @@ class FakeProvider:
         return _json_response(200, {"id": new_id})
 
 
+# The provider keeps a record of every request for the whole run (~10 objects each). A full
+# garbage collection walks all of them: ~90 ms at 100,000 records on a 2-core VM, during which
+# no arrival is stamped, and the requests that arrived meanwhile are stamped in one clump,
+# as if the daemon had sent them above its rate. Freezing what survived each second's
+# collection keeps every collection down to the last second's objects.
+RECORDS_FREEZE_SECONDS = 1.0
+
+
+def _freeze_records() -> None:
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m campaignd.fakeprovider``: serve until killed; prints the URL once listening.
 
@@ -571,7 +585,9 @@ def main(argv: list[str] | None = None) -> None:
         provider = FakeProvider(behaviour)
         await provider.start(args.host, args.port)
         print(provider.url, flush=True)
-        await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(RECORDS_FREEZE_SECONDS)
+            _freeze_records()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
