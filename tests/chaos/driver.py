@@ -239,6 +239,8 @@ class ChaosReport:
     disruptions: list[Disruption] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
     exit_codes: list[tuple[str, int | None]] = field(default_factory=list)
+    # Lanes a replica gave up to a less busy one (restarted instances come back idle).
+    handovers: int = 0
     sent: int = 0
     failed: int = 0
     skipped: int = 0
@@ -315,6 +317,7 @@ class ChaosReport:
         lines.append("provider answers: " + ", ".join(f"{k}: {v:,}" for k, v in sorted(self.answers.items())))
         codes = Counter(code for _, code in self.exit_codes)
         lines.append(f"graceful shutdowns: {len(self.exit_codes)}, exit codes {dict(codes)}")
+        lines.append(f"lanes handed over to a less busy replica: {self.handovers}")
         problems = self.violations + self.rate_violations
         lines.append("invariants: all hold" if not problems else f"VIOLATIONS ({len(problems)}):")
         lines.extend(f"  - {v}" for v in problems[:50])
@@ -656,6 +659,7 @@ class ChaosRun:
         for instance in self.instances:
             code = await asyncio.to_thread(self._wait_exit, instance.process, 60.0)
             self.report.exit_codes.append((instance.owner, code))
+        self.report.handovers = sum(process.log().count('"lane_handover"') for process in self.every_process)
 
     # -------------------------------------------------------------- the whole run
 
