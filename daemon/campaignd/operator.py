@@ -261,14 +261,14 @@ async def cmd_cancel(settings: Settings, campaign_id: str) -> int:
 
 async def _print_listing(
     settings: Settings,
-    query: str,
+    sql: str,
     tabulate: Callable[[list[dict[str, Any]]], Table],
     *,
     as_json: bool,
 ) -> int:
     try:
         async with connected(settings) as connection:
-            rows = [dict(row) for row in await connection.fetch(QUERIES[query])]
+            rows = [dict(row) for row in await connection.fetch(sql)]
     except OperatorError as exc:
         return _fail(str(exc))
     if as_json:
@@ -303,7 +303,7 @@ def senders_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 async def cmd_senders(settings: Settings, *, as_json: bool) -> int:
-    return await _print_listing(settings, "op_senders", senders_table, as_json=as_json)
+    return await _print_listing(settings, QUERIES["op_senders"], senders_table, as_json=as_json)
 
 
 def daemons_table(rows: Sequence[dict[str, Any]]) -> Table:
@@ -326,7 +326,7 @@ def daemons_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 async def cmd_daemons(settings: Settings, *, as_json: bool) -> int:
-    return await _print_listing(settings, "op_daemons", daemons_table, as_json=as_json)
+    return await _print_listing(settings, QUERIES["op_daemons"], daemons_table, as_json=as_json)
 
 
 @dataclass(frozen=True)
