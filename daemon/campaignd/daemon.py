@@ -322,9 +322,6 @@ class Daemon:
         )
         if handover is None:
             return
-        stop = self._lane_stops.get(handover.sender_id)
-        if stop is None:
-            return
         log.info(
             "lane_handover",
             sender_id=handover.sender_id,
@@ -335,7 +332,8 @@ class Daemon:
         )
         metrics.LANE_HANDOVERS.labels(handover.sender_id).inc()
         self._handed_over[handover.sender_id] = None
-        stop.request()
+        # _lanes_since, which the handover was chosen from, and _lane_stops share their keys.
+        self._lane_stops[handover.sender_id].request()
 
     async def _retire(self, pool: asyncpg.Pool) -> None:
         """Leave the replicas' view at once rather than when the announcement expires."""
