@@ -3,6 +3,12 @@
 An adapter builds its request and owns a pure classifier ``(status, body, headers) -> SendResult``;
 :class:`HttpTransport` posts, reads a bounded body, turns timeouts and connection errors into
 results, and removes secrets from every text that leaves it.
+
+Each request's timeout is kept by :class:`Deadlines`, not by aiohttp: aiohttp arms and cancels
+a loop timer and a timer context for every request, which measured ~14 µs of the daemon's
+~130 µs per message. Every request of one transport has the same timeout, so deadlines fall due
+in the order requests start, and one sweeper task per transport, sleeping until the oldest,
+keeps them all.
 """
 
 from __future__ import annotations
@@ -30,12 +36,78 @@ _ACCESS_TOKEN_PARAMETER = re.compile(r"(?i)(access_token[\"']?\s*[=:]\s*[\"']?)[
 _META_TOKEN = re.compile(r"\bEAA[A-Za-z0-9]{20,}")
 
 
+class Deadline:
+    """One request's: when it falls due, the task running it, whether it has."""
+
+    __slots__ = ("due", "expired", "task")
+
+    def __init__(self, due: float, task: asyncio.Task[object]) -> None:
+        self.due = due
+        self.task = task
+        self.expired = False
+
+    def timed_out(self) -> bool:
+        """Whether the CancelledError being handled is this deadline's and nobody else's.
+
+        Consumes the deadline's cancellation, as :func:`asyncio.timeout` does; a cancellation
+        from elsewhere (a shutdown) still counts and must propagate.
+        """
+        return self.expired and self.task.uncancel() == 0
+
+
+class Deadlines:
+    """Cancels the requests of one transport that outlive ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        # Insertion order is start order is due order: the first entry is the next due.
+        self._pending: dict[Deadline, None] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> Deadline:
+        task = asyncio.current_task()
+        assert task is not None, "a request runs in a task"
+        loop = task.get_loop()
+        deadline = Deadline(loop.time() + self.seconds, task)
+        self._pending[deadline] = None
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._sweep(loop), name="deadlines")
+        return deadline
+
+    def finish(self, deadline: Deadline) -> None:
+        self._pending.pop(deadline, None)
+
+    def expire_due(self, now: float) -> float:
+        """Cancel the requests due by ``now``; returns when the next one falls due."""
+        pending = self._pending
+        while pending:
+            oldest = next(iter(pending))
+            if oldest.due > now:
+                return oldest.due
+            del pending[oldest]
+            oldest.expired = True
+            oldest.task.cancel()
+        # With nothing pending, a request starting from now on falls due no earlier than one
+        # timeout from now.
+        return now + self.seconds
+
+    async def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            now = loop.time()
+            await asyncio.sleep(self.expire_due(now) - now)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
 class HttpTransport:
     """One aiohttp session and connection pool per sender, reused for every message."""
 
     def __init__(self, *, timeout_seconds: float, connection_limit: int, secrets: Iterable[str]) -> None:
         self._redactor = Redactor(secrets)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._deadlines = Deadlines(timeout_seconds)
         self._connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
 
@@ -49,7 +121,8 @@ class HttpTransport:
             # behind the sender's own limiter; DNS cached, as every request goes to one host.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connection_limit, ttl_dns_cache=300),
-                timeout=self._timeout,
+                # The timeout is the transport's own (see Deadlines), none of aiohttp's.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
             )
         return self._session
 
@@ -57,21 +130,20 @@ class HttpTransport:
         self, url: str, *, data: bytes, headers: Mapping[str, str], classify: Classifier
     ) -> SendResult:
         """POST once and classify the answer; never raises for network or provider faults."""
+        client = self._client()
+        deadline = self._deadlines.start()
+        answer: SendResult | None = None
         try:
             # Redirects are not followed: a provider URL that moved is a fault to report, not
             # a place to send credentials to.
-            async with self._client().post(
-                url, data=data, headers=headers, allow_redirects=False
-            ) as response:
-                body = await _read_bounded(response, MAX_BODY_READ)
-                return self._redacted(classify(response.status, body, response.headers))
+            async with client.post(url, data=data, headers=headers, allow_redirects=False) as response:
+                body = await _read_bounded(response, MAX_BODY_READ, deadline)
+                answer = classify(response.status, body, response.headers)
+        except asyncio.CancelledError:
+            if not deadline.timed_out():
+                raise
         except TimeoutError:
-            return SendResult(
-                ResultKind.TRANSIENT,
-                error_code="timeout",
-                error_message="provider did not answer in time",
-                maybe_delivered=True,
-            )
+            pass
         except aiohttp.ClientError as exc:
             return SendResult(
                 ResultKind.TRANSIENT,
@@ -90,6 +162,11 @@ class HttpTransport:
                 error_code="invalid_request",
                 error_message=self.redact(f"the request cannot be built: {type(exc).__name__}: {exc}"),
             )
+        finally:
+            self._deadlines.finish(deadline)
+        # The deadline may fall due while the connection is given back, after the answer was
+        # read: the answer stands.
+        return self._redacted(answer) if answer is not None else _timed_out()
 
     def _redacted(self, result: SendResult) -> SendResult:
         """The provider's own words may echo a credential back; they reach the database."""
@@ -102,6 +179,7 @@ class HttpTransport:
         )
 
     async def close(self) -> None:
+        self._deadlines.close()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -109,7 +187,17 @@ class HttpTransport:
             await asyncio.sleep(0)
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+def _timed_out() -> SendResult:
+    # The request may have reached the provider: in doubt, like any request cut off midway.
+    return SendResult(
+        ResultKind.TRANSIENT,
+        error_code="timeout",
+        error_message="provider did not answer in time",
+        maybe_delivered=True,
+    )
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int, deadline: Deadline) -> bytes:
     """The body up to ``limit`` bytes, however many chunks it arrives in.
 
     Once the status line has arrived, a body cut short (the connection dropped, the timeout
@@ -132,6 +220,9 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
+    except asyncio.CancelledError:
+        if not deadline.timed_out():
+            raise
     except (TimeoutError, aiohttp.ClientError):
         pass
     return b"".join(chunks)

@@ -1,0 +1,196 @@
+"""The transport's own timeouts (Deadlines): each request gets its full timeout, an answer
+that arrived stands, and a cancellation from outside (a shutdown) is never taken for one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+import pytest
+from aiohttp import web
+
+from campaignd.outcomes import ResultKind, SendResult
+from campaignd.providers.transport import Deadlines, HttpTransport
+
+TIMEOUT = 0.4
+
+
+def _answer_as_sent(status: int, body: bytes, headers: Mapping[str, str]) -> SendResult:
+    """Echoes what was read: the status as the provider message id, the body as the message."""
+    return SendResult(ResultKind.SENT, provider_message_id=str(status), error_message=body.decode())
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    """/fast answers at once; /hang never answers; /stall sends the status and half a body."""
+
+    async def fast(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b'{"id":"m1"}')
+
+    async def hang(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(30)
+        return web.Response(body=b"late")
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=202)
+        response.content_length = 100
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await response.write(b'{"id":')
+            await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/fast", fast)
+    app.router.add_post("/hang", hang)
+    app.router.add_post("/stall", stall)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[HttpTransport]:
+    transport = HttpTransport(timeout_seconds=TIMEOUT, connection_limit=32, secrets=[])
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+async def _post(transport: HttpTransport, url: str) -> tuple[SendResult, float]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await transport.post(url, data=b"{}", headers={}, classify=_answer_as_sent)
+    return result, loop.time() - started
+
+
+def _is_timeout(result: SendResult) -> bool:
+    return (result.kind, result.error_code, result.maybe_delivered) == (ResultKind.TRANSIENT, "timeout", True)
+
+
+async def test_a_request_without_an_answer_times_out_after_its_timeout(
+    server: str, transport: HttpTransport
+) -> None:
+    result, took = await _post(transport, f"{server}/hang")
+
+    assert _is_timeout(result)
+    assert TIMEOUT * 0.9 <= took < TIMEOUT + 2.0
+
+
+async def test_the_status_and_half_a_body_are_an_answer_when_the_timeout_cuts_the_body(
+    server: str, transport: HttpTransport
+) -> None:
+    # A provider that accepted the message must not be resent to because its body stalled.
+    result, took = await _post(transport, f"{server}/stall")
+
+    assert result == SendResult(ResultKind.SENT, provider_message_id="202", error_message='{"id":')
+    assert took < TIMEOUT + 2.0
+
+
+async def test_each_request_gets_its_whole_timeout_whenever_it_starts(
+    server: str, transport: HttpTransport
+) -> None:
+    first = asyncio.create_task(_post(transport, f"{server}/hang"))
+    await asyncio.sleep(TIMEOUT / 2)
+    second = asyncio.create_task(_post(transport, f"{server}/hang"))
+    fast, _ = await _post(transport, f"{server}/fast")
+
+    (first_result, _), (second_result, second_took) = await asyncio.gather(first, second)
+
+    assert fast.kind is ResultKind.SENT
+    assert _is_timeout(first_result) and _is_timeout(second_result)
+    assert second_took >= TIMEOUT * 0.9
+
+
+async def test_a_request_after_an_idle_spell_still_times_out_on_time(
+    server: str, transport: HttpTransport
+) -> None:
+    assert (await _post(transport, f"{server}/fast"))[0].kind is ResultKind.SENT
+    # Long enough for the sweeper to have gone to sleep with nothing pending.
+    await asyncio.sleep(TIMEOUT * 1.5)
+
+    result, took = await _post(transport, f"{server}/hang")
+
+    assert _is_timeout(result)
+    assert TIMEOUT * 0.9 <= took < TIMEOUT * 2
+
+
+async def test_a_cancellation_from_outside_is_not_taken_for_a_timeout(
+    server: str, transport: HttpTransport
+) -> None:
+    send = asyncio.create_task(_post(transport, f"{server}/hang"))
+    await asyncio.sleep(TIMEOUT / 4)
+
+    send.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    # The transport goes on working, with its timeouts.
+    assert _is_timeout((await _post(transport, f"{server}/hang"))[0])
+
+
+async def test_a_cancellation_from_outside_wins_over_a_timeout_falling_due_with_it() -> None:
+    deadlines = Deadlines(TIMEOUT)
+    handled: list[str] = []
+
+    async def request() -> None:
+        deadline = deadlines.start()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            handled.append("timed out" if deadline.timed_out() else "cancelled")
+            raise
+        finally:
+            deadlines.finish(deadline)
+
+    send = asyncio.create_task(request())
+    await asyncio.sleep(0)  # the request starts and waits
+    loop = asyncio.get_running_loop()
+
+    # The sweeper and a shutdown cancel it before it runs again.
+    deadlines.expire_due(loop.time() + TIMEOUT)
+    send.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    assert handled == ["cancelled"]
+    deadlines.close()
+
+
+async def test_a_timeout_alone_is_taken_for_one() -> None:
+    deadlines = Deadlines(30.0)
+    loop = asyncio.get_running_loop()
+
+    async def request() -> str:
+        deadline = deadlines.start()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            if deadline.timed_out():
+                return "timed out"
+            raise
+        finally:
+            deadlines.finish(deadline)
+        return "answered"
+
+    send = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    assert deadlines.expire_due(loop.time()) > loop.time()  # not yet due: nothing happens
+    assert not send.done()
+
+    deadlines.expire_due(loop.time() + 30.0)
+
+    assert await send == "timed out"
+    assert not send.cancelled() and send.cancelling() == 0
+    deadlines.close()
