@@ -12,48 +12,23 @@ import json
 import os
 import time
 
-import aiohttp
 import orjson
 import uvloop
 
-from _payload import address, rendered_message
+from _payload import message
+from _poster import Poster
 
 
 async def blast(url: str, count: int, concurrency: int, campaign_id: str) -> dict[str, float | int]:
-    # The same client setup as campaignd's http provider: one session, one pool sized to the
-    # concurrency, a total timeout, the same headers.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(total=10.0),
-    )
+    poster = Poster(url, concurrency)
     next_index = 0
-    ok = 0
-    errors = 0
 
     async def worker() -> None:
-        nonlocal next_index, ok, errors
+        nonlocal next_index
         while next_index < count:
             index = next_index
             next_index += 1
-            body = orjson.dumps(
-                {
-                    "to": address(index),
-                    "message": rendered_message(index),
-                    "campaign_id": campaign_id,
-                    "recipient_id": index + 1,
-                }
-            )
-            headers = {"Content-Type": "application/json", "Idempotency-Key": f"{campaign_id}:{index + 1}"}
-            try:
-                async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                    answer = await response.content.read(64 * 1024)
-                    # campaignd parses every answer for the provider's message id; so do we.
-                    if response.status == 200 and orjson.loads(answer).get("id"):
-                        ok += 1
-                    else:
-                        errors += 1
-            except (aiohttp.ClientError, TimeoutError):
-                errors += 1
+            await poster.post(orjson.dumps(message(index, campaign_id)), f"{campaign_id}:{index + 1}")
 
     try:
         cpu_before = process_cpu_self()
@@ -62,8 +37,8 @@ async def blast(url: str, count: int, concurrency: int, campaign_id: str) -> dic
         elapsed = time.perf_counter() - started
         cpu = process_cpu_self() - cpu_before
     finally:
-        await session.close()
-    return {"elapsed": elapsed, "ok": ok, "errors": errors, "cpu_seconds": cpu}
+        await poster.close()
+    return {"elapsed": elapsed, "ok": poster.ok, "errors": poster.errors, "cpu_seconds": cpu}
 
 
 def process_cpu_self() -> float:

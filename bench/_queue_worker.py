@@ -20,54 +20,13 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import orjson
 import uvloop
 
-from _payload import address, rendered_message
+from _payload import message
+from _poster import Poster
 
 ENTRYPOINT = "send"
-
-
-class Poster:
-    """What campaignd's http provider and the raw blast do per message, in one shared session."""
-
-    def __init__(self, url: str, concurrency: int) -> None:
-        self.url = url
-        # One session for all jobs, its pool sized to the concurrency, as campaignd does.
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=10.0),
-        )
-        self.ok = 0
-        self.errors = 0
-
-    async def post(self, body: bytes, idempotency_key: str) -> None:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        try:
-            async with self.session.post(
-                self.url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                answer = await response.content.read(64 * 1024)
-                if response.status == 200 and orjson.loads(answer).get("id"):
-                    self.ok += 1
-                else:
-                    self.errors += 1
-        except (aiohttp.ClientError, TimeoutError):
-            self.errors += 1
-
-    async def close(self) -> None:
-        await self.session.close()
-
-
-def message(index: int, campaign_id: str) -> dict[str, Any]:
-    """The same fields, and so the same body size, as campaignd's http provider sends."""
-    return {
-        "to": address(index),
-        "message": rendered_message(index),
-        "campaign_id": campaign_id,
-        "recipient_id": index + 1,
-    }
 
 
 # ------------------------------------------------------------------ pgqueuer
