@@ -63,11 +63,20 @@ class Deadlines:
         # Insertion order is start order is due order: the first entry is the next due.
         self._pending: dict[Deadline, None] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> Deadline:
-        task = asyncio.current_task()
-        assert task is not None, "a request runs in a task"
-        loop = task.get_loop()
+        # Asked without a loop, current_task() looks the running loop up, which on Python 3.11
+        # costs a getpid() system call per request; the loop of the last request is asked first.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None, "a request runs in a task"
+            if loop is not self._loop:
+                self._loop, self._sweeper = loop, None
+        assert loop is not None
         deadline = Deadline(loop.time() + self.seconds, task)
         self._pending[deadline] = None
         if self._sweeper is None or self._sweeper.done():
