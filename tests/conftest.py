@@ -330,7 +330,7 @@ async def register_sender(
 async def create_campaign(
     connection: asyncpg.Connection,
     sender_id: str,
-    recipients: list[tuple[str | None, dict[str, Any]]] | int,
+    recipients: list[tuple[str | None, Any]] | int,
     *,
     message: Any = None,
     start: bool = True,

@@ -533,7 +533,7 @@ async def test_unauthorized_pauses_the_sender_and_its_campaigns(
 async def test_bad_recipients_are_skipped_with_reasons(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
-    recipients: list[tuple[str | None, dict[str, Any]]] = [
+    recipients: list[tuple[str | None, Any]] = [
         ("+15550000001", {"name": "kept"}),
         (None, {"name": "no address"}),
         ("   ", {"name": "blank"}),
@@ -547,6 +547,10 @@ async def test_bad_recipients_are_skipped_with_reasons(
         # duplicate.
         ("+15550000007", {}),
         ("+15550000007", {"name": "second"}),
+        # Variables that are not an object fill no placeholder, even with the right names.
+        ("+15550000008", ["name"]),
+        # An address padded with spaces is the same address.
+        ("  +15550000006 ", {"name": "padded"}),
     ]
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
     campaign_id = await create_campaign(conn, "sms", recipients)
@@ -572,8 +576,10 @@ async def test_bad_recipients_are_skipped_with_reasons(
         ("sent", None),
         ("skipped", "missing_variable"),
         ("sent", None),
+        ("skipped", "missing_variable"),
+        ("skipped", "duplicate_address"),
     ]
-    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (11, 3, 8)
+    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (13, 3, 10)
     assert fake.request_count() == 3
     await assert_counters_match(conn, campaign_id)
 
