@@ -151,6 +151,20 @@ async def closing_providers() -> AsyncIterator[Providers]:
 
 
 @contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """An aiohttp app on an ephemeral loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def served(fake: F) -> AsyncIterator[F]:
     """The fake, listening in the test's loop for the duration of the block."""
     await fake.start()

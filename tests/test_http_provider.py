@@ -27,6 +27,7 @@ from campaignd.providers.http import (
     classify_http_response,
     normalize_generic_address,
 )
+from tests.provider_fakes import serve_app
 
 TOKEN = "s3cr3t-token-value"
 AUTHORIZATION = f"Bearer {TOKEN}"
@@ -360,15 +361,8 @@ async def chunked_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/send", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}/send"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield f"{url}/send"
 
 
 async def test_body_arriving_in_several_chunks_is_read_whole(

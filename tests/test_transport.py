@@ -12,6 +12,7 @@ from aiohttp import web
 
 from campaignd.outcomes import ResultKind, SendResult
 from campaignd.providers.transport import Deadlines, HttpTransport
+from tests.provider_fakes import serve_app
 
 TIMEOUT = 0.4
 
@@ -48,15 +49,8 @@ async def server() -> AsyncIterator[str]:
     app.router.add_post("/fast", fast)
     app.router.add_post("/hang", hang)
     app.router.add_post("/stall", stall)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 @pytest.fixture
