@@ -188,3 +188,19 @@ async def test_a_timeout_alone_is_taken_for_one() -> None:
     assert await send == "timed out"
     assert not send.cancelled() and send.cancelling() == 0
     deadlines.close()
+
+
+async def test_a_task_that_survived_a_cancellation_still_gets_its_timeouts(
+    server: str, transport: HttpTransport
+) -> None:
+    async def survivor() -> SendResult:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)
+        # Swallowed without uncancel(): the task still counts one cancellation.
+        assert task.cancelling() == 1
+        return (await _post(transport, f"{server}/hang"))[0]
+
+    assert _is_timeout(await asyncio.create_task(survivor()))

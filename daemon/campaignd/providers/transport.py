@@ -5,10 +5,10 @@ An adapter builds its request and owns a pure classifier ``(status, body, header
 results, and removes secrets from every text that leaves it.
 
 Each request's timeout is kept by :class:`Deadlines`, not by aiohttp: aiohttp arms and cancels
-a loop timer and a timer context for every request, which measured ~14 µs of the daemon's
-~130 µs per message. Every request of one transport has the same timeout, so deadlines fall due
-in the order requests start, and one sweeper task per transport, sleeping until the oldest,
-keeps them all.
+a loop timer and a timer context for every request, which measured ~10 µs per request (87.8 →
+77.3 µs CPU on the transport alone). Every request of one transport has the same timeout, so
+deadlines fall due in the order requests start, and one sweeper task per transport, sleeping
+until the oldest, keeps them all.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ _META_TOKEN = re.compile(r"\bEAA[A-Za-z0-9]{20,}")
 class Deadline:
     """One request's: when it falls due, the task running it, whether it has."""
 
-    __slots__ = ("due", "expired", "task")
+    __slots__ = ("cancelling", "due", "expired", "task")
 
     def __init__(self, due: float, task: asyncio.Task[object]) -> None:
         self.due = due
         self.task = task
+        # Cancellations the task carried in (one it chose to survive): not this deadline's.
+        self.cancelling = task.cancelling()
         self.expired = False
 
     def timed_out(self) -> bool:
@@ -52,7 +54,7 @@ class Deadline:
         Consumes the deadline's cancellation, as :func:`asyncio.timeout` does; a cancellation
         from elsewhere (a shutdown) still counts and must propagate.
         """
-        return self.expired and self.task.uncancel() == 0
+        return self.expired and self.task.uncancel() <= self.cancelling
 
 
 class Deadlines:
