@@ -204,3 +204,29 @@ async def test_a_task_that_survived_a_cancellation_still_gets_its_timeouts(
         return (await _post(transport, f"{server}/hang"))[0]
 
     assert _is_timeout(await asyncio.create_task(survivor()))
+
+
+def test_deadlines_moved_to_another_loop_drop_what_the_first_left_pending() -> None:
+    deadlines = Deadlines(0.2)
+
+    async def abandoned() -> None:
+        deadlines.start()
+        await asyncio.Event().wait()  # never finished: its loop is closed under it
+
+    async def timed() -> str:
+        deadline = deadlines.start()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if deadline.timed_out():
+                return "timed out"
+            raise
+        finally:
+            deadlines.finish(deadline)
+        return "answered"
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(asyncio.sleep(0, first.create_task(abandoned())))
+    first.close()
+
+    assert asyncio.run(asyncio.wait_for(timed(), timeout=5)) == "timed out"

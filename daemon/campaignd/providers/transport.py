@@ -77,7 +77,9 @@ class Deadlines:
             task = asyncio.current_task(loop)
             assert task is not None, "a request runs in a task"
             if loop is not self._loop:
+                # Requests left pending on another loop can no longer finish or be cancelled.
                 self._loop, self._sweeper = loop, None
+                self._pending.clear()
         assert loop is not None
         deadline = Deadline(loop.time() + self.seconds, task)
         self._pending[deadline] = None
