@@ -19,8 +19,8 @@ from _payload import message
 from _poster import Poster
 
 
-async def blast(url: str, count: int, concurrency: int, campaign_id: str) -> dict[str, float | int]:
-    poster = Poster(url, concurrency)
+async def blast(poster: Poster, count: int, concurrency: int, campaign_id: str) -> dict[str, float | int]:
+    """POST ``count`` messages, ``concurrency`` at a time; closes the poster."""
     next_index = 0
 
     async def worker() -> None:
@@ -53,7 +53,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--campaign-id", required=True)
     args = parser.parse_args()
-    result = uvloop.run(blast(args.url, args.count, args.concurrency, args.campaign_id))
+
+    async def run() -> dict[str, float | int]:
+        # The session belongs to the running loop: made inside it.
+        return await blast(Poster(args.url, args.concurrency), args.count, args.concurrency, args.campaign_id)
+
+    result = uvloop.run(run())
     print(json.dumps(result), flush=True)
 
 

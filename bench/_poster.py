@@ -18,8 +18,6 @@ import orjson
 from campaignd.providers.transport import Deadlines
 
 TIMEOUT_SECONDS = 10.0
-
-
 NO_AIOHTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None)
 
 
@@ -37,8 +35,19 @@ class Poster:
         self.errors = 0
 
     async def post(self, body: bytes, idempotency_key: str) -> None:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
         deadline = self.deadlines.start()
+        try:
+            await self.exchange(body, idempotency_key)
+        except asyncio.CancelledError:
+            if not deadline.timed_out():
+                raise
+            self.errors += 1
+        finally:
+            self.deadlines.finish(deadline)
+
+    async def exchange(self, body: bytes, idempotency_key: str) -> None:
+        """One POST, its answer read and parsed, counted; no timeout of its own."""
+        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
         try:
             async with self.session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
@@ -48,14 +57,8 @@ class Poster:
                     self.ok += 1
                 else:
                     self.errors += 1
-        except asyncio.CancelledError:
-            if not deadline.timed_out():
-                raise
+        except (aiohttp.ClientError, TimeoutError):
             self.errors += 1
-        except aiohttp.ClientError:
-            self.errors += 1
-        finally:
-            self.deadlines.finish(deadline)
 
     async def close(self) -> None:
         self.deadlines.close()

@@ -14,20 +14,16 @@ per request of each way per round, and the paired differences.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 
 import aiohttp
-import orjson
 import uvloop
 
+from _blast import blast
 from _common import bench_workdir, zero_cost_sink
-from _payload import message
 from _poster import TIMEOUT_SECONDS, Poster
 
 WAYS = ("aiohttp", "deadlines")
@@ -40,41 +36,13 @@ class AiohttpTimeoutPoster(Poster):
         super().__init__(url, concurrency, session_timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
 
     async def post(self, body: bytes, idempotency_key: str) -> None:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        try:
-            async with self.session.post(
-                self.url, data=body, headers=headers, allow_redirects=False
-            ) as response:
-                answer = await response.content.read(64 * 1024)
-                if response.status == 200 and orjson.loads(answer).get("id"):
-                    self.ok += 1
-                else:
-                    self.errors += 1
-        except (aiohttp.ClientError, TimeoutError):
-            self.errors += 1
+        await self.exchange(body, idempotency_key)
 
 
 async def measure(url: str, way: str, count: int, concurrency: int) -> dict[str, float]:
     poster = AiohttpTimeoutPoster(url, concurrency) if way == "aiohttp" else Poster(url, concurrency)
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count:
-            index = next_index
-            next_index += 1
-            await poster.post(orjson.dumps(message(index, "bench")), f"bench:{index + 1}")
-
-    try:
-        before = os.times()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        after = os.times()
-    finally:
-        await poster.close()
-    cpu = (after.user + after.system) - (before.user + before.system)
-    return {"cpu_us": cpu / count * 1e6, "rate": count / elapsed, "errors": poster.errors}
+    result = await blast(poster, count, concurrency, "bench")
+    return {"cpu_us": result["cpu_seconds"] / count * 1e6, "errors": result["errors"]}
 
 
 def main() -> int:

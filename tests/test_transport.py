@@ -73,6 +73,20 @@ def _is_timeout(result: SendResult) -> bool:
     return (result.kind, result.error_code, result.maybe_delivered) == (ResultKind.TRANSIENT, "timeout", True)
 
 
+async def _wait_under(deadlines: Deadlines, seconds: float) -> str:
+    """A request that waits ``seconds`` for its answer, under one of ``deadlines``."""
+    deadline = deadlines.start()
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        if deadline.timed_out():
+            return "timed out"
+        raise
+    finally:
+        deadlines.finish(deadline)
+    return "answered"
+
+
 async def test_a_request_without_an_answer_times_out_after_its_timeout(
     server: str, transport: HttpTransport
 ) -> None:
@@ -166,19 +180,7 @@ async def test_a_timeout_alone_is_taken_for_one() -> None:
     deadlines = Deadlines(30.0)
     loop = asyncio.get_running_loop()
 
-    async def request() -> str:
-        deadline = deadlines.start()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            if deadline.timed_out():
-                return "timed out"
-            raise
-        finally:
-            deadlines.finish(deadline)
-        return "answered"
-
-    send = asyncio.create_task(request())
+    send = asyncio.create_task(_wait_under(deadlines, 60))
     await asyncio.sleep(0)
     assert deadlines.expire_due(loop.time()) > loop.time()  # not yet due: nothing happens
     assert not send.done()
@@ -213,20 +215,8 @@ def test_deadlines_moved_to_another_loop_drop_what_the_first_left_pending() -> N
         deadlines.start()
         await asyncio.Event().wait()  # never finished: its loop is closed under it
 
-    async def timed() -> str:
-        deadline = deadlines.start()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            if deadline.timed_out():
-                return "timed out"
-            raise
-        finally:
-            deadlines.finish(deadline)
-        return "answered"
-
     first = asyncio.new_event_loop()
     first.run_until_complete(asyncio.sleep(0, first.create_task(abandoned())))
     first.close()
 
-    assert asyncio.run(asyncio.wait_for(timed(), timeout=5)) == "timed out"
+    assert asyncio.run(asyncio.wait_for(_wait_under(deadlines, 30), timeout=5)) == "timed out"
