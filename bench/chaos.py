@@ -14,8 +14,9 @@ finish and every instance gets SIGTERM.
 Printed: kills and stalls survived, database outages survived, messages sent, duplicates,
 lost, takeover time after a kill or stall (p50 and max against lease_seconds: from the signal
 to the lane's lease row showing another live owner, polled every 0.1 s, and to that owner's
-first request at the provider), recovery after the database returned (from the restart to the
-first request at the provider), the busiest 1-second window per sender against rate + burst,
+first request at the provider), recovery after the database returned (from the moment its
+start began to the first request at the provider, and how many requests arrived before the
+start command returned), the busiest 1-second window per sender against rate + burst,
 what the provider answered, and every invariant that did not hold (exit code 1 if any).
 """
 

@@ -173,7 +173,14 @@ class Disruption:
 @dataclass
 class Outage:
     stopped_at: float
+    # When the driver began starting the server again: it accepts connections from some time
+    # after this, and before ``started_at``, which is when the start command returned (pg_ctl
+    # polls for readiness every 0.1 s, so its return lags by ~0.1 s, more on a loaded machine).
+    restarting_at: float = 0.0
     started_at: float = 0.0
+    # Requests that reached the provider between restarting_at and started_at: legitimate
+    # where the database already answered.
+    sent_while_starting: int = 0
     # owner -> (seconds from the stop to /readyz answering 503, the reason it gave), or None.
     readyz_down: dict[str, tuple[float, str] | None] = field(default_factory=dict)
     # owner -> seconds from the start to /readyz answering 200 again, or None.
@@ -259,6 +266,8 @@ class ChaosReport:
     started_at: float = 0.0
     # Requests that reached the provider while the database was down, past the lease.
     sent_blind: int = 0
+    # When the first of them arrived.
+    blind_context: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     # Kept apart from the other violations: unlike them, these depend on timing (how long a
     # request takes from its token to the wire on a loaded machine), see test_chaos.py.
@@ -297,8 +306,11 @@ class ChaosReport:
             f" (lease_seconds = {lease:g})",
             f"takeover after a kill or stall, to the new owner's first request ({len(send_times)} lanes):"
             f" p50 {_seconds(_percentile(send_times, 0.5))}, max {_seconds(max(send_times, default=None))}",
-            "recovery after the database returned, to the first request: "
-            + (", ".join(f"{r:.2f} s" for r in self.recovery_seconds) or "n/a"),
+            "recovery, from the database's start begun to the first request: "
+            + (", ".join(f"{r:.2f} s" for r in self.recovery_seconds) or "n/a")
+            + " (requests before its start command returned: "
+            + (", ".join(str(o.sent_while_starting) for o in self.outages) or "n/a")
+            + ")",
             "readyz during outages: "
             + "; ".join(
                 ", ".join(
@@ -608,6 +620,7 @@ class ChaosRun:
         await self._watch_readyz(outage.stopped_at, 503, self.plan.db_outage_seconds, down)
         await asyncio.sleep(max(0.0, outage.stopped_at + self.plan.db_outage_seconds - time.monotonic()))
         self._check_alive()
+        outage.restarting_at = time.monotonic()
         await asyncio.to_thread(self.server.start)
         outage.started_at = time.monotonic()
         self.database_down = False
@@ -811,18 +824,25 @@ class ChaosRun:
         everything = sorted(t for times in arrivals.values() for t in times)
         for outage in report.outages:
             quiet_from = outage.stopped_at + self.plan.lease_seconds + 1.0
-            blind = bisect.bisect_left(everything, outage.started_at) - bisect.bisect_left(
-                everything, quiet_from
-            )
-            report.sent_blind += max(0, blind)
-            after = bisect.bisect_left(everything, outage.started_at)
-            if after < len(everything):
-                report.recovery_seconds.append(everything[after] - outage.started_at)
+            # Up to the moment the start was begun, not when it returned: the database may
+            # answer, and lanes resume, before the start command returns.
+            restarting = bisect.bisect_left(everything, outage.restarting_at)
+            blind = everything[bisect.bisect_left(everything, quiet_from) : restarting]
+            report.sent_blind += len(blind)
+            report.blind_context += [
+                f"{at - outage.stopped_at:.2f} s after the stop, {outage.restarting_at - at:.2f} s"
+                " before the restart began"
+                for at in blind[:5]
+            ]
+            outage.sent_while_starting = bisect.bisect_left(everything, outage.started_at) - restarting
+            if restarting < len(everything):
+                report.recovery_seconds.append(everything[restarting] - outage.restarting_at)
             if not any(outage.readyz_down.values()):
                 violations.append("no instance's /readyz reported the database outage")
         if report.sent_blind:
             violations.append(
-                f"{report.sent_blind} requests sent while the database was down, past the lease"
+                f"{report.sent_blind} requests sent while the database was down, past the lease: "
+                + "; ".join(report.blind_context)
             )
 
         for owner, code in report.exit_codes:
