@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -612,11 +612,12 @@ def write_daemon_config(
 class Daemon:
     """One ``python -m campaignd run`` subprocess, its output in a file."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, *, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command to run it under (valgrind, say)."""
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "campaignd", "run", "--config", str(config)],
+            [*prefix, sys.executable, "-m", "campaignd", "run", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -631,8 +632,8 @@ class Daemon:
     def cpu(self) -> float:
         return process_cpu(self.pid)
 
-    def stop(self) -> int | None:
-        code = stop_process(self.process, timeout=20)
+    def stop(self, timeout: float = 20.0) -> int | None:
+        code = stop_process(self.process, timeout=timeout)
         self._log.close()
         return code
 
