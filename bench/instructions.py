@@ -16,8 +16,8 @@ are not counted.
 ``raw / campaignd`` instructions is the throughput ratio a machine would show if time
 followed instructions; the wall-clock ratio is lower where campaignd's instructions run
 slower than the client's (cache misses, branches: ``--simulate-caches`` models them, at
-about twice the run time). valgrind runs code ~50-100x slower, so the defaults (1,000 and
-4,000 messages) take about 5 minutes. Needs valgrind (Debian: ``apt-get install valgrind``).
+about twice the run time). valgrind runs code ~50-100x slower: the defaults (1,000 and
+4,000 messages) take about 2 minutes, 6 with ``--simulate-caches``. Needs valgrind (Debian: ``apt-get install valgrind``).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from _common import (
     Daemon,
     Postgres,
     Sink,
+    bench_workdir,
     clone_database,
     create_campaign,
     create_template,
     drop_database,
     embedded_postgres,
-    new_workdir,
     wait_daemon_listening,
     write_daemon_config,
     zero_cost_sink,
@@ -222,16 +222,13 @@ def main() -> int:
         parser.error("need 1 <= --small < --large")
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
-    workdir = new_workdir("campaignd-instructions-")
-    try:
-        with embedded_postgres(workdir) as postgres, zero_cost_sink(workdir / "sink") as sink:
-            print(f"sink: {sink.kind}; C={args.concurrency}, batch_size={args.batch_size}", flush=True)
-            asyncio.run(main_async(args, postgres, sink, workdir))
-    finally:
-        if args.keep_workdir:
-            print(f"callgrind outputs and daemon logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with (
+        bench_workdir("campaignd-instructions-", keep=args.keep_workdir) as workdir,
+        embedded_postgres(workdir) as postgres,
+        zero_cost_sink(workdir / "sink") as sink,
+    ):
+        print(f"sink: {sink.kind}; C={args.concurrency}, batch_size={args.batch_size}", flush=True)
+        asyncio.run(main_async(args, postgres, sink, workdir))
     return 0
 
 
