@@ -17,7 +17,8 @@ are not counted.
 followed instructions; the wall-clock ratio is lower where campaignd's instructions run
 slower than the client's (cache misses, branches: ``--simulate-caches`` models them, at
 about twice the run time). valgrind runs code ~50-100x slower: the defaults (1,000 and
-4,000 messages) take about 2 minutes, 6 with ``--simulate-caches``. Needs valgrind (Debian: ``apt-get install valgrind``).
+4,000 messages) take about 2 minutes, 6 with ``--simulate-caches``. Needs valgrind (Debian:
+``apt-get install valgrind``).
 """
 
 from __future__ import annotations
@@ -39,17 +40,16 @@ from _common import (
     Sink,
     bench_workdir,
     clone_database,
-    create_campaign,
     create_template,
     drop_database,
     embedded_postgres,
+    ready_campaign,
     wait_daemon_listening,
     write_daemon_config,
     zero_cost_sink,
 )
 from campaignd import db
 from campaignd.config import DatabaseConfig
-from campaignd.schema import migrate
 
 TEMPLATE_DB = "bench_instructions_template"
 # Each run waits at most this long: valgrind slows everything down ~50-100x.
@@ -126,10 +126,7 @@ async def count_campaignd(
     output = workdir / f"campaignd-{messages}.callgrind"
     daemon: Daemon | None = None
     try:
-        await migrate(connection)
-        campaign_id = await create_campaign(connection, messages)
-        await connection.execute("ANALYZE campaignd.recipients")
-        await connection.execute("CHECKPOINT")
+        campaign_id = await ready_campaign(connection, messages)
         config = write_daemon_config(
             workdir / f"{name}.toml",
             database_url=url,

@@ -43,13 +43,13 @@ from _common import (
     PostgresCpu,
     Sink,
     clone_database,
-    create_campaign,
     create_template,
     daemon_events,
     drop_database,
     embedded_postgres,
     new_workdir,
     quiet_moment,
+    ready_campaign,
     refresh_settings,
     set_synchronous_commit,
     tree_cpu,
@@ -60,7 +60,6 @@ from _common import (
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.logs import configure_logging
-from campaignd.schema import migrate
 
 TARGET_RATIO = 0.75
 TEMPLATE_DB = "bench_template"
@@ -227,15 +226,8 @@ async def measure_campaignd(
     connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
     daemon: Daemon | None = None
     try:
-        # The package may have gained a migration since the template was made (it is edited
-        # while benchmarks run); the daemon refuses an old schema.
-        await migrate(connection)
-        campaign_id = await create_campaign(connection, count)
-        # Statistics and a checkpoint before the clock starts, so that every round begins in
-        # the same state (and pays the same full-page writes). Autovacuum may still analyze
-        # the table mid-run, as it would in production; --analyze-at makes that certain.
-        await connection.execute("ANALYZE campaignd.recipients")
-        await connection.execute("CHECKPOINT")
+        # --analyze-at makes an ANALYZE mid-run certain.
+        campaign_id = await ready_campaign(connection, count)
 
         config = write_daemon_config(
             workdir / f"{name}.toml",
