@@ -187,6 +187,25 @@ class Outage:
     readyz_back: dict[str, float | None] = field(default_factory=dict)
 
 
+def outage_arrivals(
+    arrivals: list[float], outage: Outage, lease_seconds: float
+) -> tuple[list[float], int, float | None]:
+    """For one outage, from every request's arrival time at the provider (sorted): the
+    requests sent blind, how many arrived while the start command ran, and the seconds from
+    the start begun to the first request after it (None: no request came).
+
+    Blind means past the lease (``lease_seconds`` + 1 s after the stop) and before the
+    driver began the start: not up to when the start returned, since the database answers,
+    and lanes resume, before the start command notices.
+    """
+    quiet_from = outage.stopped_at + lease_seconds + 1.0
+    restarting = bisect.bisect_left(arrivals, outage.restarting_at)
+    blind = arrivals[bisect.bisect_left(arrivals, quiet_from) : restarting]
+    while_starting = bisect.bisect_left(arrivals, outage.started_at) - restarting
+    recovery = arrivals[restarting] - outage.restarting_at if restarting < len(arrivals) else None
+    return blind, while_starting, recovery
+
+
 @dataclass(frozen=True)
 class LaneSample:
     at: float
@@ -266,7 +285,7 @@ class ChaosReport:
     started_at: float = 0.0
     # Requests that reached the provider while the database was down, past the lease.
     sent_blind: int = 0
-    # When the first of them arrived.
+    # When the first few of them arrived.
     blind_context: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     # Kept apart from the other violations: unlike them, these depend on timing (how long a
@@ -823,20 +842,17 @@ class ChaosRun:
 
         everything = sorted(t for times in arrivals.values() for t in times)
         for outage in report.outages:
-            quiet_from = outage.stopped_at + self.plan.lease_seconds + 1.0
-            # Up to the moment the start was begun, not when it returned: the database may
-            # answer, and lanes resume, before the start command returns.
-            restarting = bisect.bisect_left(everything, outage.restarting_at)
-            blind = everything[bisect.bisect_left(everything, quiet_from) : restarting]
+            blind, outage.sent_while_starting, recovery = outage_arrivals(
+                everything, outage, self.plan.lease_seconds
+            )
             report.sent_blind += len(blind)
             report.blind_context += [
                 f"{at - outage.stopped_at:.2f} s after the stop, {outage.restarting_at - at:.2f} s"
                 " before the restart began"
                 for at in blind[:5]
             ]
-            outage.sent_while_starting = bisect.bisect_left(everything, outage.started_at) - restarting
-            if restarting < len(everything):
-                report.recovery_seconds.append(everything[restarting] - outage.restarting_at)
+            if recovery is not None:
+                report.recovery_seconds.append(recovery)
             if not any(outage.readyz_down.values()):
                 violations.append("no instance's /readyz reported the database outage")
         if report.sent_blind:
