@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def read_totals(output: Path) -> dict[str, int]:
 
 def count_raw(sink: Sink, messages: int, concurrency: int, workdir: Path, simulate_caches: bool) -> Counts:
     output = workdir / f"raw-{messages}.callgrind"
-    subprocess.run(
+    blast = subprocess.run(
         [
             *callgrind(output, simulate_caches),
             sys.executable,
@@ -105,11 +106,15 @@ def count_raw(sink: Sink, messages: int, concurrency: int, workdir: Path, simula
             str(uuid.uuid4()),
         ],
         check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
         cwd=BENCH_DIR,
         timeout=TIME_LIMIT_SECONDS,
     )
+    # Failed requests cost less than answered ones: a count with errors compares nothing.
+    result = json.loads(blast.stdout.strip().splitlines()[-1])
+    if result["ok"] != messages:
+        raise RuntimeError(f"the raw blast got {result['ok']} answers of {messages}: {result}")
     return Counts(messages, read_totals(output))
 
 
