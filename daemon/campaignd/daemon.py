@@ -24,7 +24,7 @@ import asyncpg
 import structlog
 
 from campaignd import db, leasing, metrics
-from campaignd.asyncutil import wait_any
+from campaignd.asyncutil import Slots, wait_any
 from campaignd.config import Settings
 from campaignd.dispatch import Lane, Shutdown
 from campaignd.health import HealthServer, Heartbeats
@@ -64,7 +64,7 @@ class Daemon:
         # once the lane is released; None while it drains.
         self._handed_over: dict[str, float | None] = {}
         self._announced = False
-        self._send_slots = asyncio.Semaphore(settings.dispatch.concurrency)
+        self._send_slots = Slots(settings.dispatch.concurrency)
         self._pool: asyncpg.Pool | None = None
         self.heartbeats = Heartbeats()
         self.ready = asyncio.Event()

@@ -26,7 +26,7 @@ import asyncpg
 import structlog
 
 from campaignd import leasing, metrics
-from campaignd.asyncutil import wait_any
+from campaignd.asyncutil import Slots, WorkQueue, wait_any
 from campaignd.breaker import FailureBreaker
 from campaignd.config import AnySenderConfig, DispatchConfig
 from campaignd.db import Backoff, is_transient_db_error, note_unavailable
@@ -172,7 +172,7 @@ class Lane:
         provider: Provider,
         pool: asyncpg.Pool,
         dispatch: DispatchConfig,
-        send_slots: asyncio.Semaphore,
+        send_slots: Slots,
         shutdown: Shutdown,
         wake: asyncio.Event,
     ) -> None:
@@ -190,7 +190,7 @@ class Lane:
         # Claimed recipients wait here for one of the lane's send workers: a fixed pool, not
         # a task per recipient, keeps the live objects (and the garbage collector's work) to
         # the pool's size however many claims are queued.
-        self._queue: asyncio.Queue[Flight] = asyncio.Queue()
+        self._queue: WorkQueue[Flight] = WorkQueue()
         self._workers: dict[asyncio.Task[None], Flight | None] = {}
         self._pacers: set[asyncio.Task[None]] = set()
         self._outstanding = 0
@@ -566,7 +566,7 @@ class Lane:
         self._outstanding += 1
         flight = Flight(claim, run)
         if run.cap is None:
-            self._queue.put_nowait(flight)
+            self._queue.put(flight)
             return
         run.waiting.append(flight)
         if run.pacer is None or run.pacer.done():
@@ -589,7 +589,7 @@ class Lane:
                 await cap.acquire()
             if run.waiting:
                 # A paused or stopping run's claims go straight on, to be given back.
-                self._queue.put_nowait(run.waiting.popleft())
+                self._queue.put(run.waiting.popleft())
 
     def _skipped_before_its_token(self, flight: Flight) -> bool:
         """Prepares the request of the next claim to pace; settles (and returns True for) one
@@ -614,8 +614,12 @@ class Lane:
     async def _worker(self) -> None:
         me = asyncio.current_task()
         assert me is not None
+        queued = self._queue.items
         while True:
-            flight = await self._queue.get()
+            if not queued:
+                await self._queue.wait_for_item()
+                continue
+            flight = queued.popleft()
             self._workers[me] = flight
             try:
                 await self._send(flight)
@@ -641,8 +645,9 @@ class Lane:
         for run in self._runs.values():
             while run.waiting:
                 self._landed(run.waiting.popleft())
-        while not self._queue.empty():
-            self._landed(self._queue.get_nowait())
+        queued = self._queue.items
+        while queued:
+            self._landed(queued.popleft())
 
     async def _stop_workers(self) -> None:
         self._release_queued()
@@ -659,8 +664,11 @@ class Lane:
     async def _send(self, flight: Flight) -> None:
         """Never raises but CancelledError: a bug is logged and spends the recipient's attempt."""
         claim, run = flight.claim, flight.run
+        slots = self._slots
         try:
-            async with self._slots:
+            if not slots.try_take():
+                await slots.take()
+            try:
                 # The lease's clock is read once, right before the request (below).
                 if not run.active or self._stopping():
                     self._settle(flight, None)
@@ -675,7 +683,17 @@ class Lane:
                         self._settle(flight, None)
                         return
                     flight.request_started = True
-                    result = await self._timed_send(prepared)
+                    # Timed here, not in a helper coroutine: every await in a request passes
+                    # through each coroutine around it, several times per message.
+                    started = time.perf_counter()
+                    metrics.InFlight.count += 1
+                    try:
+                        result = await self._provider.send(prepared)
+                    finally:
+                        metrics.InFlight.count -= 1
+                        self._send_duration.observe(time.perf_counter() - started)
+            finally:
+                slots.give_back()
             self._settle(flight, result)
         except Exception as exc:
             # A bug, not a provider answer: spend an attempt so it cannot loop forever.
@@ -700,15 +718,6 @@ class Lane:
         except RenderError as exc:
             return SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
         return Delivery(run.campaign_id, claim.recipient_id, address, message)
-
-    async def _timed_send(self, delivery: Delivery) -> SendResult:
-        started = time.perf_counter()
-        metrics.InFlight.count += 1
-        try:
-            return await self._provider.send(delivery)
-        finally:
-            metrics.InFlight.count -= 1
-            self._send_duration.observe(time.perf_counter() - started)
 
     def _settle(self, flight: Flight, result: SendResult | None) -> None:
         """Decide the recipient's outcome; None gives the claim back unsent."""

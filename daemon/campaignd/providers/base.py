@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ class Provider(Protocol):
         recipients. Returns why the campaign cannot be valid for this provider, or None."""
         ...
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    def send(self, delivery: Delivery) -> Awaitable[SendResult]:
         """Send once; never raises for provider or network errors, it classifies them."""
         ...
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -103,14 +103,15 @@ class HttpProvider:
         )
         self._headers.setdefault("Content-Type", "application/json")
 
-    def normalize_address(self, address: str) -> str:
-        return normalize_generic_address(address)
+    normalize_address = staticmethod(normalize_generic_address)
 
     def check_messages(self, messages: Sequence[Any]) -> str | None:
         # The generic provider forwards any JSON the host wrote.
         return None
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    def send(self, delivery: Delivery) -> Awaitable[SendResult]:
+        # The transport's coroutine itself, not one around it: each await of a request passes
+        # through every coroutine that encloses it.
         body = orjson.dumps(
             {
                 "to": delivery.address,
@@ -120,9 +121,7 @@ class HttpProvider:
             }
         )
         headers = {**self._headers, "Idempotency-Key": delivery.idempotency_key}
-        return await self._transport.post(
-            self._url, data=body, headers=headers, classify=classify_http_response
-        )
+        return self._transport.post(self._url, data=body, headers=headers, classify=classify_http_response)
 
     async def close(self) -> None:
         await self._transport.close()
