@@ -33,6 +33,7 @@ from _common import (
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.logs import configure_logging
+from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns
 from campaignd.schema import migrate
 from campaignd.sql import QUERIES
 
@@ -47,11 +48,10 @@ PLAN_MARKERS = ("Join", "Nested Loop", "Scan", "Rows Removed", "Execution Time")
 
 
 def outcome_arguments(ids: Sequence[int]) -> tuple[Any, ...]:
-    """record_outcomes' parameters: every claim sent, with a provider message id."""
-    count = len(ids)
-    arrays: list[list[Any]] = [["sent"] * count, ["x"] * count, [None] * count, [None] * count]
-    arrays += [[0.0] * count, [0] * count]
-    return ("bench", OWNER, EPOCH, list(ids), *arrays)
+    """record_outcomes' parameters, as a lane makes them: every claim sent, with a provider
+    message id."""
+    batch = [RecipientUpdate(i, RecipientState.SENT, provider_message_id="x") for i in ids]
+    return ("bench", OWNER, EPOCH, *outcome_columns(batch))
 
 
 def array_literal(values: Sequence[object], cast: str) -> str:

@@ -22,6 +22,7 @@ from campaignd.outcomes import (
     backoff_seconds,
     decide,
     in_doubt,
+    outcome_columns,
     parse_retry_after,
     released,
 )
@@ -377,3 +378,35 @@ def test_every_failure_carries_its_error_class_for_metrics(kind: ResultKind) -> 
 def test_in_doubt_outcomes_are_classed_in_doubt() -> None:
     assert in_doubt(1, resend=True).error_class == "in_doubt"
     assert in_doubt(1, resend=False).error_class == "in_doubt"
+
+
+def test_outcome_columns_send_empty_columns_as_null() -> None:
+    sent = [
+        RecipientUpdate(1, RecipientState.SENT, provider_message_id="m1"),
+        RecipientUpdate(2, RecipientState.SENT),
+    ]
+    assert outcome_columns(sent) == (
+        [1, 2],
+        [RecipientState.SENT, RecipientState.SENT],
+        ["m1", None],
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_outcome_columns_keep_every_value_of_a_column_that_has_one() -> None:
+    batch = [
+        RecipientUpdate(1, RecipientState.SENT, provider_message_id="m1"),
+        released(2),
+        RecipientUpdate(3, RecipientState.FAILED, error_code="131026", error_message="undeliverable"),
+    ]
+    ids, states, message_ids, codes, messages, retry_in, adjust = outcome_columns(batch)
+    assert ids == [1, 2, 3]
+    assert states == [RecipientState.SENT, RecipientState.PENDING, RecipientState.FAILED]
+    assert message_ids == ["m1", None, None]
+    assert codes == [None, None, "131026"]
+    assert messages == [None, None, "undeliverable"]
+    assert retry_in == [None, 0.0, None]
+    assert adjust == [0, -1, 0]

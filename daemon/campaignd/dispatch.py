@@ -39,6 +39,7 @@ from campaignd.outcomes import (
     SendResult,
     decide,
     in_doubt,
+    outcome_columns,
     released,
 )
 from campaignd.providers import Delivery, InvalidAddress, Provider
@@ -838,13 +839,7 @@ class Lane:
             row = await connection.fetchrow(
                 QUERIES["record_outcomes"],
                 *self.lease.token,
-                [u.recipient_id for u in batch],
-                [u.state.value for u in batch],
-                [u.provider_message_id for u in batch],
-                [u.error_code for u in batch],
-                [u.error_message for u in batch],
-                [u.retry_in_seconds for u in batch],
-                [u.attempt_adjust for u in batch],
+                *outcome_columns(batch),
             )
         assert row is not None
         return bool(row["lane_held"])

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 
 class ResultKind(enum.StrEnum):
@@ -72,6 +74,40 @@ class RecipientUpdate:
     attempt_adjust: int = 0
     # What kind of result led here, for metrics: a ResultKind value, "released" or "in_doubt".
     error_class: str = "none"
+
+
+OutcomeColumns = tuple[
+    list[int],
+    list[RecipientState],
+    list[str | None] | None,
+    list[str | None] | None,
+    list[str | None] | None,
+    list[float | None] | None,
+    list[int] | None,
+]
+
+
+def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
+    """``record_outcomes``' parallel arrays, from recipient id to attempt adjustment.
+
+    A column with nothing in it (no retry delays in a batch of sends that all succeeded) goes
+    as NULL, which the statement's ``unnest`` pads back out with NULLs (and zeros, for the
+    attempt adjustments): asyncpg checks every element of an array it encodes with a
+    Python-level ``isinstance``, which costs more per message than the row's other columns.
+    """
+
+    def unless_empty(column: list[Any], empty: Any = None) -> list[Any] | None:
+        return None if column.count(empty) == len(column) else column
+
+    return (
+        [u.recipient_id for u in batch],
+        [u.state for u in batch],
+        unless_empty([u.provider_message_id for u in batch]),
+        unless_empty([u.error_code for u in batch]),
+        unless_empty([u.error_message for u in batch]),
+        unless_empty([u.retry_in_seconds for u in batch]),
+        unless_empty([u.attempt_adjust for u in batch], 0),
+    )
 
 
 THROTTLE_DEFAULT_SECONDS = 1.0

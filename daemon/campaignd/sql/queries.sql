@@ -357,7 +357,8 @@ RETURNING r.id, r.address, r.variables, r.attempts, picked.fresh;
 -- many outcomes were applied.
 -- $1 sender id, $2 owner, $3 epoch, then parallel arrays: $4 ids, $5 states,
 -- $6 provider message ids, $7 error codes, $8 error messages, $9 retry delays (seconds,
--- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent)
+-- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent). Any
+-- array but the first two may be NULL for "none in this batch": unnest pads it with NULLs.
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
@@ -377,7 +378,7 @@ WITH lane AS (
 ), applied AS (
     UPDATE campaignd.recipients r
     SET state = o.state,
-        attempts = greatest(r.attempts + o.attempt_adjust, 0),
+        attempts = greatest(r.attempts + coalesce(o.attempt_adjust, 0), 0),
         next_attempt_at = CASE WHEN o.state = 'pending' THEN now() + make_interval(secs => o.retry_in) END,
         provider_message_id = coalesce(o.provider_message_id, r.provider_message_id),
         error_code = o.error_code,
