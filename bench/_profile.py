@@ -28,7 +28,6 @@ CATEGORIES: dict[str, str] = {
     "yarl": "aiohttp (+yarl, multidict)",
     "multidict": "aiohttp (+yarl, multidict)",
     "aiohappyeyeballs": "aiohttp (+yarl, multidict)",
-    "aiolimiter": "aiolimiter",
     "structlog": "structlog",
     "prometheus_client": "prometheus_client",
     "asyncio": "event loop (asyncio, uvloop)",

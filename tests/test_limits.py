@@ -13,7 +13,7 @@ import pytest
 
 import campaignd.limits as limits
 from campaignd.fakeprovider import max_in_window
-from campaignd.limits import MIN_RATE_FACTOR, THROTTLE_CUT, CampaignCap, SenderLimiter, token_bucket
+from campaignd.limits import MIN_RATE_FACTOR, THROTTLE_CUT, CampaignCap, SenderLimiter, TokenBucket
 
 
 async def _acquire_times(acquire: Callable[[], Awaitable[Any]], count: int) -> list[float]:
@@ -27,11 +27,11 @@ async def _acquire_times(acquire: Callable[[], Awaitable[Any]], count: int) -> l
 
 async def test_token_bucket_admits_burst_at_once_then_limits_rate() -> None:
     rate, burst = 50.0, 10
-    bucket = token_bucket(rate, burst)
+    bucket = TokenBucket(rate, burst)
     loop = asyncio.get_running_loop()
     started = loop.time()
 
-    times = await _acquire_times(bucket.acquire, 3 * burst)
+    times = await _acquire_times(bucket.take, 3 * burst)
 
     assert times[burst - 1] - started < 0.05
     # The 2*burst acquisitions after the burst are paced at `rate`.
@@ -43,10 +43,81 @@ async def test_token_bucket_admits_burst_at_once_then_limits_rate() -> None:
 
 async def test_token_bucket_never_exceeds_rate_plus_burst_per_second() -> None:
     rate, burst = 50.0, 10
-    bucket = token_bucket(rate, burst)
+    bucket = TokenBucket(rate, burst)
 
     # More than rate + burst acquisitions, so an unlimited bucket would break the bound.
-    times = await _acquire_times(bucket.acquire, int(rate) + burst + 15)
+    times = await _acquire_times(bucket.take, int(rate) + burst + 15)
+
+    assert max_in_window(times, 1.0) <= rate + burst
+
+
+def test_token_bucket_try_take_admits_the_burst_then_one_per_interval() -> None:
+    bucket = TokenBucket(8.0, 3)  # times below are exact binary fractions of 1/8 s
+    assert [bucket.try_take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.try_take(100.0625)  # half a token refilled
+    assert bucket.try_take(100.125)
+    assert not bucket.try_take(100.125)
+    # An idle bucket refills to its burst, no further.
+    assert [bucket.try_take(200.0) for _ in range(4)] == [True, True, True, False]
+
+
+async def test_token_bucket_serves_waiters_first_come_first_served() -> None:
+    bucket = TokenBucket(100.0, 1)
+    loop = asyncio.get_running_loop()
+    assert bucket.try_take(loop.time())
+    order: list[int] = []
+
+    async def take(n: int) -> None:
+        await bucket.take()
+        order.append(n)
+
+    waiters = [asyncio.create_task(take(n)) for n in range(4)]
+    await asyncio.sleep(0)
+    # A token refilled meanwhile belongs to the tasks already waiting, not to a newcomer.
+    assert not bucket.try_take(loop.time() + 1.0)
+    await asyncio.wait_for(asyncio.gather(*waiters), 5.0)
+    assert order == [0, 1, 2, 3]
+
+
+async def test_token_bucket_waiter_cancelled_at_the_head_hands_its_place_on() -> None:
+    bucket = TokenBucket(20.0, 1)
+    await bucket.take()
+    head = asyncio.create_task(bucket.take())
+    queued = asyncio.create_task(bucket.take())
+    last = asyncio.create_task(bucket.take())
+    await asyncio.sleep(0.01)
+    queued.cancel()
+    head.cancel()
+    await asyncio.wait_for(last, 5.0)
+    assert head.cancelled() and queued.cancelled()
+
+
+async def test_sender_limiter_try_acquire_takes_nothing_when_it_says_wait() -> None:
+    loop = asyncio.get_running_loop()
+    limiter = SenderLimiter(1000.0, 2)
+    now = loop.time()
+    assert limiter.try_acquire(now)
+    assert limiter.try_acquire(now)
+    assert not limiter.try_acquire(now)  # the bucket is empty
+    assert limiter.try_acquire(now + 0.001)
+
+    held = SenderLimiter(1000.0, 10)
+    held.throttled(0.5)
+    assert not held.try_acquire(loop.time())
+    # Refused while throttled (held, then slowed): the bucket kept its tokens for later.
+    assert held._bucket.try_take(loop.time())
+
+
+async def test_sender_limiter_fast_path_keeps_the_window_limit() -> None:
+    rate, burst = 50.0, 10
+    limiter = SenderLimiter(rate, burst)
+    loop = asyncio.get_running_loop()
+
+    async def acquire() -> None:
+        if not limiter.try_acquire(loop.time()):
+            await limiter.acquire()
+
+    times = await _acquire_times(acquire, int(rate) + burst + 15)
 
     assert max_in_window(times, 1.0) <= rate + burst
 

@@ -185,6 +185,7 @@ class Lane:
         self._slots = send_slots
         self._shutdown = shutdown
         self._wake = wake
+        self._loop = asyncio.get_running_loop()
         self._limiter = SenderLimiter(sender.rate_per_second, sender.burst, smooth_start=True)
         self._rng = random.Random()
         self._runs: dict[str, CampaignRun] = {}
@@ -678,7 +679,8 @@ class Lane:
                 if isinstance(prepared, SendResult):
                     result = prepared
                 else:
-                    await self._limiter.acquire()
+                    if not self._limiter.try_acquire(self._loop.time()):
+                        await self._limiter.acquire()
                     # Waiting for a token can take long; the world may have changed.
                     if not self._may_start(run):
                         self._settle(flight, None)

@@ -7,8 +7,6 @@ import asyncio
 import math
 from collections import deque
 
-from aiolimiter import AsyncLimiter
-
 # After a throttle the sender's rate is cut multiplicatively, then climbs back
 # additively (AIMD), so a provider that keeps throttling converges on what it accepts.
 THROTTLE_CUT = 0.5
@@ -22,15 +20,64 @@ RECOVERY_INTERVAL_SECONDS = 2.0
 JITTER_MARGIN_SECONDS = 0.1
 
 
-def token_bucket(rate_per_second: float, burst: int) -> AsyncLimiter:
-    """A bucket of ``burst`` tokens refilled at ``rate_per_second``.
+class TokenBucket:
+    """A leaky bucket of ``burst`` tokens refilled at ``rate_per_second``: it admits ``burst``
+    takes at once, then one per 1/rate, so no one-second window sees more than
+    ``rate_per_second + burst`` takes.
 
-    aiolimiter's leaky bucket admits ``max_rate`` at once and then drains at
-    ``max_rate / time_period`` per second; so no one-second window ever sees more than
-    ``rate_per_second + burst`` acquisitions.
+    The bucket aiolimiter offers, with a take that is one plain call when a token is there
+    (``try_take``): a lane takes a token for every message, and awaiting
+    ``AsyncLimiter.acquire()`` cost ten Python calls each time. Tasks that must wait are
+    served first come, first served: only the longest waiter sleeps until the next token,
+    and hands its place on when it has one.
     """
-    capacity = max(1.0, float(burst))
-    return AsyncLimiter(capacity, capacity / rate_per_second)
+
+    __slots__ = ("_checked_at", "_level", "_waiters", "capacity", "rate")
+
+    def __init__(self, rate_per_second: float, burst: int) -> None:
+        self.rate = rate_per_second
+        self.capacity = max(1.0, float(burst))
+        self._level = 0.0
+        self._checked_at = 0.0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self, now: float) -> bool:
+        """Take a token if one is there and no task waits for one before."""
+        return not self._waiters and self._take(now)
+
+    def _take(self, now: float) -> bool:
+        level = self._level - (now - self._checked_at) * self.rate
+        self._checked_at = now
+        if level < 0.0:
+            level = 0.0
+        if level + 1.0 <= self.capacity:
+            self._level = level + 1.0
+            return True
+        self._level = level
+        return False
+
+    async def take(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.try_take(loop.time()):
+            return
+        me = loop.create_future()
+        waiters = self._waiters
+        waiters.append(me)
+        try:
+            if waiters[0] is not me:
+                await me
+            # Time, not another task, brings the next token: the head sleeps until it is due.
+            while True:
+                if self._take(loop.time()):
+                    break
+                await asyncio.sleep((self._level + 1.0 - self.capacity) / self.rate)
+        finally:
+            # The longest waiter when it took its token (or was cancelled after being handed
+            # the head); anywhere in the queue when cancelled while waiting its turn.
+            was_head = waiters[0] is me
+            waiters.remove(me)
+            if was_head and waiters and not waiters[0].done():
+                waiters[0].set_result(None)
 
 
 class SenderLimiter:
@@ -45,13 +92,13 @@ class SenderLimiter:
         # full paces the first second at the rate, with the burst kept as slack for both.
         self._unprimed = smooth_start
         self._assumed_full_until = 0.0
-        self._bucket = token_bucket(rate_per_second, burst)
+        self._bucket = TokenBucket(rate_per_second, burst)
         # The promise is "no one-second window above rate + burst"; the bucket keeps it at
         # the moment tokens are taken, the window guard keeps it with a margin for jitter.
         self._window_limit = max(1, int(rate_per_second + burst))
         self._window_seconds = 1.0 + min(JITTER_MARGIN_SECONDS, burst / rate_per_second)
         self._recent: deque[float] = deque()
-        self._slowdown: AsyncLimiter | None = None
+        self._slowdown: TokenBucket | None = None
         self._factor = 1.0
         self._hold_until = 0.0
         self._last_adjust = 0.0
@@ -76,8 +123,8 @@ class SenderLimiter:
                 self._maybe_recover(now)
             slowdown = self._slowdown
             if slowdown is not None:
-                await slowdown.acquire()
-            await self._bucket.acquire()
+                await slowdown.take()
+            await self._bucket.take()
             # Almost every send finds room in the window at once, without another coroutine.
             if not self._take_window_slot(loop.time()):
                 await self._window_guard(loop)
@@ -85,7 +132,23 @@ class SenderLimiter:
             if loop.time() >= self._hold_until:
                 return
 
+    def try_acquire(self, now: float) -> bool:
+        """The common case in one plain call: no throttle in force, room in the window and a
+        token in the bucket. Otherwise nothing is taken, and the caller awaits ``acquire()``."""
+        if now < self._hold_until or self._slowdown is not None or not self._window_has_room(now):
+            return False
+        if not self._bucket.try_take(now):
+            return False
+        self._recent.append(now)
+        return True
+
     def _take_window_slot(self, now: float) -> bool:
+        if self._window_has_room(now):
+            self._recent.append(now)
+            return True
+        return False
+
+    def _window_has_room(self, now: float) -> bool:
         if self._unprimed:
             self._unprimed = False
             self._assumed_full_until = now + self._window_seconds
@@ -94,10 +157,7 @@ class SenderLimiter:
         while recent and recent[0] <= expired:
             recent.popleft()
         assumed = self._assumed(now)[0] if now < self._assumed_full_until else 0
-        if len(recent) + assumed < self._window_limit:
-            recent.append(now)
-            return True
-        return False
+        return len(recent) + assumed < self._window_limit
 
     async def _window_guard(self, loop: asyncio.AbstractEventLoop) -> None:
         """Until the window has room: when the oldest send in it (or assumed in it) expires."""
@@ -134,7 +194,7 @@ class SenderLimiter:
     def _set_factor(self, factor: float, now: float) -> None:
         self._factor = factor
         self._last_adjust = now
-        self._slowdown = None if factor >= 1.0 else token_bucket(self.rate_per_second * factor, 1)
+        self._slowdown = None if factor >= 1.0 else TokenBucket(self.rate_per_second * factor, 1)
 
 
 class CampaignCap:
@@ -143,7 +203,7 @@ class CampaignCap:
     def __init__(self, rate_per_second: float) -> None:
         self.rate_per_second = rate_per_second
         self.burst = max(1, int(rate_per_second // 10))
-        self._bucket = token_bucket(rate_per_second, self.burst)
+        self._bucket = TokenBucket(rate_per_second, self.burst)
 
     async def acquire(self) -> None:
-        await self._bucket.acquire()
+        await self._bucket.take()
