@@ -387,7 +387,7 @@ def test_outcome_columns_send_empty_columns_as_null() -> None:
     ]
     assert outcome_columns(sent) == (
         [1, 2],
-        [RecipientState.SENT, RecipientState.SENT],
+        None,
         ["m1", None],
         None,
         None,

@@ -78,7 +78,7 @@ class RecipientUpdate:
 
 OutcomeColumns = tuple[
     list[int],
-    list[RecipientState],
+    list[RecipientState] | None,
     list[str | None] | None,
     list[str | None] | None,
     list[str | None] | None,
@@ -90,10 +90,11 @@ OutcomeColumns = tuple[
 def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
     """``record_outcomes``' parallel arrays, from recipient id to attempt adjustment.
 
-    A column with nothing in it (no retry delays in a batch of sends that all succeeded) goes
-    as NULL, which the statement's ``unnest`` pads back out with NULLs (and zeros, for the
-    attempt adjustments): asyncpg checks every element of an array it encodes with a
-    Python-level ``isinstance``, which costs more per message than the row's other columns.
+    A column that holds only its default (no retry delays in a batch of sends that all
+    succeeded, and every state ``sent``) goes as NULL, which the statement's ``unnest`` pads
+    back out with NULLs, read as the default: asyncpg checks every element of an array it
+    encodes with a Python-level ``isinstance``, which costs more per message than the row's
+    other columns.
     """
 
     def unless_empty(column: list[Any], empty: Any = None) -> list[Any] | None:
@@ -101,7 +102,7 @@ def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
 
     return (
         [u.recipient_id for u in batch],
-        [u.state for u in batch],
+        unless_empty([u.state for u in batch], RecipientState.SENT),
         unless_empty([u.provider_message_id for u in batch]),
         unless_empty([u.error_code for u in batch]),
         unless_empty([u.error_message for u in batch]),

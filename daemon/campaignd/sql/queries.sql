@@ -349,7 +349,9 @@ SET state = 'in_flight',
     updated_at = now()
 FROM picked
 WHERE r.id = picked.id
-RETURNING r.id, r.address, r.variables, r.attempts, picked.fresh;
+-- variables as json, not jsonb: json's wire format is the bare text, which the client decodes
+-- in one call, where jsonb's carries a version byte to strip first (one more per message).
+RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, picked.fresh;
 
 -- name: record_outcomes
 -- One statement per batch: recipient states and campaign counters change together, and
@@ -358,7 +360,8 @@ RETURNING r.id, r.address, r.variables, r.attempts, picked.fresh;
 -- $1 sender id, $2 owner, $3 epoch, then parallel arrays: $4 ids, $5 states,
 -- $6 provider message ids, $7 error codes, $8 error messages, $9 retry delays (seconds,
 -- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent). Any
--- array but the first two may be NULL for "none in this batch": unnest pads it with NULLs.
+-- array but the ids may be NULL for "only the default in this batch" (unnest pads it with
+-- NULLs): state 'sent', no texts, no delay, no adjustment (outcomes.outcome_columns).
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
@@ -372,13 +375,14 @@ WITH lane AS (
     ORDER BY c.id
     FOR NO KEY UPDATE OF c
 ), outcome AS (
-    SELECT *
+    SELECT id, coalesce(state, 'sent') AS state, provider_message_id, error_code, error_message,
+           retry_in, coalesce(attempt_adjust, 0) AS attempt_adjust
     FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
          AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust)
 ), applied AS (
     UPDATE campaignd.recipients r
     SET state = o.state,
-        attempts = greatest(r.attempts + coalesce(o.attempt_adjust, 0), 0),
+        attempts = greatest(r.attempts + o.attempt_adjust, 0),
         next_attempt_at = CASE WHEN o.state = 'pending' THEN now() + make_interval(secs => o.retry_in) END,
         provider_message_id = coalesce(o.provider_message_id, r.provider_message_id),
         error_code = o.error_code,
