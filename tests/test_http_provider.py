@@ -190,6 +190,17 @@ def test_any_control_character_makes_address_invalid(control: str) -> None:
         normalize_generic_address(f"user{control}@example.com")
 
 
+@given(address=st.text(max_size=40))
+def test_address_fast_path_agrees_with_the_whitespace_and_control_rule(address: str) -> None:
+    cleaned = address.strip()
+    valid = bool(cleaned) and not any(c.isspace() or unicodedata.category(c) == "Cc" for c in cleaned)
+    if valid:
+        assert normalize_generic_address(address) == cleaned
+    else:
+        with pytest.raises(InvalidAddress):
+            normalize_generic_address(address)
+
+
 # ----------------------------------------------------------------- HttpProvider.send()
 
 

@@ -660,9 +660,6 @@ class Lane:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
 
-    def _may_start(self, run: CampaignRun) -> bool:
-        return run.active and not self._stopping() and self.lease.may_send()
-
     async def _send(self, flight: Flight) -> None:
         """Never raises but CancelledError: a bug is logged and spends the recipient's attempt."""
         claim, run = flight.claim, flight.run
@@ -681,19 +678,23 @@ class Lane:
                 else:
                     if not self._limiter.try_acquire(self._loop.time()):
                         await self._limiter.acquire()
-                    # Waiting for a token can take long; the world may have changed.
-                    if not self._may_start(run):
+                        # Waiting for a token can take long; the world may have changed.
+                        if not run.active or self._stopping():
+                            self._settle(flight, None)
+                            return
+                    if not self.lease.may_send():
                         self._settle(flight, None)
                         return
                     flight.request_started = True
                     # Timed here, not in a helper coroutine: every await in a request passes
                     # through each coroutine around it, several times per message.
                     started = time.perf_counter()
-                    metrics.InFlight.count += 1
+                    in_flight = metrics.IN_FLIGHT
+                    in_flight.count += 1
                     try:
                         result = await self._provider.send(prepared)
                     finally:
-                        metrics.InFlight.count -= 1
+                        in_flight.count -= 1
                         self._send_duration.observe(time.perf_counter() - started)
             finally:
                 slots.give_back()

@@ -88,14 +88,19 @@ SENDS_IN_FLIGHT = Gauge(
 )
 
 
-class InFlight:
+class InFlightCount:
     """Requests in the air, counted by the one event loop and read at scrape time: a gauge's
-    inc()/dec() take a lock twice per message for a value nobody reads between scrapes."""
+    inc()/dec() take a lock twice per message for a value nobody reads between scrapes. An
+    instance, not a class attribute: setting a class's attribute invalidates its type cache."""
 
-    count = 0
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
-SENDS_IN_FLIGHT.set_function(lambda: InFlight.count)
+IN_FLIGHT = InFlightCount()
+SENDS_IN_FLIGHT.set_function(lambda: IN_FLIGHT.count)
 PENDING_RECIPIENTS = Gauge(
     "campaignd_pending_recipients",
     "Recipients of SENDING campaigns not yet final (pending or in flight), by sender.",

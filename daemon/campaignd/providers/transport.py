@@ -143,7 +143,7 @@ class HttpTransport:
         self, url: str, *, data: bytes, headers: Mapping[str, str], classify: Classifier
     ) -> SendResult:
         """POST once and classify the answer; never raises for network or provider faults."""
-        client = self._client()
+        client = self._session or self._client()
         deadline = self._deadlines.start()
         answer: SendResult | None = None
         try:
@@ -179,12 +179,15 @@ class HttpTransport:
             self._deadlines.finish(deadline)
         # The deadline may fall due while the connection is given back, after the answer was
         # read: the answer stands.
-        return self._redacted(answer) if answer is not None else _timed_out()
+        if answer is None:
+            return _timed_out()
+        # An answer without error texts (every accepted message) has nothing to redact.
+        if answer.error_code is None and answer.error_message is None:
+            return answer
+        return self._redacted(answer)
 
     def _redacted(self, result: SendResult) -> SendResult:
         """The provider's own words may echo a credential back; they reach the database."""
-        if result.error_code is None and result.error_message is None:
-            return result
         return replace(
             result,
             error_code=None if result.error_code is None else self.redact(result.error_code),
