@@ -70,7 +70,12 @@ def _compile_string(text: str, names: set[str]) -> Renderer | str:
     def render(variables: Mapping[str, Any]) -> str:
         parts = template.copy()
         for index, name in slots:
-            parts[index] = _variable_text(variables, name)
+            value = variables.get(name)
+            # Text within the limit, as nearly every variable is, goes in without a call.
+            if type(value) is str and len(value) <= MAX_VARIABLE_LENGTH:
+                parts[index] = value
+            else:
+                parts[index] = _variable_text(variables, name)
         return "".join(parts)
 
     return render
