@@ -27,6 +27,16 @@ async def wait_any(*events: asyncio.Event, seconds: float | None) -> None:
             waiter.cancel()
 
 
+def _wake_first(waiters: deque[asyncio.Future[None]]) -> bool:
+    """Resolve the longest waiter still waiting, dropping cancelled ones; False if none was."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return True
+    return False
+
+
 class WorkQueue(Generic[T]):
     """A FIFO that a fixed pool of worker tasks takes from, whose hot path is plain code.
 
@@ -43,15 +53,7 @@ class WorkQueue(Generic[T]):
     def put(self, item: T) -> None:
         self.items.append(item)
         if self._idle:
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        idle = self._idle
-        while idle:
-            waiter = idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+            _wake_first(self._idle)
 
     async def wait_for_item(self) -> None:
         """Until an item may be there: another worker may take it first, so look again."""
@@ -63,7 +65,7 @@ class WorkQueue(Generic[T]):
             # Woken, then cancelled before it could run: the wake-up goes to another worker,
             # or an item would wait while a worker idles.
             if waiter.done() and not waiter.cancelled() and self.items:
-                self._wake_one()
+                _wake_first(self._idle)
             raise
 
 
@@ -104,10 +106,5 @@ class Slots:
             raise
 
     def give_back(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free += 1
+        if not (self._waiters and _wake_first(self._waiters)):
+            self._free += 1
