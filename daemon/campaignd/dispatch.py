@@ -103,14 +103,6 @@ class Shutdown:
         return max(0.0, self.drain_deadline - asyncio.get_running_loop().time())
 
 
-@dataclass(slots=True)
-class Claim:
-    recipient_id: int
-    address: str | None
-    variables: Any
-    attempts: int
-
-
 @dataclass
 class CampaignRun:
     campaign_id: str
@@ -147,9 +139,13 @@ class CampaignRun:
 
 @dataclass(slots=True)
 class Flight:
-    """One claimed recipient between its claim and its recorded outcome."""
+    """One claimed recipient between its claim and its recorded outcome: the claim's columns
+    (one object per message, not a claim inside a flight) and the campaign run it is for."""
 
-    claim: Claim
+    recipient_id: int
+    address: str | None
+    variables: Any
+    attempts: int
     run: CampaignRun
     # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
     # with the template it was rendered from: a run revived after a pause may have another.
@@ -488,13 +484,13 @@ class Lane:
                 limit = min(limit, run_room)
             claims = await self._claim(run, limit)
             claimed_total += len(claims)
-            for claim in claims:
-                self._launch(run, claim)
+            for row in claims:
+                self._launch(run, row)
             if not claims and run.outstanding == 0:
                 await self._try_complete(run)
         return claimed_total
 
-    async def _claim(self, run: CampaignRun, limit: int) -> list[Claim]:
+    async def _claim(self, run: CampaignRun, limit: int) -> list[asyncpg.Record]:
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(
                 QUERIES["claim_recipients"],
@@ -511,7 +507,7 @@ class Lane:
             # Nothing fresh after the cursor: rows skipped while locked by someone else would
             # otherwise hide below it, so the next round looks from the start again.
             run.cursor = 0
-        return [Claim(row["id"], row["address"], row["variables"], row["attempts"]) for row in rows]
+        return rows
 
     async def _try_complete(self, run: CampaignRun) -> None:
         await self._flush()
@@ -566,10 +562,10 @@ class Lane:
 
     # ---------------------------------------------------------------- sending
 
-    def _launch(self, run: CampaignRun, claim: Claim) -> None:
+    def _launch(self, run: CampaignRun, row: asyncpg.Record) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(claim, run)
+        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run)
         if run.cap is None:
             self._queue.put(flight)
             return
@@ -640,7 +636,7 @@ class Lane:
         if not flight.settled:
             # Cancelled (shutdown, lost lease) before its outcome was decided: a request
             # that may have reached the provider is in doubt; one that did not goes back.
-            recipient_id = flight.claim.recipient_id
+            recipient_id = flight.recipient_id
             if flight.request_started:
                 self._record(in_doubt(recipient_id, resend=self._provider.resend_in_doubt))
             else:
@@ -666,7 +662,7 @@ class Lane:
 
     async def _send(self, flight: Flight) -> None:
         """Never raises but CancelledError: a bug is logged and spends the recipient's attempt."""
-        claim, run = flight.claim, flight.run
+        run = flight.run
         slots = self._slots
         try:
             if not slots.try_take():
@@ -706,7 +702,7 @@ class Lane:
         except Exception as exc:
             # A bug, not a provider answer: spend an attempt so it cannot loop forever.
             self._log.exception(
-                "send_failed_unexpectedly", campaign_id=run.campaign_id, recipient_id=claim.recipient_id
+                "send_failed_unexpectedly", campaign_id=run.campaign_id, recipient_id=flight.recipient_id
             )
             self._settle(
                 flight,
@@ -717,26 +713,26 @@ class Lane:
 
     def _prepare(self, flight: Flight) -> Delivery | SendResult:
         """The request for a claimed recipient, or the skip of one that cannot be sent."""
-        claim, run = flight.claim, flight.run
+        run = flight.run
         try:
-            address = self._provider.normalize_address(claim.address or "")
-            message = run.template.render(claim.variables)
+            address = self._provider.normalize_address(flight.address or "")
+            message = run.template.render(flight.variables)
         except InvalidAddress as exc:
             return SendResult(ResultKind.SKIPPED, error_code="invalid_address", error_message=str(exc))
         except RenderError as exc:
             return SendResult(ResultKind.SKIPPED, error_code=exc.code, error_message=str(exc))
-        return Delivery(run.campaign_id, claim.recipient_id, address, message)
+        return Delivery(run.campaign_id, flight.recipient_id, address, message)
 
     def _settle(self, flight: Flight, result: SendResult | None) -> None:
         """Decide the recipient's outcome; None gives the claim back unsent."""
         flight.settled = True
         if result is None:
-            self._record(released(flight.claim.recipient_id))
+            self._record(released(flight.recipient_id))
             return
         update = decide(
-            flight.claim.recipient_id,
+            flight.recipient_id,
             result,
-            attempts=flight.claim.attempts,
+            attempts=flight.attempts,
             max_attempts=self._config.max_attempts,
             backoff_base=self._config.backoff_base_seconds,
             backoff_max=self._config.backoff_max_seconds,
