@@ -1,15 +1,22 @@
-"""A campaign's preparation: the checks over all its recipients before its first send.
+"""A campaign's preparation: the checks over its recipients before they are sent.
 
-    python bench/prepare.py [--recipients 50000,200000,1000000] [--rounds 2]
+    python bench/prepare.py [--recipients 50000,200000,1000000] [--rounds 2] [--batch-size 1000]
 
-Before a lane sends a campaign it skips, in one transaction, the recipients with no address
-or with variables that cannot fill the message (``prepare_skip_no_address``,
-``prepare_skip_missing_variables``) and then those repeating an earlier address
-(``prepare_skip_duplicates``): each statement reads every recipient of the campaign, so the
-campaign's first send waits for them. Embedded PostgreSQL at default durability; per size, a
-campaign loaded as a host loads it (COPY; one variable per recipient, ~0.5% bad rows of each
-kind), ANALYZE and CHECKPOINT, then the statements timed one by one, as the daemon runs them,
-in a transaction rolled back after each round so that every round sees the same rows.
+A lane skips the recipients with no address or with variables that cannot fill the message
+(``prepare_skip_no_address``, ``prepare_skip_missing_variables``), then those repeating an
+earlier address (``prepare_skip_duplicates``), runs the pre-flight on the first recipients and
+recounts the campaign's counters (``prepare_finish``). A campaign of more than
+PREPARE_HEAD_BATCHES x batch_size recipients is prepared head first: its first send waits only
+for the head; the tail is prepared while the head is sent. Measured per size, each part in a
+transaction rolled back after each round so that every round sees the same rows:
+
+- whole: the one-step preparation of the whole campaign (what every campaign waited for
+  before its first send until head-first preparation; what one within its head still does);
+- head: what the first send of a bigger campaign waits for now;
+- tail: the rest, while the head is sent.
+
+Embedded PostgreSQL at default durability; per size, a campaign loaded as a host loads it
+(COPY; one variable per recipient, ~0.5% bad rows of each kind), then ANALYZE and CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from _common import Postgres, bench_workdir, create_campaign, embedded_postgres
 from _payload import MESSAGE_TEMPLATE
 from campaignd import db
 from campaignd.config import DatabaseConfig
+from campaignd.dispatch import BEYOND_LAST_ID, FIRST_ID, PREFLIGHT_SAMPLE, PREPARE_HEAD_BATCHES
 from campaignd.render import Template
 from campaignd.schema import migrate
 from campaignd.sql import QUERIES
@@ -44,55 +52,88 @@ class _RolledBack(Exception):
     pass
 
 
-async def prepare_once(
-    connection: asyncpg.Connection, campaign_id: str, names: list[str]
-) -> dict[str, float]:
-    """Milliseconds per statement, in the daemon's order; the transaction is rolled back."""
-    took: dict[str, float] = {}
-    steps: list[tuple[str, tuple[object, ...]]] = [
-        ("prepare_skip_no_address", (campaign_id,)),
-        ("prepare_skip_missing_variables", (campaign_id, names)),
-        ("prepare_skip_duplicates", (campaign_id,)),
+Step = tuple[str, tuple[object, ...]]
+
+
+def skips(campaign_id: str, names: list[str], first_id: int, below: int) -> list[Step]:
+    return [
+        ("prepare_skip_no_address", (campaign_id, first_id, below)),
+        ("prepare_skip_missing_variables", (campaign_id, first_id, below, names)),
+        (
+            "prepare_skip_duplicates" if below == BEYOND_LAST_ID else "prepare_skip_duplicates_in_head",
+            (campaign_id, first_id, below),
+        ),
     ]
+
+
+def finish(campaign_id: str) -> list[Step]:
+    return [("prepare_lock_campaign", (campaign_id,)), ("prepare_finish", (campaign_id,))]
+
+
+async def timed(connection: asyncpg.Connection, steps: list[Step]) -> float:
+    """Seconds for the statements in one transaction, rolled back."""
     try:
         async with connection.transaction():
+            started = time.perf_counter()
             for name, args in steps:
-                started = time.perf_counter()
                 await connection.execute(QUERIES[name], *args)
-                took[name] = (time.perf_counter() - started) * 1000
+            took = time.perf_counter() - started
             raise _RolledBack
     except _RolledBack:
         pass
     return took
 
 
-async def main_async(postgres: Postgres, sizes: list[int], rounds: int) -> None:
+async def main_async(postgres: Postgres, sizes: list[int], rounds: int, batch_size: int) -> None:
     connection = await db.connect(DatabaseConfig(url=postgres.url))  # type: ignore[arg-type]
+    head = PREPARE_HEAD_BATCHES * batch_size
     try:
         await migrate(connection)
         names = sorted(Template(MESSAGE_TEMPLATE).variables)
-        print(
-            f"{'recipients':>10} {'round':>5} {'no address':>11} {'variables':>10}"
-            f" {'duplicates':>11} {'in all':>8}"
-        )
+        print(f"head: {PREPARE_HEAD_BATCHES} x batch_size {batch_size} = {head:,} fresh recipients")
+        print(f"{'recipients':>10} {'round':>5} {'whole':>8} {'head':>8} {'tail':>8}")
         for size in sizes:
             campaign_id = await create_campaign(connection, size)
             for statement in BAD_ROWS:
                 await connection.execute(statement, campaign_id)
             await connection.execute("ANALYZE campaignd.recipients")
             await connection.execute("CHECKPOINT")
-            totals = []
+            whole_steps = [
+                *skips(campaign_id, names, FIRST_ID, BEYOND_LAST_ID),
+                ("preflight_sample", (campaign_id, PREFLIGHT_SAMPLE, BEYOND_LAST_ID)),
+                *finish(campaign_id),
+            ]
+            found = await connection.fetchval(QUERIES["prepare_head_boundary"], campaign_id, head)
+            below = BEYOND_LAST_ID if found is None else int(found)
+            head_steps = [
+                ("prepare_hold_campaign", (campaign_id,)),
+                ("prepare_head_boundary", (campaign_id, head)),
+                *skips(campaign_id, names, FIRST_ID, below),
+                ("preflight_sample", (campaign_id, PREFLIGHT_SAMPLE, below)),
+                ("prepare_head_finish", (campaign_id, below, 0)),
+            ]
+            tail_steps = [
+                ("prepare_hold_campaign", (campaign_id,)),
+                *skips(campaign_id, names, below, BEYOND_LAST_ID),
+                *finish(campaign_id),
+            ]
+            firsts: list[float] = []
             for index in range(1, rounds + 1):
-                took = await prepare_once(connection, campaign_id, names)
-                totals.append(sum(took.values()))
+                whole = await timed(connection, whole_steps)
+                if found is None:
+                    firsts.append(whole)
+                    print(f"{size:>10,} {index:>5} {whole * 1000:>5.0f} ms   (within its head)", flush=True)
+                    continue
+                first = await timed(connection, head_steps)
+                rest = await timed(connection, tail_steps)
+                firsts.append(first)
                 print(
-                    f"{size:>10,} {index:>5} {took['prepare_skip_no_address']:>8.0f} ms"
-                    f" {took['prepare_skip_missing_variables']:>7.0f} ms"
-                    f" {took['prepare_skip_duplicates']:>8.0f} ms {totals[-1] / 1000:>6.2f} s",
+                    f"{size:>10,} {index:>5} {whole * 1000:>5.0f} ms {first * 1000:>5.0f} ms"
+                    f" {rest * 1000:>5.0f} ms",
                     flush=True,
                 )
-            median = statistics.median(totals) / 1000
-            print(f"{size:>10,} median {median:.2f} s before the first send", flush=True)
+            median = statistics.median(firsts) * 1000
+            print(f"{size:>10,} median {median:.0f} ms before the first send", flush=True)
     finally:
         await connection.close()
 
@@ -108,13 +149,14 @@ def main() -> int:
         help="comma-separated campaign sizes (50000,200000,1000000)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="timed preparations per size (2)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="the daemon's batch_size (1000)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the database folder")
     args = parser.parse_args()
     with (
         bench_workdir("campaignd-prepare-", keep=args.keep_workdir) as workdir,
         embedded_postgres(workdir) as postgres,
     ):
-        asyncio.run(main_async(postgres, args.recipients, args.rounds))
+        asyncio.run(main_async(postgres, args.recipients, args.rounds, args.batch_size))
     return 0
 
 

@@ -259,6 +259,7 @@ async def test_preflight_fails_a_template_without_language_before_any_send(
     assert "language" in row["status_reason"]
     assert whatsapp.requests == []
     assert (await state_counts(conn, campaign_id)) == {"pending": 50}
+    await assert_counters_match(conn, campaign_id)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

@@ -21,7 +21,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
@@ -47,6 +47,9 @@ from campaignd.providers import Delivery, InvalidAddress, Provider
 from campaignd.render import RenderError, Template, TemplateError
 from campaignd.sql import QUERIES
 
+if TYPE_CHECKING:
+    from campaignd.db import Connection
+
 log = structlog.get_logger("campaignd.dispatch")
 
 # A lane keeps at most this many seconds of sending claimed ahead: enough to keep the
@@ -61,6 +64,12 @@ PROGRESS_LOG_SECONDS = 10.0
 REFRESH_SECONDS = 0.25
 # Pre-flight renders the message for this many of a campaign's first recipients.
 PREFLIGHT_SAMPLE = 20
+# A campaign of more than this many claim batches is prepared head first: its first batches
+# are sent while the rest is prepared, instead of after all of it (~2 s at 1M recipients).
+PREPARE_HEAD_BATCHES = 10
+# Id bounds of a whole campaign, for the statements that prepare a range of it.
+FIRST_ID = 0
+BEYOND_LAST_ID = 2**63 - 1
 # An outcome's metric labels, read without a Python frame per outcome.
 _STATE_AND_CLASS = operator.attrgetter("state", "error_class")
 
@@ -194,6 +203,10 @@ class Lane:
         self._queue: WorkQueue[Flight] = WorkQueue()
         self._workers: dict[asyncio.Task[None], Flight | None] = {}
         self._pacers: set[asyncio.Task[None]] = set()
+        # Campaigns whose head is being sent while the rest of them is prepared, by the task
+        # preparing that rest (in the lane's task group: a bug there stops the lane).
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self._outstanding = 0
         # Set when outcome writes free claim room; the feed loop waits on it.
         self._room = asyncio.Event()
@@ -234,16 +247,22 @@ class Lane:
             for _ in range(self._worker_count):
                 self._workers[asyncio.create_task(self._worker())] = None
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 renewer = group.create_task(self._renew_loop(), name=f"renew:{self.lease.sender_id}")
                 flusher = group.create_task(self._flush_loop(), name=f"flush:{self.lease.sender_id}")
                 try:
                     await self._feed()
+                    # A tail half prepared is rolled back; the next lane owner prepares it.
+                    for tail in self._tails.values():
+                        tail.cancel()
                     await self._drain()
                     await self._final_flush()
                     self._log_progress(final=True)
                 finally:
                     renewer.cancel()
                     flusher.cancel()
+                    for tail in self._tails.values():
+                        tail.cancel()
                     await self._stop_workers()
         finally:
             await self._release()
@@ -422,41 +441,17 @@ class Lane:
             if failed:
                 bound.warning("campaign_failed", reason=f"invalid message: {exc}")
             return None
-        if not row["prepared"]:
-            async with self._pool.acquire() as connection, connection.transaction():
-                if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token) is None:
-                    self.lease.lost = True
-                    raise LaneLost
-                await connection.execute(QUERIES["prepare_skip_no_address"], campaign_id)
-                if template.variables:
-                    await connection.execute(
-                        QUERIES["prepare_skip_missing_variables"], campaign_id, sorted(template.variables)
-                    )
-                # Last, so that a recipient skipped for its variables does not keep its address
-                # from a later duplicate that can be sent.
-                await connection.execute(QUERIES["prepare_skip_duplicates"], campaign_id)
-                sample = await connection.fetch(QUERIES["preflight_sample"], campaign_id, PREFLIGHT_SAMPLE)
-                problem = preflight(self._provider, template, sample)
-                if problem is not None:
-                    # In the preparing transaction, so the campaign never counts as prepared:
-                    # nothing is sent.
-                    await connection.fetchval(
-                        QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"pre-flight: {problem}"
-                    )
-                    bound.warning("campaign_failed", reason=f"pre-flight: {problem}")
-                    return None
-                prepared = await connection.fetchrow(QUERIES["prepare_finish"], campaign_id)
-            if prepared is None:
+        # A campaign whose tail this lane is still preparing has its head prepared.
+        if not row["prepared"] and campaign_id not in self._tails:
+            head_below = await self._prepare_campaign(campaign_id, template, bound)
+            if head_below is None:
                 return None
-            if prepared["status"] == "failed":
-                bound.warning("campaign_failed", reason=prepared["status_reason"], total=prepared["total"])
-                return None
-            bound.info(
-                "campaign_started",
-                total=prepared["total"],
-                skipped=prepared["skipped"],
-                to_send=prepared["open"],
-            )
+            if head_below != BEYOND_LAST_ID:
+                assert self._group is not None
+                self._tails[campaign_id] = self._group.create_task(
+                    self._prepare_tail(campaign_id, template, head_below, bound),
+                    name=f"prepare:{campaign_id}",
+                )
         cap = CampaignCap(row["rate_per_second"]) if row["rate_per_second"] else None
         breaker = FailureBreaker(
             self._provider.name,
@@ -465,6 +460,133 @@ class Lane:
             ratio=self._sender.breaker_failure_ratio,
         )
         return CampaignRun(campaign_id, template, cap, breaker)
+
+    async def _prepare_campaign(
+        self, campaign_id: str, template: Template, bound: structlog.typing.FilteringBoundLogger
+    ) -> int | None:
+        """Skip the recipients that cannot be sent and run the pre-flight, in one transaction
+        fenced by the lane. A campaign of more than PREPARE_HEAD_BATCHES batches has only its
+        head prepared here (see _prepare_tail). Returns the bound below which fresh recipients
+        may be claimed (BEYOND_LAST_ID: all), or None when the campaign is not to be sent."""
+        head = PREPARE_HEAD_BATCHES * self._config.batch_size
+        async with self._pool.acquire() as connection, connection.transaction():
+            await self._lock_lane(connection)
+            await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
+            head_below = await connection.fetchval(QUERIES["prepare_head_boundary"], campaign_id, head)
+            below = BEYOND_LAST_ID if head_below is None else int(head_below)
+            skipped = await self._skip_unsendable(connection, campaign_id, template, FIRST_ID, below)
+            sample = await connection.fetch(QUERIES["preflight_sample"], campaign_id, PREFLIGHT_SAMPLE, below)
+            problem = preflight(self._provider, template, sample)
+            if problem is not None:
+                # In the preparing transaction, so that nothing is sent; the skips made stand,
+                # and are counted.
+                await connection.fetchval(
+                    QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"pre-flight: {problem}"
+                )
+                await self._finish_preparing(connection, campaign_id)
+                bound.warning("campaign_failed", reason=f"pre-flight: {problem}")
+                return None
+            if below != BEYOND_LAST_ID:
+                status = await connection.fetchval(
+                    QUERIES["prepare_head_finish"], campaign_id, below, skipped
+                )
+                if status != "sending":
+                    return None
+                bound.info("campaign_started", head_skipped=skipped, prepared_below=below)
+                return below
+            prepared = await self._finish_preparing(connection, campaign_id)
+        if prepared is None or prepared["status"] != "sending":
+            self._log_unsendable(prepared, bound)
+            return None
+        bound.info(
+            "campaign_started", total=prepared["total"], skipped=prepared["skipped"], to_send=prepared["open"]
+        )
+        return BEYOND_LAST_ID
+
+    async def _prepare_tail(
+        self,
+        campaign_id: str,
+        template: Template,
+        head_below: int,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """The rest of a campaign whose head is being sent: its skips, then its counters
+        recounted and prepared_at set, in one transaction fenced by the lane. Until it
+        commits, claims stay in the head; a crash or a lost lane before then rolls it back,
+        and the campaign is prepared again from its first pending recipient, head first."""
+        backoff = Backoff()
+        try:
+            while True:
+                if self._stopping():
+                    return
+                try:
+                    async with self._pool.acquire() as connection, connection.transaction():
+                        await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
+                        await self._skip_unsendable(
+                            connection, campaign_id, template, head_below, BEYOND_LAST_ID
+                        )
+                        # Fenced before it commits, not from its start: the lane's lock
+                        # holds off its lease renewals, and a tail's skips can take seconds.
+                        await self._lock_lane(connection)
+                        prepared = await self._finish_preparing(connection, campaign_id)
+                    break
+                except LaneLost:
+                    return
+                except Exception as exc:
+                    await backoff.wait_after(exc, bound, "prepare_tail", self._shutdown.requested)
+        finally:
+            self._tails.pop(campaign_id, None)
+            # Claims may now go past the head (or the lane, lost, stops).
+            self._wake.set()
+        if prepared is not None and prepared["status"] == "failed":
+            self._log_unsendable(prepared, bound)
+        elif prepared is not None:
+            bound.info("campaign_prepared", total=prepared["total"], skipped=prepared["skipped"])
+
+    async def _lock_lane(self, connection: Connection) -> None:
+        if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token) is None:
+            self.lease.lost = True
+            raise LaneLost
+
+    async def _skip_unsendable(
+        self, connection: Connection, campaign_id: str, template: Template, first_id: int, below: int
+    ) -> int:
+        """Skips the fresh recipients in [first_id, below) that cannot be sent; returns how many."""
+        skipped = _affected(
+            await connection.execute(QUERIES["prepare_skip_no_address"], campaign_id, first_id, below)
+        )
+        if template.variables:
+            skipped += _affected(
+                await connection.execute(
+                    QUERIES["prepare_skip_missing_variables"],
+                    campaign_id,
+                    first_id,
+                    below,
+                    sorted(template.variables),
+                )
+            )
+        # Last, so that a recipient skipped for its variables does not keep its address
+        # from a later duplicate that can be sent.
+        duplicates = (
+            QUERIES["prepare_skip_duplicates"]
+            if below == BEYOND_LAST_ID
+            else QUERIES["prepare_skip_duplicates_in_head"]
+        )
+        skipped += _affected(await connection.execute(duplicates, campaign_id, first_id, below))
+        return skipped
+
+    @staticmethod
+    async def _finish_preparing(connection: Connection, campaign_id: str) -> asyncpg.Record | None:
+        await connection.execute(QUERIES["prepare_lock_campaign"], campaign_id)
+        prepared: asyncpg.Record | None = await connection.fetchrow(QUERIES["prepare_finish"], campaign_id)
+        return prepared
+
+    @staticmethod
+    def _log_unsendable(
+        prepared: asyncpg.Record | None, bound: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        if prepared is not None and prepared["status"] == "failed":
+            bound.warning("campaign_failed", reason=prepared["status_reason"], total=prepared["total"])
 
     async def _claim_round(self, runs: list[CampaignRun]) -> int:
         claimed_total = 0
@@ -486,7 +608,7 @@ class Lane:
             claimed_total += len(claims)
             for row in claims:
                 self._launch(run, row)
-            if not claims and run.outstanding == 0:
+            if not claims and run.outstanding == 0 and run.campaign_id not in self._tails:
                 await self._try_complete(run)
         return claimed_total
 
@@ -931,6 +1053,11 @@ class Lane:
                     return None
                 await backoff.wait_after(exc, self._log, what)
         return None
+
+
+def _affected(status: str) -> int:
+    """The row count of a command status such as ``UPDATE 12``."""
+    return int(status.rpartition(" ")[2])
 
 
 def preflight(provider: Provider, template: Template, sample: Iterable[asyncpg.Record]) -> str | None:

@@ -27,17 +27,18 @@ RETURNING id;
 
 -- name: op_cancel_campaign
 -- One statement: the campaign ends cancelled and its pending recipients end skipped, with
--- skipped_count raised by exactly the rows changed. Recipients are written before the
--- campaign row, the order the daemon's own writes (prepare, record_outcomes) lock in, so a
--- cancel cannot deadlock with a lane. Should the campaign leave the cancellable statuses
--- between this statement's snapshot and its lock on the row, the recipients already
--- skipped are still counted (the status is left alone), so counters never drift.
+-- skipped_count raised by exactly the rows changed. The campaign row is locked first, the
+-- order a lane's writes take: outcomes lock it before their recipients, and a preparation
+-- holds it (FOR KEY SHARE) while it skips recipients, so a cancel waits for the one and the
+-- other instead of deadlocking with them on the recipients both would change. Rows the
+-- preparation skipped meanwhile are not pending any more, so they are not counted twice.
 -- In-flight recipients are not touched: the lane holding them records their outcome.
 -- A campaign that was never prepared has no total_count yet; it gets one here.
 -- $1 campaign id, $2 error message
 WITH cancellable AS (
     SELECT id FROM campaignd.campaigns
     WHERE id = $1 AND status IN ('draft', 'sending', 'paused')
+    FOR UPDATE
 ), skipped AS (
     UPDATE campaignd.recipients r
     SET state = 'skipped', error_code = 'cancelled', error_message = $2,

@@ -200,18 +200,52 @@ SELECT id FROM campaignd.senders
 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
 FOR SHARE;
 
+-- name: prepare_hold_campaign
+-- First statement of a preparation (after the lane's lock): a cancel, which locks the
+-- campaign row before skipping its pending recipients, waits for the preparation instead of
+-- deadlocking with it on the recipients both would skip. KEY SHARE does not hold off the
+-- outcome writes, which lock the row FOR NO KEY UPDATE. $1 campaign id
+SELECT id FROM campaignd.campaigns WHERE id = $1 FOR KEY SHARE;
+
+-- name: prepare_head_boundary
+-- A campaign larger than its head ($2 fresh recipients) is prepared in two parts: the head
+-- first, so that its sending starts at once, then the rest while the head is sent. Returns
+-- the first fresh id after the head, or nothing when the campaign fits in its head.
+--
+-- A range of one campaign's fresh recipients is written as a row comparison on
+-- (campaign_id, id), here and in the statements below: only recipients_fresh can serve it.
+-- Written as campaign_id = $1 AND id > x, the planner may walk the primary key from x
+-- instead, through every row of the older campaigns below this one's ids (measured: 145 ms
+-- per million older rows, for a claim that takes 0.5 ms from the index).
+-- $1 campaign id, $2 head size
+SELECT id
+FROM campaignd.recipients
+WHERE (campaign_id, id) > ($1::uuid, 0::bigint) AND (campaign_id, id) < ($1::uuid, 9223372036854775807::bigint)
+  AND state = 'pending' AND next_attempt_at IS NULL
+ORDER BY campaign_id, id
+OFFSET $2
+LIMIT 1;
+
+-- The three skips below decide the fresh recipients with ids in [$2, $3): a head, a tail, or
+-- a whole campaign. Fresh (never claimed) rows only: retries were prepared before their
+-- first claim, and the condition lets the range be read from the recipients_fresh index.
+
 -- name: prepare_skip_no_address
--- $1 campaign id
+-- $1 campaign id, $2 first id, $3 id bound (excluded)
 UPDATE campaignd.recipients
 SET state = 'skipped', error_code = 'no_address',
     error_message = 'recipient has no address', updated_at = now()
-WHERE campaign_id = $1 AND state = 'pending' AND (address IS NULL OR btrim(address) = '');
+WHERE (campaign_id, id) >= ($1::uuid, $2::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
+  AND state = 'pending' AND next_attempt_at IS NULL
+  AND (address IS NULL OR btrim(address) = '');
 
 -- name: prepare_skip_duplicates
 -- The lowest id of each address among the recipients not skipped is kept; runs after the
 -- other skips. Grouped by hashing, not sorted: only the addresses that repeat come out of the
 -- grouping (1.2-1.4x faster than a window over the sorted campaign at 200k-1M recipients).
--- $1 campaign id
+-- The whole campaign is grouped, so a tail's repeat of an address in its head is skipped;
+-- only the recipients in the range are marked.
+-- $1 campaign id, $2 first id, $3 id bound (excluded)
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
     error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
@@ -222,27 +256,79 @@ FROM (
     GROUP BY btrim(address)
     HAVING count(*) > 1
 ) d
-WHERE r.campaign_id = $1 AND r.state = 'pending' AND btrim(r.address) = d.address
-  AND r.id <> d.kept_id;
+WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) < ($1::uuid, $3::bigint)
+  AND r.state = 'pending' AND r.next_attempt_at IS NULL
+  AND btrim(r.address) = d.address AND r.id <> d.kept_id;
+
+-- name: prepare_skip_duplicates_in_head
+-- prepare_skip_duplicates for a head: only the recipients below the head's bound are grouped
+-- (the rest is not prepared yet, and grouping it would cost what the head saves). Those are
+-- the fresh ones and those already claimed, which are all in the prepared head (claims stay
+-- there); each part is read through its own index.
+-- $1 campaign id, $2 first id, $3 head bound (excluded)
+UPDATE campaignd.recipients r
+SET state = 'skipped', error_code = 'duplicate_address',
+    error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
+FROM (
+    SELECT btrim(address) AS address, min(id) AS kept_id
+    FROM (
+        SELECT address, id FROM campaignd.recipients
+        WHERE (campaign_id, id) > ($1::uuid, 0::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
+          AND state = 'pending' AND next_attempt_at IS NULL
+        UNION ALL
+        SELECT address, id FROM campaignd.recipients
+        WHERE campaign_id = $1 AND state IN ('in_flight', 'sent', 'failed')
+        UNION ALL
+        SELECT address, id FROM campaignd.recipients
+        WHERE campaign_id = $1 AND state = 'pending' AND next_attempt_at IS NOT NULL
+    ) not_skipped
+    WHERE address IS NOT NULL
+    GROUP BY btrim(address)
+    HAVING count(*) > 1
+) d
+WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) < ($1::uuid, $3::bigint)
+  AND r.state = 'pending' AND r.next_attempt_at IS NULL
+  AND btrim(r.address) = d.address AND r.id <> d.kept_id;
 
 -- name: prepare_skip_missing_variables
 -- A variable that is absent or JSON null cannot fill a placeholder, and variables that are not
 -- an object fill none. The test is one operator per row (every name a key once nulls are
 -- stripped), not a list of names unnested for every row: 1.7-2.3x faster at 200k-1M
--- recipients; only the rows skipped list their missing names. $1 campaign id, $2 names
+-- recipients; only the rows skipped list their missing names.
+-- $1 campaign id, $2 first id, $3 id bound (excluded), $4 names
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'missing_variable',
     error_message = 'missing variable: ' || (
-        SELECT string_agg(k, ', ' ORDER BY k) FROM unnest($2::text[]) AS k
+        SELECT string_agg(k, ', ' ORDER BY k) FROM unnest($4::text[]) AS k
         WHERE r.variables -> k IS NULL OR r.variables -> k = 'null'::jsonb),
     updated_at = now()
-WHERE r.campaign_id = $1 AND r.state = 'pending'
+WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) < ($1::uuid, $3::bigint)
+  AND r.state = 'pending' AND r.next_attempt_at IS NULL
   AND NOT coalesce(
-      jsonb_typeof(r.variables) = 'object' AND jsonb_strip_nulls(r.variables) ?& $2::text[], false);
+      jsonb_typeof(r.variables) = 'object' AND jsonb_strip_nulls(r.variables) ?& $4::text[], false);
+
+-- name: prepare_head_finish
+-- The head is prepared: its fresh recipients below $2 may be claimed. Its skips are counted
+-- now (whatever the status: they happened); the rest is counted when the tail is prepared.
+-- $1 campaign id, $2 head bound (excluded), $3 recipients skipped
+UPDATE campaignd.campaigns
+SET prepared_below = $2,
+    skipped_count = skipped_count + $3,
+    started_at = coalesce(started_at, now()),
+    updated_at = now()
+WHERE id = $1
+RETURNING status;
+
+-- name: prepare_lock_campaign
+-- Before prepare_finish counts, in a statement of its own: a batch of outcomes (which locks
+-- the campaign row first) committed between the count's snapshot and its update would
+-- otherwise be counted by neither. $1 campaign id
+SELECT id FROM campaignd.campaigns WHERE id = $1 FOR NO KEY UPDATE;
 
 -- name: prepare_finish
--- Counters recomputed from recipient states (hosts need not fill total_count); a campaign
--- with nothing left to send fails with a reason instead of sitting in SENDING.
+-- Counters recomputed from recipient states (hosts need not fill total_count), whatever the
+-- status: the skips were made. A campaign left with nothing to send and nothing sent fails
+-- with a reason instead of sitting in SENDING; one whose head was sent completes as usual.
 -- $1 campaign id
 WITH counts AS (
     SELECT count(*) AS total,
@@ -252,24 +338,28 @@ WITH counts AS (
            count(*) FILTER (WHERE state IN ('pending', 'in_flight')) AS open
     FROM campaignd.recipients
     WHERE campaign_id = $1
+), verdict AS (
+    SELECT counts.*, c.status = 'sending' AND counts.open = 0 AND counts.sent = 0 AND counts.failed = 0 AS fails
+    FROM counts, campaignd.campaigns c
+    WHERE c.id = $1
 )
 UPDATE campaignd.campaigns c
-SET total_count = counts.total,
-    sent_count = counts.sent,
-    failed_count = counts.failed,
-    skipped_count = counts.skipped,
+SET total_count = v.total,
+    sent_count = v.sent,
+    failed_count = v.failed,
+    skipped_count = v.skipped,
     prepared_at = now(),
     started_at = coalesce(c.started_at, now()),
-    status = CASE WHEN counts.open = 0 THEN 'failed' ELSE c.status END,
+    status = CASE WHEN v.fails THEN 'failed' ELSE c.status END,
     status_reason = CASE
-        WHEN counts.total = 0 THEN 'campaign has no recipients'
-        WHEN counts.open = 0 THEN 'no valid recipient: all ' || counts.total || ' were skipped or already final'
-        ELSE c.status_reason END,
-    completed_at = CASE WHEN counts.open = 0 THEN now() ELSE c.completed_at END,
+        WHEN NOT v.fails THEN c.status_reason
+        WHEN v.total = 0 THEN 'campaign has no recipients'
+        ELSE 'no valid recipient: all ' || v.total || ' were skipped' END,
+    completed_at = CASE WHEN v.fails THEN now() ELSE c.completed_at END,
     updated_at = now()
-FROM counts
-WHERE c.id = $1 AND c.status = 'sending'
-RETURNING c.status, c.status_reason, counts.total, counts.skipped, counts.open;
+FROM verdict v
+WHERE c.id = $1
+RETURNING c.status, c.status_reason, v.total, v.skipped, v.open;
 
 -- name: fail_campaign
 -- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
@@ -298,11 +388,12 @@ RETURNING id;
 
 -- name: preflight_sample
 -- The first recipients to be sent, for the pre-flight check (matches recipients_fresh).
--- $1 campaign id, $2 how many
+-- $1 campaign id, $2 how many, $3 id bound (excluded): the prepared head
 SELECT address, variables
 FROM campaignd.recipients
-WHERE campaign_id = $1 AND state = 'pending' AND next_attempt_at IS NULL
-ORDER BY id
+WHERE (campaign_id, id) > ($1::uuid, 0::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
+  AND state = 'pending' AND next_attempt_at IS NULL
+ORDER BY campaign_id, id
 LIMIT $2;
 
 -- name: claim_recipients
@@ -316,7 +407,12 @@ WITH lane AS (
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR SHARE
 ), campaign AS (
-    SELECT id FROM campaignd.campaigns
+    -- Fresh recipients are claimed only once prepared: all of them, or the head while the
+    -- rest is prepared (nothing before the campaign is prepared at all).
+    SELECT id,
+           CASE WHEN prepared_at IS NOT NULL THEN 9223372036854775807
+                ELSE coalesce(prepared_below, 0) END AS fresh_below
+    FROM campaignd.campaigns
     WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
 ), due AS (
     SELECT r.id
@@ -327,11 +423,13 @@ WITH lane AS (
     LIMIT $6
     FOR UPDATE SKIP LOCKED
 ), fresh AS (
+    -- A row comparison, so that only recipients_fresh serves it (see prepare_head_boundary).
     SELECT r.id
     FROM campaignd.recipients r
-    WHERE r.campaign_id = (SELECT id FROM campaign)
-      AND r.state = 'pending' AND r.next_attempt_at IS NULL AND r.id > $5
-    ORDER BY r.id
+    WHERE (r.campaign_id, r.id) > ((SELECT id FROM campaign), $5::bigint)
+      AND (r.campaign_id, r.id) < ((SELECT id FROM campaign), (SELECT fresh_below FROM campaign))
+      AND r.state = 'pending' AND r.next_attempt_at IS NULL
+    ORDER BY r.campaign_id, r.id
     LIMIT $6
     FOR UPDATE SKIP LOCKED
 ), picked AS (

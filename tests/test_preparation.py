@@ -1,0 +1,284 @@
+"""A big campaign is prepared head first: its first recipients are sent while the rest is
+prepared. Real daemons, a real PostgreSQL, the fake provider.
+
+With batch_size 5 a campaign's head is PREPARE_HEAD_BATCHES x 5 = 50 fresh recipients, so a
+few hundred recipients take the two-step path, and a recipient locked by the test holds the
+second step (the tail's skips) for as long as the test needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from campaignd import operator
+from campaignd.dispatch import PREPARE_HEAD_BATCHES
+from campaignd.fakeprovider import FakeProvider
+from tests.conftest import (
+    DaemonProcess,
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
+from tests.test_dispatch import assert_exactly_once
+
+BATCH_SIZE = 5
+HEAD = PREPARE_HEAD_BATCHES * BATCH_SIZE
+SIZE = 300
+
+Recipient = tuple[str | None, Any]
+
+
+def mixed_recipients() -> list[Recipient]:
+    """Good recipients with bad ones and repeated addresses on both sides of the head."""
+    recipients: list[Recipient] = [(f"+1555{i:07d}", {"name": f"n{i}"}) for i in range(SIZE)]
+
+    def put(index: int, address: str | None, variables: Any = None) -> None:
+        recipients[index] = (address, {"name": f"n{index}"} if variables is None else variables)
+
+    put(3, None)  # no address, in the head
+    put(4, "+15559999001")  # kept: its repeats in the head and in the tail are skipped
+    put(7, "+15559999001")
+    put(200, "+15559999001")
+    put(210, " +15559999001  ")  # padded, still the same address
+    put(9, "+15559999002", {})  # cannot be sent (no name): its repeat in the tail is sent
+    put(150, "+15559999002")
+    put(160, None)  # no address, in the tail
+    put(170, "   ")
+    put(180, "+15559999003")  # two in the tail: the second is skipped
+    put(190, "+15559999003")
+    put(220, "+15559999004", {"name": None})  # a null name, in the tail
+    put(230, "+15559999004")
+    put(240, "+15559999005", ["name"])  # variables that are not an object
+    put(HEAD - 1, "+15559999006")  # the last of the head, repeated right after it
+    put(HEAD, "+15559999006")
+    return recipients
+
+
+def expected_outcomes(recipients: list[Recipient]) -> list[tuple[str, str | None]]:
+    """The preparation's rules, stated plainly: no address, then missing variables, then
+    repeats of an address not skipped (the first kept); the rest is sent."""
+    outcomes: list[tuple[str, str | None] | None] = []
+    for address, variables in recipients:
+        if address is None or not address.strip():
+            outcomes.append(("skipped", "no_address"))
+        elif not isinstance(variables, dict) or variables.get("name") is None:
+            outcomes.append(("skipped", "missing_variable"))
+        else:
+            outcomes.append(None)
+    kept: set[str] = set()
+    for index, (address, _) in enumerate(recipients):
+        if outcomes[index] is None:
+            assert address is not None
+            outcomes[index] = ("skipped", "duplicate_address") if address.strip() in kept else ("sent", None)
+            kept.add(address.strip())
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def outcomes(conn: asyncpg.Connection, campaign_id: str) -> list[tuple[str, str | None]]:
+    rows = await conn.fetch(
+        "SELECT state, error_code FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
+    )
+    return [(row["state"], row["error_code"]) for row in rows]
+
+
+async def lock_tail_recipient(database_url: str, campaign_id: str, index: int) -> asyncpg.Connection:
+    """Holds the row lock of the campaign's ``index``-th recipient in an open transaction:
+    the tail's skips wait at that row until the connection rolls back."""
+    blocker = await asyncpg.connect(database_url)
+    recipient_id = await blocker.fetchval(
+        "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id OFFSET $2 LIMIT 1",
+        campaign_id,
+        index,
+    )
+    await blocker.execute("BEGIN")
+    # By id: FOR UPDATE under an OFFSET would lock every row the OFFSET passes over too.
+    await blocker.execute("SELECT id FROM campaignd.recipients WHERE id = $1 FOR UPDATE", recipient_id)
+    return blocker
+
+
+async def tail_waits_for_lock(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'campaignd'"
+            " AND wait_event_type = 'Lock' AND query LIKE '%recipient has no address%'"
+        )
+    )
+
+
+async def claimed_beyond_head(conn: asyncpg.Connection, campaign_id: str) -> int:
+    """Recipients past the prepared head that anything but the tail's skips has touched."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM campaignd.recipients r JOIN campaignd.campaigns c ON c.id = r.campaign_id"
+        " WHERE c.id = $1 AND r.id >= c.prepared_below"
+        " AND (r.state IN ('in_flight', 'sent', 'failed') OR r.attempts > 0)",
+        campaign_id,
+    )
+    return count
+
+
+async def test_a_big_campaign_is_prepared_head_first_with_the_same_outcomes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    recipients = mixed_recipients()
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE)
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    daemon = daemons(config)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    expected = expected_outcomes(recipients)
+    assert await outcomes(conn, campaign_id) == expected
+    sent = sum(1 for state, _ in expected if state == "sent")
+    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (SIZE, sent, SIZE - sent)
+    await assert_counters_match(conn, campaign_id)
+    # It took the two-step path: the head bound was written, and the tail prepared later.
+    first_id = await conn.fetchval(
+        "SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    assert row["prepared_below"] == first_id + HEAD
+    assert "campaign_prepared" in daemon.log()
+    assert_exactly_once(fake, campaign_id, sent)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_sigkill_between_the_head_and_the_tail_resumes_without_loss(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    fake.behaviour.latency_seconds = 0.05
+    recipients = mixed_recipients()
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE, lease_seconds=2.0
+    )
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    blocker = await lock_tail_recipient(database_url, campaign_id, 160)  # one without an address
+    try:
+        first = daemons(config)
+        await wait_for(lambda: tail_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
+
+        async def head_sending() -> bool:
+            return (await campaign(conn, campaign_id))["sent_count"] >= 10
+
+        await wait_for(head_sending, timeout=60, what="10 of the head sent")
+        first.kill()
+    finally:
+        await blocker.close()
+
+    row = await campaign(conn, campaign_id)
+    assert row["status"] == "sending" and row["prepared_at"] is None
+    assert row["prepared_below"] is not None
+    # Only the head was claimed, and the tail's skips, rolled back by the kill, left no trace.
+    assert await claimed_beyond_head(conn, campaign_id) == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaignd.recipients"
+            " WHERE campaign_id = $1 AND id >= $2 AND state <> 'pending'",
+            campaign_id,
+            row["prepared_below"],
+        )
+        == 0
+    )
+    in_flight_at_kill = (await state_counts(conn, campaign_id)).get("in_flight", 0)
+
+    second = daemons(config)
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    expected = expected_outcomes(recipients)
+    assert await outcomes(conn, campaign_id) == expected
+    await assert_counters_match(conn, campaign_id)
+    assert_exactly_once(fake, campaign_id, sum(1 for state, _ in expected if state == "sent"))
+    # A recipient reached the provider twice only as an in-doubt resend, under one key.
+    assert sum(fake.duplicate_keys().values()) + fake.cancelled_count() <= in_flight_at_kill
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+
+
+async def sending_with_the_tail_held(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> tuple[str, DaemonProcess, asyncpg.Connection]:
+    """A campaign whose head is being sent while its tail's skips wait for the test's lock
+    (held until the returned connection rolls back or closes)."""
+    fake.behaviour.latency_seconds = 0.05
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE)
+    campaign_id = await create_campaign(conn, "sms", mixed_recipients())
+    blocker = await lock_tail_recipient(database_url, campaign_id, 160)
+    daemon = daemons(config)
+    try:
+        await wait_for(lambda: tail_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
+    except BaseException:
+        await blocker.close()
+        raise
+    return campaign_id, daemon, blocker
+
+
+async def test_a_cancel_while_the_tail_is_prepared_keeps_the_counters_true(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    campaign_id, daemon, blocker = await sending_with_the_tail_held(
+        tmp_path, database_url, conn, fake, daemons
+    )
+    try:
+        canceller = await asyncpg.connect(database_url)
+        try:
+            # The cancel waits for the tail's preparation, which holds the campaign row:
+            # without that, the two deadlocked on the recipients both skip. Every recipient
+            # is counted once, by the one that skipped it.
+            cancel = asyncio.create_task(operator.cancel_campaign(canceller, campaign_id))
+            await asyncio.sleep(0.5)
+            await blocker.execute("ROLLBACK")
+            cancellation = await asyncio.wait_for(cancel, timeout=60)
+        finally:
+            await canceller.close()
+    finally:
+        await blocker.close()
+    assert cancellation.status == "cancelled"
+
+    async def settled() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return not counts.get("in_flight") and not counts.get("pending")
+
+    await wait_for(settled, timeout=60, what="every recipient final")
+    await wait_for(lambda: _prepared(conn, campaign_id), timeout=60, what="the tail prepared")
+    await assert_counters_match(conn, campaign_id)
+    assert (await campaign(conn, campaign_id))["status"] == "cancelled"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def _prepared(conn: asyncpg.Connection, campaign_id: str) -> bool:
+    return (await campaign(conn, campaign_id))["prepared_at"] is not None
+
+
+async def test_a_pause_while_the_tail_is_prepared_still_counts_its_skips(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    campaign_id, daemon, blocker = await sending_with_the_tail_held(
+        tmp_path, database_url, conn, fake, daemons
+    )
+    try:
+        await operator.pause_campaign(conn, campaign_id)
+    finally:
+        await blocker.close()
+
+    # The tail's skips were made while the campaign was paused: they are counted, and the
+    # campaign is prepared (a resume sends the rest without preparing it again).
+    await wait_for(lambda: _prepared(conn, campaign_id), timeout=60, what="the tail prepared")
+    await wait_for(lambda: _none_in_flight(conn, campaign_id), timeout=60, what="claims landed")
+    await assert_counters_match(conn, campaign_id)
+    row = await campaign(conn, campaign_id)
+    assert row["status"] == "paused" and row["total_count"] == SIZE
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def _none_in_flight(conn: asyncpg.Connection, campaign_id: str) -> bool:
+    return not (await state_counts(conn, campaign_id)).get("in_flight")
