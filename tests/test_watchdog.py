@@ -192,6 +192,28 @@ async def test_flags_a_campaign_stuck_behind_a_paused_sender_with_that_reason(
     assert sample("campaignd_campaigns_stuck") == 0
 
 
+async def test_a_campaign_whose_head_is_prepared_is_not_flagged_as_never_started(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Its head was sent, and the rest of it is still being prepared when progress stops.
+    campaign_id = await create_campaign(conn, "sms", 4)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET started_at = now(), updated_at = now() - interval '1 hour',"
+        " prepared_below = (SELECT max(id) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
+        campaign_id,
+    )
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+
+    assert await watchdog(pool, stuck_after=60).run_pass()
+
+    reason = (await campaign(conn, campaign_id))["stuck_reason"]
+    assert reason is not None and "never started" not in reason
+    assert "held by host:1" in reason and "4 recipients are due" in reason
+
+
 async def test_sweeps_pending_recipients_of_a_cancelled_campaign(
     conn: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:

@@ -88,12 +88,14 @@ SET sent_count = $2, failed_count = $3, skipped_count = $4, total_count = $5
 WHERE id = $1;
 
 -- name: wd_stuck_candidates
--- SENDING campaigns with no progress for $1 seconds, with what it takes to say why.
+-- SENDING campaigns with no progress for $1 seconds, with what it takes to say why. One whose
+-- head is prepared (prepared_below) has started, though the rest is not prepared yet.
 SELECT c.id, c.sender_id, c.updated_at, c.rate_per_second AS campaign_rate,
        s.paused_reason, s.lease_owner, s.lease_expires_at,
        coalesce(s.lease_expires_at > now(), false) AS lane_live,
        s.rate_per_second AS sender_rate,
-       p.pending, p.due, p.next_due, c.prepared_at IS NOT NULL AS prepared
+       p.pending, p.due, p.next_due,
+       (c.prepared_at IS NOT NULL OR c.prepared_below IS NOT NULL) AS prepared
 FROM campaignd.campaigns c
 JOIN campaignd.senders s ON s.id = c.sender_id
 CROSS JOIN LATERAL (
