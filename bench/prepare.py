@@ -100,7 +100,7 @@ async def main_async(postgres: Postgres, sizes: list[int], rounds: int, batch_si
             await connection.execute("CHECKPOINT")
             whole_steps = [
                 *skips(campaign_id, names, FIRST_ID, BEYOND_LAST_ID),
-                ("preflight_sample", (campaign_id, PREFLIGHT_SAMPLE, BEYOND_LAST_ID)),
+                ("preflight_sample", (campaign_id, FIRST_ID, BEYOND_LAST_ID, PREFLIGHT_SAMPLE)),
                 *finish(campaign_id),
             ]
             found = await connection.fetchval(QUERIES["prepare_head_boundary"], campaign_id, head)
@@ -109,7 +109,7 @@ async def main_async(postgres: Postgres, sizes: list[int], rounds: int, batch_si
                 ("prepare_hold_campaign", (campaign_id,)),
                 ("prepare_head_boundary", (campaign_id, head)),
                 *skips(campaign_id, names, FIRST_ID, below),
-                ("preflight_sample", (campaign_id, PREFLIGHT_SAMPLE, below)),
+                ("preflight_sample", (campaign_id, FIRST_ID, below, PREFLIGHT_SAMPLE)),
                 ("prepare_head_finish", (campaign_id, below, 0)),
             ]
             tail_steps = [

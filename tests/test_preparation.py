@@ -44,6 +44,7 @@ def mixed_recipients() -> list[Recipient]:
     def put(index: int, address: str | None, variables: Any = None) -> None:
         recipients[index] = (address, {"name": f"n{index}"} if variables is None else variables)
 
+    put(1, "+15559999007", {"name": {"nested": 1}})  # skipped when sent: keeps its address
     put(3, None)  # no address, in the head
     put(4, "+15559999001")  # kept: its repeats in the head and in the tail are skipped
     put(7, "+15559999001")
@@ -58,6 +59,7 @@ def mixed_recipients() -> list[Recipient]:
     put(220, "+15559999004", {"name": None})  # a null name, in the tail
     put(230, "+15559999004")
     put(240, "+15559999005", ["name"])  # variables that are not an object
+    put(250, "+15559999007")  # repeats the head's recipient skipped when sent
     put(HEAD - 1, "+15559999006")  # the last of the head, repeated right after it
     put(HEAD, "+15559999006")
     return recipients
@@ -65,7 +67,8 @@ def mixed_recipients() -> list[Recipient]:
 
 def expected_outcomes(recipients: list[Recipient]) -> list[tuple[str, str | None]]:
     """The preparation's rules, stated plainly: no address, then missing variables, then
-    repeats of an address not skipped (the first kept); the rest is sent."""
+    repeats of an address not skipped (the first kept); the rest is sent, but for a value
+    that cannot fill the message, found when it is sent (it keeps its address all the same)."""
     outcomes: list[tuple[str, str | None] | None] = []
     for address, variables in recipients:
         if address is None or not address.strip():
@@ -78,7 +81,13 @@ def expected_outcomes(recipients: list[Recipient]) -> list[tuple[str, str | None
     for index, (address, _) in enumerate(recipients):
         if outcomes[index] is None:
             assert address is not None
-            outcomes[index] = ("skipped", "duplicate_address") if address.strip() in kept else ("sent", None)
+            variables = recipients[index][1]
+            if address.strip() in kept:
+                outcomes[index] = ("skipped", "duplicate_address")
+            elif not isinstance(variables["name"], str):
+                outcomes[index] = ("skipped", "bad_variable")
+            else:
+                outcomes[index] = ("sent", None)
             kept.add(address.strip())
     return [outcome for outcome in outcomes if outcome is not None]
 
@@ -90,9 +99,10 @@ async def outcomes(conn: asyncpg.Connection, campaign_id: str) -> list[tuple[str
     return [(row["state"], row["error_code"]) for row in rows]
 
 
-async def lock_tail_recipient(database_url: str, campaign_id: str, index: int) -> asyncpg.Connection:
-    """Holds the row lock of the campaign's ``index``-th recipient in an open transaction:
-    the tail's skips wait at that row until the connection rolls back."""
+async def lock_recipient(database_url: str, campaign_id: str, index: int) -> asyncpg.Connection:
+    """Holds the row lock of the campaign's ``index``-th recipient in an open transaction: a
+    preparation's skips wait at that row (one without an address) until the connection rolls
+    back."""
     blocker = await asyncpg.connect(database_url)
     recipient_id = await blocker.fetchval(
         "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id OFFSET $2 LIMIT 1",
@@ -105,7 +115,7 @@ async def lock_tail_recipient(database_url: str, campaign_id: str, index: int) -
     return blocker
 
 
-async def tail_waits_for_lock(conn: asyncpg.Connection) -> bool:
+async def preparation_waits_for_lock(conn: asyncpg.Connection) -> bool:
     return bool(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'campaignd'"
@@ -160,15 +170,17 @@ async def test_sigkill_between_the_head_and_the_tail_resumes_without_loss(
         tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE, lease_seconds=2.0
     )
     campaign_id = await create_campaign(conn, "sms", recipients)
-    blocker = await lock_tail_recipient(database_url, campaign_id, 160)  # one without an address
+    blocker = await lock_recipient(database_url, campaign_id, 160)  # one without an address
     try:
         first = daemons(config)
-        await wait_for(lambda: tail_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
+        await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
 
         async def head_sending() -> bool:
-            return (await campaign(conn, campaign_id))["sent_count"] >= 10
+            # The head's recipient skipped when sent is among the outcomes the rest is judged by.
+            row = await campaign(conn, campaign_id)
+            return row["sent_count"] >= 10 and row["skipped_count"] > 3
 
-        await wait_for(head_sending, timeout=60, what="10 of the head sent")
+        await wait_for(head_sending, timeout=60, what="10 of the head sent, 1 skipped when sent")
         first.kill()
     finally:
         await blocker.close()
@@ -203,17 +215,23 @@ async def test_sigkill_between_the_head_and_the_tail_resumes_without_loss(
 
 
 async def sending_with_the_tail_held(
-    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+    tmp_path: Path,
+    database_url: str,
+    conn: asyncpg.Connection,
+    fake: FakeProvider,
+    daemons: Any,
+    recipients: list[Recipient] | None = None,
 ) -> tuple[str, DaemonProcess, asyncpg.Connection]:
     """A campaign whose head is being sent while its tail's skips wait for the test's lock
-    (held until the returned connection rolls back or closes)."""
+    (held until the returned connection rolls back or closes) on its 161st recipient, which
+    must have no address."""
     fake.behaviour.latency_seconds = 0.05
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE)
-    campaign_id = await create_campaign(conn, "sms", mixed_recipients())
-    blocker = await lock_tail_recipient(database_url, campaign_id, 160)
+    campaign_id = await create_campaign(conn, "sms", recipients or mixed_recipients())
+    blocker = await lock_recipient(database_url, campaign_id, 160)
     daemon = daemons(config)
     try:
-        await wait_for(lambda: tail_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
+        await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
     except BaseException:
         await blocker.close()
         raise
@@ -282,3 +300,24 @@ async def test_a_pause_while_the_tail_is_prepared_still_counts_its_skips(
 
 async def _none_in_flight(conn: asyncpg.Connection, campaign_id: str) -> bool:
     return not (await state_counts(conn, campaign_id)).get("in_flight")
+
+
+async def test_a_campaign_paused_while_the_rest_is_checked_fails_when_none_is_valid(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    nobody: list[Recipient] = [(None, {"name": f"n{i}"}) for i in range(SIZE)]
+    campaign_id, daemon, blocker = await sending_with_the_tail_held(
+        tmp_path, database_url, conn, fake, daemons, nobody
+    )
+    try:
+        await operator.pause_campaign(conn, campaign_id)
+    finally:
+        await blocker.close()
+
+    # Not left paused and prepared, to be completed by a resume having sent nothing.
+    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+    assert row["status_reason"] == f"no valid recipient: all {SIZE} were skipped"
+    await assert_counters_match(conn, campaign_id)
+    assert fake.request_count() == 0
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0

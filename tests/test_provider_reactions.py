@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from campaignd import operator as campaignd_operator
 from tests.conftest import (
     assert_counters_match,
     campaign,
@@ -25,6 +26,7 @@ from tests.conftest import (
     wait_status,
 )
 from tests.provider_fakes import FakeTwilio, FakeWhatsApp, meta_error
+from tests.test_preparation import lock_recipient, preparation_waits_for_lock
 
 TOKEN = "EAAtest-whatsapp-token-0123456789"
 TWILIO_SID = "AC" + "1" * 32
@@ -55,7 +57,14 @@ def twilio() -> Iterator[FakeTwilio]:
     fake.stop_thread()
 
 
-def _whatsapp_config(tmp_path: Path, database_url: str, fake: FakeWhatsApp, **sender: Any) -> Path:
+def _whatsapp_config(
+    tmp_path: Path,
+    database_url: str,
+    fake: FakeWhatsApp,
+    *,
+    dispatch: dict[str, Any] | None = None,
+    **sender: Any,
+) -> Path:
     values = {
         "provider": "whatsapp",
         "phone_number_id": fake.phone_number_id,
@@ -64,7 +73,7 @@ def _whatsapp_config(tmp_path: Path, database_url: str, fake: FakeWhatsApp, **se
         "rate_per_second": 300.0,
         **sender,
     }
-    return daemon_config(tmp_path, database_url, {"wa": values})
+    return daemon_config(tmp_path, database_url, {"wa": values}, **(dispatch or {}))
 
 
 ENV = {"TEST_WHATSAPP_TOKEN": TOKEN}
@@ -259,6 +268,58 @@ async def test_preflight_fails_a_template_without_language_before_any_send(
     assert "language" in row["status_reason"]
     assert whatsapp.requests == []
     assert (await state_counts(conn, campaign_id)) == {"pending": 50}
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_preflight_judges_the_rest_of_a_big_campaign_whose_head_has_nobody_to_send(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    # With batch_size 5 the head is 50 recipients, none with an address: the pre-flight has
+    # nothing to judge there, and must judge the first of the rest before any of it is sent.
+    message = {"type": "template", "template": {"name": "spring_sale"}}
+    recipients = [(None, {"name": "x"})] * 50 + _numbers("1555", 30)
+    campaign_id = await create_campaign(conn, "wa", recipients, message=message)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp, dispatch={"batch_size": 5}), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+
+    assert row["status_reason"].startswith("pre-flight: ") and "language" in row["status_reason"]
+    assert row["prepared_below"] is not None, "it took the head-first path"
+    assert whatsapp.requests == []
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_a_preflight_failure_while_paused_leaves_the_campaign_to_be_prepared_again(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    message = {"type": "template", "template": {"name": "spring_sale"}}
+    recipients = [(None, {"name": "x"}), *_numbers("1555", 9)]
+    campaign_id = await create_campaign(conn, "wa", recipients, message=message)
+    # The preparation waits at the recipient without an address while the campaign is paused.
+    blocker = await lock_recipient(database_url, campaign_id, 0)
+    try:
+        daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+        await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the preparation waiting")
+        await campaignd_operator.pause_campaign(conn, campaign_id)
+    finally:
+        await blocker.close()
+
+    async def rolled_back() -> bool:
+        return "campaign_no_longer_sending" in daemon.log()
+
+    await wait_for(rolled_back, timeout=30, what="the preparation rolled back")
+    assert (await state_counts(conn, campaign_id)) == {"pending": 10}
+    row = await campaign(conn, campaign_id)
+    # Not prepared, so that a resume prepares it (and judges it) again rather than sending it.
+    assert (row["status"], row["prepared_at"], row["prepared_below"]) == ("paused", None, None)
+    await campaignd_operator.resume_campaign(conn, campaign_id)
+    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+    assert row["status_reason"].startswith("pre-flight: ")
+    assert whatsapp.requests == []
     await assert_counters_match(conn, campaign_id)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0

@@ -172,6 +172,10 @@ class LaneLost(Exception):
     """Another daemon holds this sender lane now."""
 
 
+class _NotSending(Exception):
+    """The campaign being prepared left SENDING meanwhile: the preparation rolls back."""
+
+
 class Lane:
     def __init__(
         self,
@@ -307,7 +311,9 @@ class Lane:
             try:
                 await self._write_campaign_pauses()
                 runs = await self._campaigns()
-                if not runs and self._outstanding == 0 and not self._buffer:
+                # Not while a tail is prepared: stopping would roll it back, and a campaign
+                # paused meanwhile would wait for a resume to have its counters right.
+                if not runs and self._outstanding == 0 and not self._buffer and not self._tails:
                     self._log.info("lane_idle")
                     return
                 claimed = await self._claim_round(runs)
@@ -442,16 +448,12 @@ class Lane:
                 bound.warning("campaign_failed", reason=f"invalid message: {exc}")
             return None
         # A campaign whose tail this lane is still preparing has its head prepared.
-        if not row["prepared"] and campaign_id not in self._tails:
-            head_below = await self._prepare_campaign(campaign_id, template, bound)
-            if head_below is None:
-                return None
-            if head_below != BEYOND_LAST_ID:
-                assert self._group is not None
-                self._tails[campaign_id] = self._group.create_task(
-                    self._prepare_tail(campaign_id, template, head_below, bound),
-                    name=f"prepare:{campaign_id}",
-                )
+        if (
+            not row["prepared"]
+            and campaign_id not in self._tails
+            and await self._prepare_campaign(campaign_id, template, bound) is None
+        ):
+            return None
         cap = CampaignCap(row["rate_per_second"]) if row["rate_per_second"] else None
         breaker = FailureBreaker(
             self._provider.name,
@@ -469,32 +471,38 @@ class Lane:
         head prepared here (see _prepare_tail). Returns the bound below which fresh recipients
         may be claimed (BEYOND_LAST_ID: all), or None when the campaign is not to be sent."""
         head = PREPARE_HEAD_BATCHES * self._config.batch_size
-        async with self._pool.acquire() as connection, connection.transaction():
-            await self._lock_lane(connection)
-            await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
-            head_below = await connection.fetchval(QUERIES["prepare_head_boundary"], campaign_id, head)
-            below = BEYOND_LAST_ID if head_below is None else int(head_below)
-            skipped = await self._skip_unsendable(connection, campaign_id, template, FIRST_ID, below)
-            sample = await connection.fetch(QUERIES["preflight_sample"], campaign_id, PREFLIGHT_SAMPLE, below)
-            problem = preflight(self._provider, template, sample)
-            if problem is not None:
-                # In the preparing transaction, so that nothing is sent; the skips made stand,
-                # and are counted.
-                await connection.fetchval(
-                    QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"pre-flight: {problem}"
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                await self._lock_lane(connection)
+                await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
+                head_below = await connection.fetchval(QUERIES["prepare_head_boundary"], campaign_id, head)
+                below = BEYOND_LAST_ID if head_below is None else int(head_below)
+                skipped = await self._skip_unsendable(connection, campaign_id, template, FIRST_ID, below)
+                sample = await connection.fetch(
+                    QUERIES["preflight_sample"], campaign_id, FIRST_ID, below, PREFLIGHT_SAMPLE
                 )
-                await self._finish_preparing(connection, campaign_id)
-                bound.warning("campaign_failed", reason=f"pre-flight: {problem}")
-                return None
-            if below != BEYOND_LAST_ID:
-                status = await connection.fetchval(
-                    QUERIES["prepare_head_finish"], campaign_id, below, skipped
-                )
-                if status != "sending":
+                if await self._failed_preflight(connection, campaign_id, template, sample, bound):
                     return None
-                bound.info("campaign_started", head_skipped=skipped, prepared_below=below)
-                return below
-            prepared = await self._finish_preparing(connection, campaign_id)
+                if below != BEYOND_LAST_ID:
+                    status = await connection.fetchval(
+                        QUERIES["prepare_head_finish"], campaign_id, below, skipped
+                    )
+                else:
+                    prepared = await self._finish_preparing(connection, campaign_id)
+        except _NotSending:
+            bound.info("campaign_no_longer_sending", during="preparation")
+            return None
+        if below != BEYOND_LAST_ID:
+            if status != "sending":
+                return None
+            bound.info("campaign_started", head_skipped=skipped, prepared_below=below)
+            # Only once the head is committed: the rest is judged against it.
+            assert self._group is not None
+            self._tails[campaign_id] = self._group.create_task(
+                self._prepare_tail(campaign_id, template, below, sample, bound),
+                name=f"prepare:{campaign_id}",
+            )
+            return below
         if prepared is None or prepared["status"] != "sending":
             self._log_unsendable(prepared, bound)
             return None
@@ -508,13 +516,19 @@ class Lane:
         campaign_id: str,
         template: Template,
         head_below: int,
+        head_sample: list[asyncpg.Record],
         bound: structlog.typing.FilteringBoundLogger,
     ) -> None:
         """The rest of a campaign whose head is being sent: its skips, then its counters
         recounted and prepared_at set, in one transaction fenced by the lane. Until it
         commits, claims stay in the head; a crash or a lost lane before then rolls it back,
-        and the campaign is prepared again from its first pending recipient, head first."""
+        and the campaign is prepared again from its first pending recipient, head first.
+
+        The pre-flight judged the head's first recipients; a head with fewer than
+        PREFLIGHT_SAMPLE to send (all skipped, say) is judged again here, with the first of
+        the rest, as preparing the whole campaign at once would have judged it."""
         backoff = Backoff()
+        prepared: asyncpg.Record | None = None
         try:
             while True:
                 if self._stopping():
@@ -528,9 +542,20 @@ class Lane:
                         # Fenced before it commits, not from its start: the lane's lock
                         # holds off its lease renewals, and a tail's skips can take seconds.
                         await self._lock_lane(connection)
+                        if len(head_sample) < PREFLIGHT_SAMPLE:
+                            rest = await connection.fetch(
+                                QUERIES["preflight_sample"],
+                                campaign_id,
+                                head_below,
+                                BEYOND_LAST_ID,
+                                PREFLIGHT_SAMPLE - len(head_sample),
+                            )
+                            sample = [*head_sample, *rest]
+                            if await self._failed_preflight(connection, campaign_id, template, sample, bound):
+                                return
                         prepared = await self._finish_preparing(connection, campaign_id)
                     break
-                except LaneLost:
+                except (LaneLost, _NotSending):
                     return
                 except Exception as exc:
                     await backoff.wait_after(exc, bound, "prepare_tail", self._shutdown.requested)
@@ -542,6 +567,31 @@ class Lane:
             self._log_unsendable(prepared, bound)
         elif prepared is not None:
             bound.info("campaign_prepared", total=prepared["total"], skipped=prepared["skipped"])
+
+    async def _failed_preflight(
+        self,
+        connection: Connection,
+        campaign_id: str,
+        template: Template,
+        sample: list[asyncpg.Record],
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> bool:
+        """Fails the campaign, in the preparing transaction, when the pre-flight finds its
+        message invalid for the provider; the skips made stand, and are counted. Raises
+        _NotSending (the transaction rolls back) if it is no longer SENDING: it is prepared
+        again, and judged again, when it is."""
+        problem = preflight(self._provider, template, sample)
+        if problem is None:
+            return False
+        reason = f"pre-flight: {problem}"
+        if (
+            await connection.fetchval(QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason)
+            is None
+        ):
+            raise _NotSending
+        await self._finish_preparing(connection, campaign_id)
+        bound.warning("campaign_failed", reason=reason)
+        return True
 
     async def _lock_lane(self, connection: Connection) -> None:
         if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token) is None:

@@ -244,7 +244,9 @@ WHERE (campaign_id, id) >= ($1::uuid, $2::bigint) AND (campaign_id, id) < ($1::u
 -- other skips. Grouped by hashing, not sorted: only the addresses that repeat come out of the
 -- grouping (1.2-1.4x faster than a window over the sorted campaign at 200k-1M recipients).
 -- The whole campaign is grouped, so a tail's repeat of an address in its head is skipped;
--- only the recipients in the range are marked.
+-- only the recipients in the range are marked. A head recipient skipped when it was sent
+-- (an address or a value the provider cannot take) keeps its address, as it would have had
+-- the whole campaign been prepared before it was sent: only preparation's skips are left out.
 -- $1 campaign id, $2 first id, $3 id bound (excluded)
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
@@ -252,7 +254,8 @@ SET state = 'skipped', error_code = 'duplicate_address',
 FROM (
     SELECT btrim(address) AS address, min(id) AS kept_id
     FROM campaignd.recipients
-    WHERE campaign_id = $1 AND state <> 'skipped' AND address IS NOT NULL
+    WHERE campaign_id = $1 AND address IS NOT NULL
+      AND (state <> 'skipped' OR error_code NOT IN ('no_address', 'missing_variable', 'duplicate_address'))
     GROUP BY btrim(address)
     HAVING count(*) > 1
 ) d
@@ -263,8 +266,9 @@ WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) 
 -- name: prepare_skip_duplicates_in_head
 -- prepare_skip_duplicates for a head: only the recipients below the head's bound are grouped
 -- (the rest is not prepared yet, and grouping it would cost what the head saves). Those are
--- the fresh ones and those already claimed, which are all in the prepared head (claims stay
--- there); each part is read through its own index.
+-- the fresh ones and those already claimed (sent, failed, in flight, retrying, or skipped
+-- when sent), which are all in the prepared head (claims stay there); each part is read
+-- through its own index.
 -- $1 campaign id, $2 first id, $3 head bound (excluded)
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
@@ -278,6 +282,10 @@ FROM (
         UNION ALL
         SELECT address, id FROM campaignd.recipients
         WHERE campaign_id = $1 AND state IN ('in_flight', 'sent', 'failed')
+        UNION ALL
+        SELECT address, id FROM campaignd.recipients
+        WHERE campaign_id = $1 AND state = 'skipped'
+          AND error_code NOT IN ('no_address', 'missing_variable', 'duplicate_address')
         UNION ALL
         SELECT address, id FROM campaignd.recipients
         WHERE campaign_id = $1 AND state = 'pending' AND next_attempt_at IS NOT NULL
@@ -328,7 +336,8 @@ SELECT id FROM campaignd.campaigns WHERE id = $1 FOR NO KEY UPDATE;
 -- name: prepare_finish
 -- Counters recomputed from recipient states (hosts need not fill total_count), whatever the
 -- status: the skips were made. A campaign left with nothing to send and nothing sent fails
--- with a reason instead of sitting in SENDING; one whose head was sent completes as usual.
+-- with a reason instead of sitting in SENDING, paused included (a resume would complete it
+-- having sent nothing); one whose head was sent completes as usual.
 -- $1 campaign id
 WITH counts AS (
     SELECT count(*) AS total,
@@ -339,7 +348,8 @@ WITH counts AS (
     FROM campaignd.recipients
     WHERE campaign_id = $1
 ), verdict AS (
-    SELECT counts.*, c.status = 'sending' AND counts.open = 0 AND counts.sent = 0 AND counts.failed = 0 AS fails
+    SELECT counts.*,
+           c.status IN ('sending', 'paused') AND counts.open = 0 AND counts.sent = 0 AND counts.failed = 0 AS fails
     FROM counts, campaignd.campaigns c
     WHERE c.id = $1
 )
@@ -388,13 +398,13 @@ RETURNING id;
 
 -- name: preflight_sample
 -- The first recipients to be sent, for the pre-flight check (matches recipients_fresh).
--- $1 campaign id, $2 how many, $3 id bound (excluded): the prepared head
+-- $1 campaign id, $2 first id, $3 id bound (excluded), $4 how many
 SELECT address, variables
 FROM campaignd.recipients
-WHERE (campaign_id, id) > ($1::uuid, 0::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
+WHERE (campaign_id, id) >= ($1::uuid, $2::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
   AND state = 'pending' AND next_attempt_at IS NULL
 ORDER BY campaign_id, id
-LIMIT $2;
+LIMIT $4;
 
 -- name: claim_recipients
 -- Due retries first, then fresh recipients after the keyset cursor. The claim commits
