@@ -86,6 +86,29 @@ async def in_flight(conn: asyncpg.Connection, campaign_id: str) -> int:
     return (await state_counts(conn, campaign_id)).get("in_flight", 0)
 
 
+async def test_a_cancel_that_waits_too_long_for_a_preparation_says_so_and_changes_nothing(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    campaign_id = await create_campaign(conn, "sms", 3)
+    config = write_config(
+        tmp_path / "ops.toml", {"database": {"url": database_url, "lock_timeout_seconds": 0.2}}
+    )
+    # What a daemon preparing the campaign holds while it checks its recipients.
+    preparing = await asyncpg.connect(database_url)
+    try:
+        await preparing.execute("BEGIN")
+        await preparing.execute("SELECT id FROM campaignd.campaigns WHERE id = $1 FOR KEY SHARE", campaign_id)
+        ran = await campaignd(config, "cancel", campaign_id)
+    finally:
+        await preparing.close()
+
+    assert ran.returncode == 1
+    assert "did not answer in time" in ran.stderr and "try again" in ran.stderr, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+    assert await state_counts(conn, campaign_id) == {"pending": 3}
+
+
 # ------------------------------------------------------------------ with real daemons
 
 

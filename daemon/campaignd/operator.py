@@ -107,6 +107,15 @@ async def connected(settings: Settings) -> AsyncIterator[Connection]:
         raise OperatorError(
             f"the campaignd schema is missing or out of date ({exc}): run `campaignd migrate`"
         ) from exc
+    except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+        # A cancel waits for a daemon preparing the campaign (seconds for millions of
+        # recipients), and any command for a busy database; nothing was changed.
+        raise OperatorError(
+            f"the database did not answer in time ({type(exc).__name__}; [database]"
+            f" lock_timeout_seconds {settings.database.lock_timeout_seconds:g},"
+            f" statement_timeout_seconds {settings.database.statement_timeout_seconds:g}):"
+            " a daemon may be preparing or writing this campaign; nothing was changed, try again"
+        ) from exc
     finally:
         await connection.close()
 
