@@ -9,6 +9,7 @@ second step (the tail's skips) for as long as the test needs.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,14 @@ import asyncpg
 from campaignd import operator
 from campaignd.dispatch import PREPARE_HEAD_BATCHES
 from campaignd.fakeprovider import FakeProvider
+from campaignd.sql import QUERIES
 from tests.conftest import (
     DaemonProcess,
     assert_counters_match,
     campaign,
     create_campaign,
     daemon_config,
+    register_sender,
     state_counts,
     wait_for,
     wait_status,
@@ -321,3 +324,63 @@ async def test_a_campaign_paused_while_the_rest_is_checked_fails_when_none_is_va
     assert fake.request_count() == 0
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_ranges_of_a_campaign_are_read_from_its_index_not_across_older_campaigns(
+    conn: asyncpg.Connection,
+) -> None:
+    # One big older campaign below this one's ids: through the primary key, a claim at
+    # cursor 0 or a head's statement would read every one of its rows first.
+    await register_sender(conn, "sms")
+    older, campaign_id = [
+        await conn.fetchval(
+            "INSERT INTO campaignd.campaigns (name, sender_id, message)"
+            " VALUES ($1, 'sms', '{}') RETURNING id",
+            name,
+        )
+        for name in ("older", "this")
+    ]
+    for owner in (older, campaign_id):
+        await conn.execute(
+            "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
+            " SELECT $1, '+1555' || n, jsonb_build_object('name', 'n' || n) FROM generate_series(1, 50000) n",
+            owner,
+        )
+    await conn.execute("ANALYZE campaignd.recipients")
+    head_below = await conn.fetchval(QUERIES["prepare_head_boundary"], campaign_id, 1000)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending', prepared_below = $2 WHERE id = $1",
+        campaign_id,
+        head_below,
+    )
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    statements = {
+        "claim_recipients": ("sms", "host:1", 1, campaign_id, 0, 100, 30.0),
+        "prepare_head_boundary": (campaign_id, 1000),
+        "preflight_sample": (campaign_id, 0, head_below, 20),
+        "prepare_skip_no_address": (campaign_id, 0, head_below),
+        "prepare_skip_missing_variables": (campaign_id, 0, head_below, ["name"]),
+        "prepare_skip_duplicates_in_head": (campaign_id, 0, head_below),
+    }
+    for name, args in statements.items():
+        async with conn.transaction():
+            plan = "\n".join(
+                row[0] for row in await conn.fetch(f"EXPLAIN (COSTS OFF) {QUERIES[name]}", *args)
+            )
+        assert "recipients_fresh" in plan, f"{name}:\n{plan}"
+        assert not primary_key_ranges(plan), f"{name} walks the primary key:\n{plan}"
+
+
+def primary_key_ranges(plan: str) -> list[str]:
+    """The primary-key scans of recipients in a plan that are not lookups of single ids."""
+    lines = plan.splitlines()
+    ranges = []
+    for index, line in enumerate(lines):
+        if "using recipients_pkey" in line:
+            condition = next((later for later in lines[index + 1 :] if "Index Cond" in later), "")
+            if not re.search(r"Index Cond: \((\w+\.)?id = ", condition):
+                ranges.append(line.strip())
+    return ranges
