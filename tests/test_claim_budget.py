@@ -1,11 +1,11 @@
-"""How much a lane claims ahead: a pure decision."""
+"""How much a lane claims ahead, and what it does after a claim round: pure decisions."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from campaignd.dispatch import CLAIM_HORIZON_SECONDS, claim_budget
+from campaignd.dispatch import CLAIM_HORIZON_SECONDS, FeedStep, after_claim_round, claim_budget
 
 
 def test_a_fast_sender_is_bound_by_concurrency_and_batch() -> None:
@@ -34,3 +34,51 @@ def test_budget_is_positive_and_bounded(concurrency: int, batch_size: int, rate:
     assert budget >= 1
     assert budget <= max(1, rate * CLAIM_HORIZON_SECONDS + burst + 1)
     assert budget <= 2 * (concurrency + batch_size)
+
+
+def test_a_round_that_found_the_room_full_waits_for_room_not_for_every_outcome() -> None:
+    # The stall: nothing claimed because nothing fit, taken for nothing left to claim.
+    assert (
+        after_claim_round(claimed=0, free_room=0, claim_threshold=250, unwritten=1064)
+        is FeedStep.WAIT_FOR_ROOM
+    )
+    assert (
+        after_claim_round(claimed=3, free_room=0, claim_threshold=250, unwritten=1064)
+        is FeedStep.WAIT_FOR_ROOM
+    )
+
+
+def test_a_round_with_room_to_spare_claims_again_or_waits_by_what_is_out() -> None:
+    assert (
+        after_claim_round(claimed=1000, free_room=300, claim_threshold=250, unwritten=764)
+        is FeedStep.CLAIM_AGAIN
+    )
+    assert after_claim_round(claimed=0, free_room=300, claim_threshold=250, unwritten=764) is (
+        FeedStep.WAIT_UNTIL_WRITTEN
+    )
+    assert (
+        after_claim_round(claimed=0, free_room=1064, claim_threshold=250, unwritten=0)
+        is FeedStep.WAIT_FOR_WORK
+    )
+
+
+@given(
+    budget=st.integers(1, 10_000),
+    threshold_share=st.floats(0.0, 1.0),
+    unwritten_share=st.floats(0.0, 1.0),
+    claimed=st.integers(0, 10_000),
+)
+def test_a_lane_waits_for_room_only_while_claims_are_out(
+    budget: int, threshold_share: float, unwritten_share: float, claimed: int
+) -> None:
+    # Room frees only as outcomes are written: with none to come, that wait would last a poll.
+    threshold = max(1, int(budget * threshold_share))
+    unwritten = int(budget * unwritten_share)
+    step = after_claim_round(
+        claimed=claimed, free_room=budget - unwritten, claim_threshold=threshold, unwritten=unwritten
+    )
+
+    if step is FeedStep.WAIT_FOR_ROOM:
+        assert unwritten > 0
+    if step is FeedStep.WAIT_FOR_WORK:
+        assert unwritten == 0 and claimed == 0

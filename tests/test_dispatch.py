@@ -601,3 +601,46 @@ async def test_campaign_without_a_valid_recipient_fails_with_a_reason(
     row = await wait_status(conn, broken, "failed", timeout=30)
     assert "invalid message" in row["status_reason"]
     assert fake.request_count() == 0
+
+
+async def test_a_wake_with_every_claim_slot_taken_keeps_the_lane_claiming(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A wake (a campaign started on the sender, a tail prepared) that found the claim room full
+    # made the claim round claim nothing, which the lane took for "nothing left": it waited
+    # for every claim to be written, here forever (one request is held at the provider), until
+    # the next poll. Seen in bench/latency.py as the send queue running dry for ~0.3 s.
+    held = "+15550000000"  # the first recipient of a campaign made by create_campaign
+    fake.behaviour.latency_seconds = 0.1
+    fake.behaviour.rules[held] = Rule(503, delay_seconds=300.0)
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "timeout_seconds": 300.0}},
+        # Two claims in the air and four queued: the room is full nearly all the time, and
+        # frees one recipient at a time (the claim threshold is 1).
+        concurrency=2,
+        batch_size=4,
+        # A lane that stops claiming would not look again within the test.
+        poll_seconds=600.0,
+    )
+    # Of more than 10 batches: its tail is prepared while its head is sent, and wakes the lane.
+    busy = await create_campaign(conn, "sms", 400, name="busy")
+    daemons(config)
+
+    async def sent_in_busy() -> int:
+        return int((await campaign(conn, busy))["sent_count"])
+
+    # The tail's wake comes within the first few sends.
+    await wait_for(lambda: _at_least(sent_in_busy, 20), timeout=60, what="20 sent")
+    # A NOTIFY wakes the lane, again at a moment when the room is almost surely full.
+    newcomer = await create_campaign(conn, "sms", [(f"+1666{i:07d}", {"name": "n"}) for i in range(10)])
+    row = await wait_status(conn, newcomer, "completed", timeout=60)
+    assert row["sent_count"] == 10
+    already = await sent_in_busy()
+    await wait_for(lambda: _at_least(sent_in_busy, already + 20), timeout=60, what="20 more sent")
+    assert fake.requests_by_address(held) == 1
+
+
+async def _at_least(count: Any, expected: int) -> bool:
+    return bool(await count() >= expected)

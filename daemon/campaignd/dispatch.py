@@ -13,6 +13,7 @@ The order of durable steps is what makes a message neither lost nor doubled sile
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import operator
 import random
@@ -320,12 +321,18 @@ class Lane:
                 backoff.reset()
                 if self._pause_reason is not None:
                     return
-                if not claimed and (self._outstanding or self._buffer):
-                    await self._wait_until_written()
-                elif not claimed:
-                    await self._wait(self._config.poll_seconds)
-                elif self._free_room() < self._claim_threshold:
+                step = after_claim_round(
+                    claimed=claimed,
+                    free_room=self._free_room(),
+                    claim_threshold=self._claim_threshold,
+                    unwritten=self._outstanding + len(self._buffer),
+                )
+                if step is FeedStep.WAIT_FOR_ROOM:
                     await self._wait_for_room()
+                elif step is FeedStep.WAIT_UNTIL_WRITTEN:
+                    await self._wait_until_written()
+                elif step is FeedStep.WAIT_FOR_WORK:
+                    await self._wait(self._config.poll_seconds)
             except LaneLost:
                 return
             except Exception as exc:
@@ -1121,6 +1128,33 @@ def preflight(provider: Provider, template: Template, sample: Iterable[asyncpg.R
         except (InvalidAddress, RenderError):
             continue
     return provider.check_messages(messages) if messages else None
+
+
+class FeedStep(enum.Enum):
+    """What a lane's feed loop does after a claim round."""
+
+    CLAIM_AGAIN = "claim_again"
+    WAIT_FOR_ROOM = "wait_for_room"
+    WAIT_UNTIL_WRITTEN = "wait_until_written"
+    WAIT_FOR_WORK = "wait_for_work"
+
+
+def after_claim_round(*, claimed: int, free_room: int, claim_threshold: int, unwritten: int) -> FeedStep:
+    """The room decides first: a round that found it full claimed nothing because it could
+    not, which says nothing about what is left to claim. Taken for "nothing left", it had the
+    lane wait for every claim to be written (up to a poll) while the send queue ran dry, after
+    any wake (a NOTIFY, a tail prepared) that came while the room was full.
+
+    ``unwritten``: recipients claimed whose outcome is not committed yet."""
+    if free_room < claim_threshold:
+        # Room is only ever short while claims are out, whose writes will free it.
+        return FeedStep.WAIT_FOR_ROOM
+    if claimed:
+        return FeedStep.CLAIM_AGAIN
+    if unwritten:
+        # Nothing left to claim now; the outcomes still to come may complete a campaign.
+        return FeedStep.WAIT_UNTIL_WRITTEN
+    return FeedStep.WAIT_FOR_WORK
 
 
 def claim_budget(*, concurrency: int, batch_size: int, rate_per_second: float, burst: int) -> int:
