@@ -246,7 +246,7 @@ async def wait_one_replica_serves_all(conn: asyncpg.Connection, senders: tuple[s
 
 
 async def test_a_replica_started_later_gets_a_share_of_busy_lanes(
-    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, provider_processes: Any, daemons: Any
 ) -> None:
     # One replica serves four long campaigns when a second starts (a rolling restart, or
     # scaling out). Before, the newcomer stayed idle until the campaigns ended; now the busy
@@ -254,10 +254,14 @@ async def test_a_replica_started_later_gets_a_share_of_busy_lanes(
     # released, so no message is sent twice and no sender ever has two lanes at once.
     senders = ("s1", "s2", "s3", "s4")
     rate, burst, count = 40.0, 5, 600
+    # In a process of its own: the rate is judged by arrival times, which a provider in this
+    # process stamps late and in a clump whenever the test's own work holds it up (seen: a
+    # 185 ms gap, then 7 arrivals within 3 ms, late in a full test run).
+    provider = provider_processes()
     config = daemon_config(
         tmp_path,
         database_url,
-        {sender: {"url": fake.url, "rate_per_second": rate, "burst": burst} for sender in senders},
+        {sender: {"url": provider.url, "rate_per_second": rate, "burst": burst} for sender in senders},
         rebalance_seconds=0.5,
     )
     campaigns = {
@@ -280,14 +284,16 @@ async def test_a_replica_started_later_gets_a_share_of_busy_lanes(
     for campaign_id in campaigns.values():
         await wait_status(conn, campaign_id, "completed", timeout=90)
         await assert_counters_match(conn, campaign_id)
-        assert_exactly_once(fake, campaign_id, count)
-    assert fake.request_count() == count * len(senders), "a message went out twice"
+    records = provider.records()
+    assert len(records["request_times"]) == count * len(senders), "a message went out twice"
+    assert len({a["address"] for a in records["accepted"]}) == len(records["accepted"]), "an address twice"
     assert first.log().count('"lane_handover"') == 2, owners
     assert "in_doubt_recovered" not in first.log() + second.log()
-    # The lane moved only after it drained: its sender's rate held across the move.
     for sender, campaign_id in campaigns.items():
-        arrivals = [a.arrived for a in fake.accepted() if a.campaign_id == campaign_id]
-        assert max_in_window(arrivals, 1.0) <= rate + burst, sender
+        accepted = [a for a in records["accepted"] if a["campaign_id"] == campaign_id]
+        assert len({a["recipient_id"] for a in accepted}) == len(accepted) == count, sender
+        # The lane moved only after it drained: its sender's rate held across the move.
+        assert max_in_window([a["arrived"] for a in accepted], 1.0) <= rate + burst, sender
     for daemon in (first, second):
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
