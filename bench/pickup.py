@@ -1,6 +1,7 @@
 """Pickup latency: from ``UPDATE … SET status = 'sending'`` to the first request at the provider.
 
-    python bench/pickup.py [--campaigns 100] [--busy-campaigns 20]
+    python bench/pickup.py [--campaigns 100] [--busy-campaigns 20] [--large-campaigns 10]
+                           [--large-recipients 50000]
 
 Target (the performance issue): p50 <= 50 ms, p99 <= 250 ms over 100 campaigns, through
 NOTIFY rather than polling. One daemon runs with ``[dispatch] poll_seconds = 5.0``, so a
@@ -13,7 +14,12 @@ that campaign's request (time.monotonic(), same machine) - the moment just befor
 Pass 2 (busy lane): a long campaign (capped by its own rate_per_second) sends in the
 background on the same sender; 1-recipient campaigns start 1 s apart without waiting for the
 previous pickup (a held lane picks a new campaign up on its next round, so one at a time
-would take minutes), each timed the same way. Bounded: under two minutes in all.
+would take minutes), each timed the same way.
+Pass 3 (large campaigns, idle lane): campaigns of --large-recipients recipients (50,000 by
+default: more than 10 claim batches, so prepared head first), one at a time, each timed the
+same way, then cancelled, and the next started once the lane is released. A large campaign
+is prepared and claimed in bigger steps than a 1-recipient one before its first request.
+Bounded: under three minutes in all.
 """
 
 from __future__ import annotations
@@ -153,6 +159,39 @@ async def measure(
     return pickups + list(await asyncio.gather(*tasks))
 
 
+async def measure_large(
+    connection: asyncpg.Connection, watcher: Watcher, count: int, recipients: int
+) -> list[Pickup]:
+    """One large campaign at a time on an idle lane: started, timed, cancelled."""
+    pickups: list[Pickup] = []
+    addresses = [f"+1888{i:08d}" for i in range(recipients)]
+    for i in range(count):
+        campaign_id = await insert_draft(connection, f"large-{i}", addresses, None)
+        await wait_lane_released(connection)
+        await asyncio.sleep(SPACING_SECONDS)
+        started_wall = time.time()
+        t0 = time.monotonic()
+        await connection.execute(
+            "UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id
+        )
+        at = await watcher.wait(campaign_id, t0 + PICKUP_TIMEOUT_SECONDS)
+        pickups.append(Pickup(campaign_id, started_wall, None if at is None else (at - t0) * 1000.0))
+        await connection.execute(
+            "UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", campaign_id
+        )
+    await wait_lane_released(connection)
+    return pickups
+
+
+async def wait_lane_released(connection: asyncpg.Connection) -> None:
+    """Until the daemon has given the sender's lane up (it has nothing left to send)."""
+    deadline = time.monotonic() + PICKUP_TIMEOUT_SECONDS
+    while await connection.fetchval("SELECT lease_owner FROM campaignd.senders WHERE id = $1", SENDER_ID):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the lane was not released after its campaign was cancelled")
+        await asyncio.sleep(0.01)
+
+
 def report(title: str, pickups: list[Pickup], verdict: bool) -> None:
     latencies = [p.latency_ms for p in pickups if p.latency_ms is not None]
     missed = len(pickups) - len(latencies)
@@ -210,7 +249,14 @@ def lane_breakdown(log_path: Path, pickups: list[Pickup]) -> None:
     )
 
 
-async def run(postgres_url: str, workdir: Path, campaigns: int, busy_campaigns: int) -> None:
+async def run(
+    postgres_url: str,
+    workdir: Path,
+    campaigns: int,
+    busy_campaigns: int,
+    large_campaigns: int,
+    large_recipients: int,
+) -> None:
     fp = FakeProvider()
     await fp.start()
     config = write_daemon_config(
@@ -260,6 +306,15 @@ async def run(postgres_url: str, workdir: Path, campaigns: int, busy_campaigns: 
             verdict=False,
         )
         await connection.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", long_id)
+
+        if large_campaigns:
+            large = await measure_large(connection, watcher, large_campaigns, large_recipients)
+            report(
+                f"Pass 3, large campaigns ({large_recipients:,} recipients each, idle lane)",
+                large,
+                verdict=True,
+            )
+            lane_breakdown(daemon.log_path, large)
     finally:
         code = daemon.stop()
         print(f"\ndaemon stopped with SIGTERM (exit code {code}); its log: {daemon.log_path}")
@@ -274,6 +329,10 @@ def main() -> None:
     )
     parser.add_argument("--campaigns", type=int, default=100, help="idle-lane pickups (100)")
     parser.add_argument("--busy-campaigns", type=int, default=20, help="busy-lane pickups (20)")
+    parser.add_argument(
+        "--large-campaigns", type=int, default=10, help="large-campaign pickups (10; 0: none)"
+    )
+    parser.add_argument("--large-recipients", type=int, default=50_000, help="recipients per large campaign")
     parser.add_argument("--keep-log", type=Path, default=None, help="copy the daemon's log here")
     args = parser.parse_args()
     workdir = new_workdir("campaignd-pickup-")
@@ -291,7 +350,16 @@ def main() -> None:
                 f"PostgreSQL {postgres.version}: "
                 + ", ".join(f"{k}={v}" for k, v in postgres.durability.items())
             )
-            asyncio.run(run(url, workdir, args.campaigns, args.busy_campaigns))
+            asyncio.run(
+                run(
+                    url,
+                    workdir,
+                    args.campaigns,
+                    args.busy_campaigns,
+                    args.large_campaigns,
+                    args.large_recipients,
+                )
+            )
             if args.keep_log is not None:
                 shutil.copy(workdir / "daemon.log", args.keep_log)
     finally:
