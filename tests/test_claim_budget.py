@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from campaignd.dispatch import CLAIM_HORIZON_SECONDS, FeedStep, after_claim_round, claim_budget
+from campaignd.dispatch import CLAIM_HORIZON_SECONDS, FeedStep, after_claim_round, claim_budget, claim_limit
 
 
 def test_a_fast_sender_is_bound_by_concurrency_and_batch() -> None:
@@ -82,3 +82,38 @@ def test_a_lane_waits_for_room_only_while_claims_are_out(
         assert unwritten > 0
     if step is FeedStep.WAIT_FOR_WORK:
         assert unwritten == 0 and claimed == 0
+
+
+def test_a_lane_with_nothing_out_first_claims_what_its_workers_can_send_at_once() -> None:
+    # Every worker waits for the first claim of a starting campaign: it is kept small.
+    assert claim_limit(batch_size=1000, free_room=1064, run_room=None, outstanding=0, workers=64) == 64
+    # With those in the air, the next claim is a whole batch.
+    assert claim_limit(batch_size=1000, free_room=1000, run_room=None, outstanding=64, workers=64) == 1000
+    assert claim_limit(batch_size=1000, free_room=300, run_room=None, outstanding=764, workers=64) == 300
+    # A capped campaign claims no more than its cap allows.
+    assert claim_limit(batch_size=1000, free_room=1064, run_room=5, outstanding=0, workers=64) == 5
+
+
+@given(
+    batch_size=st.integers(1, 100_000),
+    free_room=st.integers(1, 200_000),
+    run_room=st.none() | st.integers(1, 100_000),
+    outstanding=st.integers(0, 200_000),
+    workers=st.integers(1, 100_000),
+)
+def test_a_claim_asks_for_at_least_one_and_never_more_than_any_bound(
+    batch_size: int, free_room: int, run_room: int | None, outstanding: int, workers: int
+) -> None:
+    limit = claim_limit(
+        batch_size=batch_size,
+        free_room=free_room,
+        run_room=run_room,
+        outstanding=outstanding,
+        workers=workers,
+    )
+
+    assert 1 <= limit <= min(batch_size, free_room)
+    if run_room is not None:
+        assert limit <= run_room
+    if outstanding == 0:
+        assert limit <= workers
