@@ -87,6 +87,18 @@ def _sent_to(fake: FakeWhatsApp | FakeTwilio, prefix: str) -> int:
     return sum(1 for request in fake.requests if (request.address or "").lstrip("+").startswith(prefix))
 
 
+async def _failed_at_preflight(
+    conn: asyncpg.Connection, campaign_id: str, whatsapp: FakeWhatsApp
+) -> asyncpg.Record:
+    """Waits for the campaign to fail at the pre-flight, and checks that nothing was sent and
+    that its counters match its recipients; returns its row."""
+    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+    assert row["status_reason"].startswith("pre-flight: ")
+    assert whatsapp.requests == []
+    await assert_counters_match(conn, campaign_id)
+    return row
+
+
 async def test_whatsapp_campaign_is_sent_with_its_template_and_callback_key(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
 ) -> None:
@@ -262,13 +274,10 @@ async def test_preflight_fails_a_template_without_language_before_any_send(
     campaign_id = await create_campaign(conn, "wa", _numbers("1555", 50), message=message)
     daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
 
-    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+    row = await _failed_at_preflight(conn, campaign_id, whatsapp)
 
-    assert row["status_reason"].startswith("pre-flight: ")
     assert "language" in row["status_reason"]
-    assert whatsapp.requests == []
     assert (await state_counts(conn, campaign_id)) == {"pending": 50}
-    await assert_counters_match(conn, campaign_id)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
@@ -283,12 +292,10 @@ async def test_preflight_judges_the_rest_of_a_big_campaign_whose_head_has_nobody
     campaign_id = await create_campaign(conn, "wa", recipients, message=message)
     daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp, dispatch={"batch_size": 5}), env=ENV)
 
-    row = await wait_status(conn, campaign_id, "failed", timeout=60)
+    row = await _failed_at_preflight(conn, campaign_id, whatsapp)
 
-    assert row["status_reason"].startswith("pre-flight: ") and "language" in row["status_reason"]
+    assert "language" in row["status_reason"]
     assert row["prepared_below"] is not None, "it took the head-first path"
-    assert whatsapp.requests == []
-    await assert_counters_match(conn, campaign_id)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
@@ -317,10 +324,7 @@ async def test_a_preflight_failure_while_paused_leaves_the_campaign_to_be_prepar
     # Not prepared, so that a resume prepares it (and judges it) again rather than sending it.
     assert (row["status"], row["prepared_at"], row["prepared_below"]) == ("paused", None, None)
     await campaignd_operator.resume_campaign(conn, campaign_id)
-    row = await wait_status(conn, campaign_id, "failed", timeout=60)
-    assert row["status_reason"].startswith("pre-flight: ")
-    assert whatsapp.requests == []
-    await assert_counters_match(conn, campaign_id)
+    await _failed_at_preflight(conn, campaign_id, whatsapp)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
