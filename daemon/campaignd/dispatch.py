@@ -1142,7 +1142,7 @@ def claim_limit(
     A lane with no claim out (a campaign starting on an idle lane, a lane taken over, a
     campaign resumed) first claims only what its idle workers can send at once: every worker
     waits for that claim, and a claim's time grows with its size (a median 2.3 ms for 64
-    rows against 13.9 ms for 1,000: BENCHMARKS.md, "Pickup of large campaigns"). The next
+    rows against 13.9 ms for 1,000: bench/claim_sizes.py, BENCHMARKS.md). The next
     round, with those requests in the air, claims a whole batch."""
     limit = min(batch_size, free_room)
     if outstanding == 0:
