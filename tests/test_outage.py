@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider
 from campaignd.schema import migrate
+from campaignd.sql import QUERIES
 from tests.conftest import (
     assert_counters_match,
     campaign,
@@ -21,6 +26,7 @@ from tests.conftest import (
     wait_for,
     wait_status,
 )
+from tests.pgproxy import PgProxy
 
 
 async def test_database_outage_mid_campaign_is_survived_without_unrecorded_sends(
@@ -71,3 +77,88 @@ async def test_database_outage_mid_campaign_is_survived_without_unrecorded_sends
     assert "database_unavailable" in daemon.log()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def _lost_claim_run(
+    tmp_path: Path, database_url: str, fake: FakeProvider, proxy: PgProxy, recipients: int, **sender: Any
+) -> tuple[asyncpg.Connection, str, Path]:
+    """A campaign whose second claim commits and loses its reply (proxy armed before start)."""
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    campaign_id = await create_campaign(connection, "sms", recipients, start=False)
+    proxy.lose_reply(QUERIES["claim_recipients"], execution=2)
+    config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, **sender}})
+    await connection.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+    return connection, campaign_id, config
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[PgProxy]:
+    proxy = PgProxy(database_url)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+async def test_a_claim_whose_reply_was_lost_is_given_back_and_the_campaign_completes(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """The claim committed; the lane never learnt which rows it took. They stayed in flight
+    under the live lane, which nothing recovers: the campaign stayed SENDING for good."""
+    connection, campaign_id, config = await _lost_claim_run(tmp_path, database_url, fake, proxy, 600)
+    daemon = daemons(config)
+    try:
+        await wait_status(connection, campaign_id, "completed", timeout=60)
+        assert proxy.lost == 1, "the claim's reply was never lost: this test tested nothing"
+        row = await campaign(connection, campaign_id)
+        assert row["sent_count"] == 600
+        await assert_counters_match(connection, campaign_id)
+        # The lost claim sent nothing, so it spent no attempt and left no error behind.
+        attempts = await connection.fetch(
+            "SELECT attempts, error_code, count(*) FROM campaignd.recipients"
+            " WHERE campaign_id = $1 GROUP BY 1, 2",
+            campaign_id,
+        )
+        assert [tuple(r) for r in attempts] == [(1, None, 600)]
+    finally:
+        await connection.close()
+    assert fake.request_count() == 600, "a recipient was sent twice"
+    assert len({a.recipient_id for a in fake.accepted() if a.campaign_id == campaign_id}) == 600
+    assert "lost_claims_released" in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
+
+
+async def test_a_lane_leaving_gives_its_lost_claims_back_rather_than_leave_them_in_doubt(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """Left in flight, a lost claim looks to the next owner like a send cut off: a sender that
+    cannot resend safely would fail those recipients 'in_doubt' though nothing was sent."""
+    connection, campaign_id, config = await _lost_claim_run(
+        tmp_path, database_url, fake, proxy, 400, rate_per_second=40.0, burst=5, resend_in_doubt=False
+    )
+    first = daemons(config)
+    try:
+
+        async def lost() -> bool:
+            return proxy.lost == 1
+
+        await wait_for(lost, timeout=30, what="the second claim's reply lost")
+        first.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait) == 0
+        left = await connection.fetchval(
+            "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight'",
+            campaign_id,
+        )
+        assert left == 0
+        assert "lost_claims_released" in first.log()
+
+        second = daemons(config)
+        await wait_status(connection, campaign_id, "completed", timeout=60)
+        row = await campaign(connection, campaign_id)
+        assert (row["sent_count"], row["failed_count"]) == (400, 0)
+        await assert_counters_match(connection, campaign_id)
+    finally:
+        await connection.close()
+    assert fake.request_count() == 400, "a recipient was sent twice"
+    second.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(second.wait) == 0

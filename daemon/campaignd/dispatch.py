@@ -219,6 +219,9 @@ class Lane:
         # back); a draining lane waits on it.
         self._landing = asyncio.Event()
         self._buffer: list[RecipientUpdate] = []
+        # Every campaign this lane has asked to claim in: where a claim whose reply was lost
+        # (committed, connection gone) can have left rows in flight that the lane knows nothing of.
+        self._claimed_in: set[str] = set()
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._refresh_due_at = 0.0
@@ -262,6 +265,7 @@ class Lane:
                         tail.cancel()
                     await self._drain()
                     await self._final_flush()
+                    await self._release_lost_claims_on_leaving()
                     self._log_progress(final=True)
                 finally:
                     renewer.cancel()
@@ -674,6 +678,7 @@ class Lane:
         return claimed_total
 
     async def _claim(self, run: CampaignRun, limit: int) -> list[asyncpg.Record]:
+        self._claimed_in.add(run.campaign_id)
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(
                 QUERIES["claim_recipients"],
@@ -707,6 +712,41 @@ class Lane:
                 failed=row["failed_count"],
                 skipped=row["skipped_count"],
             )
+            return
+        # Not complete, with nothing of it left to send here: rows this lane lost the claim
+        # replies for would keep it SENDING for as long as the lane lives.
+        if await self._release_lost_claims([run.campaign_id]):
+            self._wake.set()
+
+    async def _release_lost_claims(self, campaign_ids: list[str]) -> int:
+        """Gives back this lane's claims in these campaigns that it holds no flight for; how many.
+
+        Only for campaigns with nothing outstanding here: then a claim of this lane's epoch in
+        flight is either lost or settled with its outcome still in the buffer (left alone).
+        """
+        unwritten = [update.recipient_id for update in self._buffer]
+        async with self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                QUERIES["release_lost_claims"], *self.lease.token, campaign_ids, unwritten
+            )
+        for row in rows:
+            self._log.warning(
+                "lost_claims_released", campaign_id=str(row["campaign_id"]), recipients=row["released"]
+            )
+        return sum(int(row["released"]) for row in rows)
+
+    async def _release_lost_claims_on_leaving(self) -> None:
+        """Lost claims given back now are due at once for the next owner; left behind, they
+        would be taken for sends cut off and resent as in doubt, or failed 'in_doubt' by a
+        sender that does not resend."""
+        if self.lease.lost or self._outstanding or not self._claimed_in:
+            return
+        try:
+            await self._release_lost_claims(sorted(self._claimed_in))
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            note_unavailable(self._log, "release_lost_claims", exc)
 
     def _pause_campaign(self, run: CampaignRun, reason: str) -> None:
         """Stop claiming and sending for this campaign now; the feed loop writes the pause."""

@@ -112,6 +112,41 @@ WITH orphan AS (
 SELECT p.campaign_id, c.sender_id, p.resent, p.failed
 FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
 
+-- name: release_lost_claims
+-- Claims this lane made but never heard back about: the claim committed, and the reply was
+-- lost with its connection. The lane sends only what it knows it claimed, so nothing was
+-- sent for them, and they are given back like any unsent claim (due at once, the attempt
+-- returned), not resent as in doubt. The caller runs this only for campaigns it has no
+-- claim outstanding in: every claim of its epoch in flight there is then lost, or settled
+-- with its outcome not yet written ($5).
+-- Rows locked right now (a claim whose commit is still under way) are left to the next call.
+-- $1 sender id, $2 owner, $3 epoch, $4 campaign ids, $5 recipient ids whose outcome the lane
+-- holds but has not written yet (claims it knows of, not lost)
+WITH lane AS (
+    SELECT id FROM campaignd.senders
+    WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+    FOR SHARE
+), lost AS (
+    SELECT r.id FROM campaignd.recipients r
+    WHERE r.campaign_id = ANY($4::uuid[]) AND r.state = 'in_flight'
+      AND r.lease_owner = $2 AND r.lease_epoch = $3
+      AND r.id <> ALL($5::bigint[])
+      AND EXISTS (SELECT 1 FROM lane)
+    FOR UPDATE OF r SKIP LOCKED
+), released AS (
+    UPDATE campaignd.recipients r
+    SET state = 'pending',
+        attempts = greatest(r.attempts - 1, 0),
+        next_attempt_at = now(),
+        error_code = NULL, error_message = NULL,
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        updated_at = now()
+    FROM lost
+    WHERE r.id = lost.id
+    RETURNING r.campaign_id
+)
+SELECT campaign_id, count(*) AS released FROM released GROUP BY campaign_id;
+
 -- name: renew_lane
 -- Extends the lane and, for operators, the leases shown on its in-flight claims and its
 -- campaigns. No row back: the lane was taken over (or released), and the caller must stop

@@ -1,0 +1,178 @@
+"""A TCP proxy in front of PostgreSQL that can lose the server's reply to a chosen statement.
+
+The statement still runs, and outside a transaction block it commits; then the proxy drops
+the connection instead of passing the reply on. The client sees its connection close in the
+middle of the statement, and cannot tell whether it took effect: what a network fault or a
+server crash between commit and reply does to a daemon, made to happen at a chosen moment.
+
+It understands just enough of the wire protocol (v3) for that: it refuses SSL and GSS
+encryption so that it can read the messages, tracks which statement each prepared name
+stands for, and counts the executions (Bind messages) of the one it was armed for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+_SSL_REQUEST = 80877103
+_GSS_REQUEST = 80877104
+_CANCEL_REQUEST = 80877102
+
+
+class PgProxy:
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        host = query.pop("host", None) or parts.hostname or "localhost"
+        port = int(query.pop("port", None) or parts.port or 5432)
+        self._unix_path = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else None
+        self._upstream = (host, port)
+        self._url_parts = parts
+        self._query = query
+        self._target: str | None = None
+        self._lose_execution = 0
+        self._executions = 0
+        self.lost = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pgproxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.url = ""
+
+    def start(self) -> str:
+        """Starts listening on a loopback port; returns the URL to connect through."""
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
+        ).result(timeout=10)
+        port = self._server.sockets[0].getsockname()[1]
+        user = self._url_parts.username or ""
+        password = self._url_parts.password or ""
+        credentials = f"{user}:{password}@" if user else ""
+        self.url = urlunsplit(
+            (
+                self._url_parts.scheme,
+                f"{credentials}127.0.0.1:{port}",
+                self._url_parts.path,
+                urlencode(self._query),
+                "",
+            )
+        )
+        return self.url
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for writer in list(self._connections):
+                writer.transport.abort()
+            # Each connection's handler closes its sockets on its way out.
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def lose_reply(self, query: str, *, execution: int) -> None:
+        """Lose the reply to the ``execution``-th run (from 1, counted across connections) of
+        the statement whose text is exactly ``query``."""
+        self._loop.call_soon_threadsafe(self._arm, query, execution)
+
+    def _arm(self, query: str, execution: int) -> None:
+        self._target, self._lose_execution, self._executions = query, execution, 0
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+        self._connections.add(client_writer)
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            if self._unix_path is not None:
+                upstream_reader, upstream_writer = await asyncio.open_unix_connection(self._unix_path)
+            else:
+                upstream_reader, upstream_writer = await asyncio.open_connection(*self._upstream)
+            self._connections.add(upstream_writer)
+            losing = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    self._client_to_server(client_reader, client_writer, upstream_writer, losing)
+                )
+                group.create_task(
+                    self._server_to_client(upstream_reader, client_writer, upstream_writer, losing)
+                )
+        except* (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            for writer in (client_writer, upstream_writer):
+                if writer is not None:
+                    self._connections.discard(writer)
+                    writer.transport.abort()
+
+    async def _client_to_server(
+        self,
+        reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        upstream: asyncio.StreamWriter,
+        losing: asyncio.Event,
+    ) -> None:
+        # Startup: untyped messages, a length and a code first.
+        while True:
+            head = await reader.readexactly(8)
+            length, code = struct.unpack("!ii", head)
+            rest = await reader.readexactly(length - 8)
+            if code in (_SSL_REQUEST, _GSS_REQUEST):
+                client_writer.write(b"N")
+                await client_writer.drain()
+                continue
+            upstream.write(head + rest)
+            await upstream.drain()
+            if code == _CANCEL_REQUEST:
+                return
+            break
+        statements: dict[bytes, bytes] = {}
+        while True:
+            head = await reader.readexactly(5)
+            kind, length = head[:1], struct.unpack("!i", head[1:])[0]
+            body = await reader.readexactly(length - 4)
+            if kind == b"P":
+                name, query = body.split(b"\0")[:2]
+                statements[name] = query
+            elif kind == b"B" and self._target is not None:
+                statement = body.split(b"\0")[1]
+                if statements.get(statement) == self._target.encode():
+                    self._executions += 1
+                    if self._executions == self._lose_execution:
+                        losing.set()
+            upstream.write(head + body)
+            await upstream.drain()
+
+    async def _server_to_client(
+        self,
+        reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        upstream: asyncio.StreamWriter,
+        losing: asyncio.Event,
+    ) -> None:
+        while True:
+            head = await reader.readexactly(5)
+            kind, length = head[:1], struct.unpack("!i", head[1:])[0]
+            body = await reader.readexactly(length - 4)
+            if not losing.is_set():
+                client_writer.write(head + body)
+                await client_writer.drain()
+                continue
+            # Held back from the moment the armed statement was bound; ReadyForQuery means
+            # the server is done with it (committed, outside a transaction block).
+            if kind == b"Z":
+                self.lost += 1
+                client_writer.transport.abort()
+                upstream.transport.abort()
+                raise ConnectionResetError("reply lost on purpose")
