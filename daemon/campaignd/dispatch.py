@@ -219,8 +219,9 @@ class Lane:
         # back); a draining lane waits on it.
         self._landing = asyncio.Event()
         self._buffer: list[RecipientUpdate] = []
-        # Every campaign this lane has asked to claim in: where a claim whose reply was lost
-        # (committed, connection gone) can have left rows in flight that the lane knows nothing of.
+        # A claim that failed may have committed with its reply lost, leaving rows in flight
+        # that the lane knows nothing of (see _release_lost_claims); and where.
+        self._claim_unanswered = False
         self._claimed_in: set[str] = set()
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -679,15 +680,20 @@ class Lane:
 
     async def _claim(self, run: CampaignRun, limit: int) -> list[asyncpg.Record]:
         self._claimed_in.add(run.campaign_id)
-        async with self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                QUERIES["claim_recipients"],
-                *self.lease.token,
-                run.campaign_id,
-                run.cursor,
-                limit,
-                self.lease.lease_seconds,
-            )
+        try:
+            async with self._pool.acquire() as connection:
+                rows = await connection.fetch(
+                    QUERIES["claim_recipients"],
+                    *self.lease.token,
+                    run.campaign_id,
+                    run.cursor,
+                    limit,
+                    self.lease.lease_seconds,
+                )
+        except BaseException:
+            # For the rest of the lane's life: the server may commit it later still.
+            self._claim_unanswered = True
+            raise
         fresh_ids = [row["id"] for row in rows if row["fresh"]]
         if fresh_ids:
             run.cursor = max(run.cursor, max(fresh_ids))
@@ -715,7 +721,7 @@ class Lane:
             return
         # Not complete, with nothing of it left to send here: rows this lane lost the claim
         # replies for would keep it SENDING for as long as the lane lives.
-        if await self._release_lost_claims([run.campaign_id]):
+        if self._claim_unanswered and await self._release_lost_claims([run.campaign_id]):
             self._wake.set()
 
     async def _release_lost_claims(self, campaign_ids: list[str]) -> int:
@@ -739,7 +745,7 @@ class Lane:
         """Lost claims given back now are due at once for the next owner; left behind, they
         would be taken for sends cut off and resent as in doubt, or failed 'in_doubt' by a
         sender that does not resend."""
-        if self.lease.lost or self._outstanding or not self._claimed_in:
+        if self.lease.lost or self._outstanding or not self._claim_unanswered:
             return
         try:
             await self._release_lost_claims(sorted(self._claimed_in))
