@@ -68,6 +68,7 @@ async def main_async(postgres: Postgres, sizes: list[int], rounds: int, recipien
                     cursor,
                     size,
                     LEASE_SECONDS,
+                    len(timings[size]) + 1,
                 )
                 timings[size].append((time.perf_counter() - started) * 1000.0)
                 cursor = max(row["id"] for row in rows)

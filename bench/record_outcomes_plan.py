@@ -83,14 +83,14 @@ async def explain(connection: asyncpg.Connection, chunk: list[int], mode: str) -
         await connection.execute("DEALLOCATE record_outcomes_plan")
     await connection.execute(
         "PREPARE record_outcomes_plan (text, text, bigint, bigint[], text[], text[], text[], text[],"
-        " float8[], int[]) AS " + QUERIES["record_outcomes"]
+        " float8[], int[], bigint[]) AS " + QUERIES["record_outcomes"]
     )
     count = len(chunk)
     call = (
         f"EXECUTE record_outcomes_plan ('bench', '{OWNER}', {EPOCH}, {array_literal(chunk, 'bigint[]')},"
         f" {array_literal(['sent'] * count, 'text[]')}, {array_literal(['x'] * count, 'text[]')},"
         f" {array_literal(['NULL'] * count, 'text[]')}, {array_literal(['NULL'] * count, 'text[]')},"
-        f" {array_literal([0] * count, 'float8[]')}, {array_literal([0] * count, 'int[]')})"
+        f" {array_literal([0] * count, 'float8[]')}, {array_literal([0] * count, 'int[]')}, NULL)"
     )
     transaction = connection.transaction()
     await transaction.start()

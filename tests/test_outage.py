@@ -16,6 +16,7 @@ import pytest
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider
+from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns, released
 from campaignd.schema import migrate
 from campaignd.sql import QUERIES
 from tests.conftest import (
@@ -162,3 +163,46 @@ async def test_a_lane_leaving_gives_its_lost_claims_back_rather_than_leave_them_
     assert fake.request_count() == 400, "a recipient was sent twice"
     second.signal(signal.SIGTERM)
     assert await asyncio.to_thread(second.wait) == 0
+
+
+async def test_an_outcome_written_again_does_not_land_on_a_later_claim(conn: asyncpg.Connection) -> None:
+    """A batch whose reply was lost is written again. Meanwhile its 'due at once' outcome may
+    have committed and the lane claimed the row again: the old outcome must not undo the new
+    claim, whose send would then be recorded nowhere and the recipient sent twice."""
+    campaign_id = await create_campaign(conn, "sms", 1)
+    # Prepared as a lane would have: one recipient, every one sendable.
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET prepared_at = now(), total_count = 1 WHERE id = $1", campaign_id
+    )
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    lane = ("sms", "host:1", 1)
+
+    async def claim(number: int) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            QUERIES["claim_recipients"], *lane, campaign_id, 0, 10, 30.0, number
+        )
+        return rows
+
+    async def record(update: RecipientUpdate) -> int:
+        row = await conn.fetchrow(QUERIES["record_outcomes"], *lane, *outcome_columns([update]))
+        assert row is not None and row["lane_held"] == 1
+        return int(row["applied"])
+
+    [first] = await claim(1)
+    given_back = released(first["id"])
+    given_back.claim = 1
+    assert await record(given_back) == 1
+    [again] = await claim(2)
+    assert again["id"] == first["id"]
+
+    assert await record(given_back) == 0, "the first claim's outcome landed on the second claim"
+    state = await conn.fetchrow(
+        "SELECT state, lease_claim FROM campaignd.recipients WHERE id = $1", first["id"]
+    )
+    assert tuple(state) == ("in_flight", 2)
+    assert await record(RecipientUpdate(first["id"], RecipientState.SENT)) == 1
+    assert (await campaign(conn, campaign_id))["sent_count"] == 1
+    await assert_counters_match(conn, campaign_id)

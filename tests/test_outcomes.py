@@ -393,6 +393,7 @@ def test_outcome_columns_send_empty_columns_as_null() -> None:
         None,
         None,
         None,
+        None,
     )
 
 
@@ -402,7 +403,8 @@ def test_outcome_columns_keep_every_value_of_a_column_that_has_one() -> None:
         released(2),
         RecipientUpdate(3, RecipientState.FAILED, error_code="131026", error_message="undeliverable"),
     ]
-    ids, states, message_ids, codes, messages, retry_in, adjust = outcome_columns(batch)
+    batch[1].claim = 7
+    ids, states, message_ids, codes, messages, retry_in, adjust, claims = outcome_columns(batch)
     assert ids == [1, 2, 3]
     assert states == [RecipientState.SENT, RecipientState.PENDING, RecipientState.FAILED]
     assert message_ids == ["m1", None, None]
@@ -410,3 +412,4 @@ def test_outcome_columns_keep_every_value_of_a_column_that_has_one() -> None:
     assert messages == [None, None, "undeliverable"]
     assert retry_in == [None, 0.0, None]
     assert adjust == [0, -1, 0]
+    assert claims == [None, 7, None]

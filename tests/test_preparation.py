@@ -358,7 +358,7 @@ async def test_ranges_of_a_campaign_are_read_from_its_index_not_across_older_cam
         " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
     )
     statements = {
-        "claim_recipients": ("sms", "host:1", 1, campaign_id, 0, 100, 30.0),
+        "claim_recipients": ("sms", "host:1", 1, campaign_id, 0, 100, 30.0, 1),
         "prepare_head_boundary": (campaign_id, 1000),
         "preflight_sample": (campaign_id, 0, head_below, 20),
         "prepare_skip_no_address": (campaign_id, 0, head_below),

@@ -157,6 +157,8 @@ class Flight:
     variables: Any
     attempts: int
     run: CampaignRun
+    # The lane's number of the claim that took it.
+    claim: int
     # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
     # with the template it was rendered from: a run revived after a pause may have another.
     delivery: Delivery | None = None
@@ -223,6 +225,7 @@ class Lane:
         # that the lane knows nothing of (see _release_lost_claims); and where.
         self._claim_unanswered = False
         self._claimed_in: set[str] = set()
+        self._claims_made = 0
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._refresh_due_at = 0.0
@@ -670,16 +673,19 @@ class Lane:
                 outstanding=self._outstanding,
                 workers=self._worker_count,
             )
-            claims = await self._claim(run, limit)
+            claim, claims = await self._claim(run, limit)
             claimed_total += len(claims)
             for row in claims:
-                self._launch(run, row)
+                self._launch(run, row, claim)
             if not claims and run.outstanding == 0 and run.campaign_id not in self._tails:
                 await self._try_complete(run)
         return claimed_total
 
-    async def _claim(self, run: CampaignRun, limit: int) -> list[asyncpg.Record]:
+    async def _claim(self, run: CampaignRun, limit: int) -> tuple[int, list[asyncpg.Record]]:
+        """The claim's number and the rows it took."""
         self._claimed_in.add(run.campaign_id)
+        self._claims_made += 1
+        claim = self._claims_made
         try:
             async with self._pool.acquire() as connection:
                 rows = await connection.fetch(
@@ -689,6 +695,7 @@ class Lane:
                     run.cursor,
                     limit,
                     self.lease.lease_seconds,
+                    claim,
                 )
         except BaseException:
             # For the rest of the lane's life: the server may commit it later still.
@@ -701,7 +708,7 @@ class Lane:
             # Nothing fresh after the cursor: rows skipped while locked by someone else would
             # otherwise hide below it, so the next round looks from the start again.
             run.cursor = 0
-        return rows
+        return claim, rows
 
     async def _try_complete(self, run: CampaignRun) -> None:
         await self._flush()
@@ -791,10 +798,10 @@ class Lane:
 
     # ---------------------------------------------------------------- sending
 
-    def _launch(self, run: CampaignRun, row: asyncpg.Record) -> None:
+    def _launch(self, run: CampaignRun, row: asyncpg.Record, claim: int) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run)
+        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run, claim)
         if run.cap is None:
             self._queue.put(flight)
             return
@@ -867,9 +874,9 @@ class Lane:
             # that may have reached the provider is in doubt; one that did not goes back.
             recipient_id = flight.recipient_id
             if flight.request_started:
-                self._record(in_doubt(recipient_id, resend=self._provider.resend_in_doubt))
+                self._record(in_doubt(recipient_id, resend=self._provider.resend_in_doubt), flight)
             else:
-                self._record(released(recipient_id))
+                self._record(released(recipient_id), flight)
 
     def _release_queued(self) -> None:
         """Claims no worker has picked up go back unsent."""
@@ -956,7 +963,7 @@ class Lane:
         """Decide the recipient's outcome; None gives the claim back unsent."""
         flight.settled = True
         if result is None:
-            self._record(released(flight.recipient_id))
+            self._record(released(flight.recipient_id), flight)
             return
         update = decide(
             flight.recipient_id,
@@ -986,9 +993,11 @@ class Lane:
         tripped = flight.run.breaker.record(result)
         if tripped is not None:
             self._pause_campaign(flight.run, f"circuit breaker: {tripped}")
-        self._record(update)
+        self._record(update, flight)
 
-    def _record(self, update: RecipientUpdate) -> None:
+    def _record(self, update: RecipientUpdate, flight: Flight) -> None:
+        if update.state is RecipientState.PENDING:
+            update.claim = flight.claim
         self._buffer.append(update)
         if len(self._buffer) >= self._config.batch_size:
             self._flush_wanted.set()

@@ -74,6 +74,9 @@ class RecipientUpdate:
     attempt_adjust: int = 0
     # What kind of result led here, for metrics: a ResultKind value, "released" or "in_doubt".
     error_class: str = "none"
+    # The lane's number of the claim this outcome was decided for, on an outcome that leaves
+    # the recipient pending (see record_outcomes); the lane fills it in.
+    claim: int | None = None
 
 
 OutcomeColumns = tuple[
@@ -84,11 +87,12 @@ OutcomeColumns = tuple[
     list[str | None] | None,
     list[float | None] | None,
     list[int] | None,
+    list[int | None] | None,
 ]
 
 
 def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
-    """``record_outcomes``' parallel arrays, from recipient id to attempt adjustment.
+    """``record_outcomes``' parallel arrays, from recipient id to claim number.
 
     A column that holds only its default (no retry delays in a batch of sends that all
     succeeded, and every state ``sent``) goes as NULL, which the statement's ``unnest`` pads
@@ -108,6 +112,7 @@ def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
         unless_empty([u.error_message for u in batch]),
         unless_empty([u.retry_in_seconds for u in batch]),
         unless_empty([u.attempt_adjust for u in batch], 0),
+        unless_empty([u.claim for u in batch]),
     )
 
 

@@ -92,7 +92,7 @@ WITH orphan AS (
         next_attempt_at = CASE WHEN orphan.resend THEN now() END,
         error_code = 'in_doubt',
         error_message = 'the daemon holding this claim stopped before recording its outcome',
-        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM orphan
     WHERE r.id = orphan.id
@@ -139,7 +139,7 @@ WITH lane AS (
         attempts = greatest(r.attempts - 1, 0),
         next_attempt_at = now(),
         error_code = NULL, error_message = NULL,
-        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM lost
     WHERE r.id = lost.id
@@ -446,7 +446,7 @@ LIMIT $4;
 -- before any send starts, so a crash leaves the recipient visibly in_flight (in doubt),
 -- never silently pending-but-sent.
 -- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 cursor (last fresh id claimed),
--- $6 limit, $7 lease seconds
+-- $6 limit, $7 lease seconds, $8 the lane's number for this claim
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
@@ -489,6 +489,7 @@ SET state = 'in_flight',
     lease_owner = $2,
     lease_epoch = $3,
     lease_expires_at = now() + make_interval(secs => $7),
+    lease_claim = $8,
     updated_at = now()
 FROM picked
 WHERE r.id = picked.id
@@ -502,9 +503,14 @@ RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, picked.fr
 -- many outcomes were applied.
 -- $1 sender id, $2 owner, $3 epoch, then parallel arrays: $4 ids, $5 states,
 -- $6 provider message ids, $7 error codes, $8 error messages, $9 retry delays (seconds,
--- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent). Any
--- array but the ids may be NULL for "only the default in this batch" (unnest pads it with
--- NULLs): state 'sent', no texts, no delay, no adjustment (outcomes.outcome_columns).
+-- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent), $11 the
+-- claim each outcome was decided for. Any array but the ids may be NULL for "only the
+-- default in this batch" (unnest pads it with NULLs): state 'sent', no texts, no delay, no
+-- adjustment, no claim number (outcomes.outcome_columns).
+-- A batch whose reply was lost is written again. An outcome that leaves the row pending
+-- must then not land on a later claim of it by this lane, so it names its claim (and is
+-- not applied without one); a final outcome needs no number: once it has committed, the
+-- row can never be claimed again.
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
@@ -519,9 +525,10 @@ WITH lane AS (
     FOR NO KEY UPDATE OF c
 ), outcome AS (
     SELECT id, coalesce(state, 'sent') AS state, provider_message_id, error_code, error_message,
-           retry_in, coalesce(attempt_adjust, 0) AS attempt_adjust
-    FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
-         AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust)
+           retry_in, coalesce(attempt_adjust, 0) AS attempt_adjust, claim
+    FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[],
+                $11::bigint[])
+         AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust, claim)
 ), applied AS (
     UPDATE campaignd.recipients r
     SET state = o.state,
@@ -531,10 +538,11 @@ WITH lane AS (
         error_code = o.error_code,
         error_message = o.error_message,
         sent_at = CASE WHEN o.state = 'sent' THEN now() ELSE r.sent_at END,
-        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL,
+        lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM outcome o
     WHERE r.id = o.id AND r.state = 'in_flight' AND r.lease_owner = $2 AND r.lease_epoch = $3
+      AND (r.lease_claim = o.claim OR (o.claim IS NULL AND o.state <> 'pending'))
       AND EXISTS (SELECT 1 FROM lane)
       AND r.campaign_id IN (SELECT id FROM campaign_locks)
     RETURNING r.campaign_id, r.state
