@@ -169,8 +169,8 @@ class PgProxy:
                 client_writer.write(head + body)
                 await client_writer.drain()
                 continue
-            # Held back from the moment the armed statement was bound; ReadyForQuery means
-            # the server is done with it (committed, outside a transaction block).
+            # Dropped from the moment the armed statement was bound, until ReadyForQuery: the
+            # server is done with it then (committed, outside a transaction block).
             if kind == b"Z":
                 self.lost += 1
                 client_writer.transport.abort()

@@ -222,8 +222,9 @@ class Lane:
         self._landing = asyncio.Event()
         self._buffer: list[RecipientUpdate] = []
         # A claim that failed may have committed with its reply lost, leaving rows in flight
-        # that the lane knows nothing of (see _release_lost_claims); and where.
-        self._claim_unanswered = False
+        # that the lane knows nothing of (see _release_lost_claims), in one of the campaigns
+        # it has claimed in.
+        self._claim_failed = False
         self._claimed_in: set[str] = set()
         self._claims_made = 0
         self._flush_wanted = asyncio.Event()
@@ -699,7 +700,7 @@ class Lane:
                 )
         except BaseException:
             # For the rest of the lane's life: the server may commit it later still.
-            self._claim_unanswered = True
+            self._claim_failed = True
             raise
         fresh_ids = [row["id"] for row in rows if row["fresh"]]
         if fresh_ids:
@@ -728,14 +729,15 @@ class Lane:
             return
         # Not complete, with nothing of it left to send here: rows this lane lost the claim
         # replies for would keep it SENDING for as long as the lane lives.
-        if self._claim_unanswered and await self._release_lost_claims([run.campaign_id]):
+        if self._claim_failed and await self._release_lost_claims([run.campaign_id]):
             self._wake.set()
 
     async def _release_lost_claims(self, campaign_ids: list[str]) -> int:
-        """Gives back this lane's claims in these campaigns that it holds no flight for; how many.
+        """Gives back this lane's in-flight claims in these campaigns but those whose outcome
+        is still in the buffer; how many.
 
-        Only for campaigns with nothing outstanding here: then a claim of this lane's epoch in
-        flight is either lost or settled with its outcome still in the buffer (left alone).
+        The caller makes sure the lane has nothing outstanding in them: then every other claim
+        of its epoch in flight there is one whose reply was lost.
         """
         unwritten = [update.recipient_id for update in self._buffer]
         async with self._pool.acquire() as connection:
@@ -752,7 +754,9 @@ class Lane:
         """Lost claims given back now are due at once for the next owner; left behind, they
         would be taken for sends cut off and resent as in doubt, or failed 'in_doubt' by a
         sender that does not resend."""
-        if self.lease.lost or self._outstanding or not self._claim_unanswered:
+        # _drain lands every flight (a send cut off goes into the buffer as in doubt); were
+        # one still out, its row would be given back with its request in the air.
+        if self.lease.lost or self._outstanding or not self._claim_failed:
             return
         try:
             await self._release_lost_claims(sorted(self._claimed_in))

@@ -119,7 +119,8 @@ FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
 -- returned), not resent as in doubt. The caller runs this only for campaigns it has no
 -- claim outstanding in: every claim of its epoch in flight there is then lost, or settled
 -- with its outcome not yet written ($5).
--- Rows locked right now (a claim whose commit is still under way) are left to the next call.
+-- Rows locked right now (a claim whose commit is still under way) are left to the next call,
+-- or, from a lane that is stopping, to the next owner, which recovers them as in doubt.
 -- $1 sender id, $2 owner, $3 epoch, $4 campaign ids, $5 recipient ids whose outcome the lane
 -- holds but has not written yet (claims it knows of, not lost)
 WITH lane AS (
