@@ -83,6 +83,15 @@ class Daemon:
                 await health.stop()
             log.info("daemon_stopped", owner=self._owner)
 
+    async def _register_senders(self) -> bool:
+        """Mirrors the configured senders, once the schema is known to be current (raises
+        SchemaNotReady otherwise: no retry would fix that)."""
+        assert self._pool is not None
+        async with self._pool.acquire() as connection:
+            await require_current(connection)
+            await sync_senders(connection, self.settings)
+        return True
+
     async def _run_connected(self, notifier: Notifier) -> None:
         pool = await db.retry_until(
             lambda: db.create_pool(self.settings.database), stop=self.shutdown.requested, what="connect"
@@ -92,9 +101,10 @@ class Daemon:
         self._pool = pool
         providers: dict[str, Provider] = {}
         try:
-            async with pool.acquire() as connection:
-                await require_current(connection)
-                await sync_senders(connection, self.settings)
+            # Retried like every other statement: a blip between connecting and serving must
+            # not make the daemon exit, where a supervisor may not restart it.
+            if not await db.retry_until(self._register_senders, stop=self.shutdown.requested, what="start"):
+                return
             providers = {
                 sender_id: build_provider(
                     sender_id, sender, connection_limit=self.settings.dispatch.concurrency
