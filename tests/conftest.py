@@ -31,6 +31,7 @@ from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import RECORDS_PATH, Behaviour, FakeProvider
 from campaignd.schema import migrate
+from tests.pgproxy import PgProxy
 
 TEMPLATE_DB = "campaignd_test_template"
 
@@ -282,6 +283,15 @@ class DaemonProcess:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
         self._log_file.close()
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[PgProxy]:
+    """The test's database behind a proxy that can lose a statement's reply (tests/pgproxy.py)."""
+    proxy = PgProxy(database_url)
+    proxy.start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ server crash between commit and reply does to a daemon, made to happen at a chos
 
 It understands just enough of the wire protocol (v3) for that: it refuses SSL and GSS
 encryption so that it can read the messages, tracks which statement each prepared name
-stands for, and counts the executions (Bind messages) of the one it was armed for.
+stands for, and counts the executions (Bind messages, or simple queries) of each.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
+from collections import Counter
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _SSL_REQUEST = 80877103
@@ -36,6 +37,8 @@ class PgProxy:
         self._lose_execution = 0
         self._executions = 0
         self.lost = 0
+        # Every statement run through the proxy, by its text: how many times.
+        self.executed: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pgproxy", daemon=True)
         self._server: asyncio.Server | None = None
@@ -142,12 +145,18 @@ class PgProxy:
             head = await reader.readexactly(5)
             kind, length = head[:1], struct.unpack("!i", head[1:])[0]
             body = await reader.readexactly(length - 4)
+            executed: bytes | None = None
             if kind == b"P":
                 name, query = body.split(b"\0")[:2]
                 statements[name] = query
-            elif kind == b"B" and self._target is not None:
-                statement = body.split(b"\0")[1]
-                if statements.get(statement) == self._target.encode():
+            elif kind == b"B":
+                executed = statements.get(body.split(b"\0")[1])
+            elif kind == b"Q":
+                executed = body[:-1]
+            if executed is not None:
+                text = executed.decode()
+                self.executed[text] += 1
+                if text == self._target:
                     self._executions += 1
                     if self._executions == self._lose_execution:
                         losing.set()

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
@@ -90,14 +88,6 @@ async def _lost_claim_run(
     config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, **sender}})
     await connection.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
     return connection, campaign_id, config
-
-
-@pytest.fixture
-def proxy(database_url: str) -> Iterator[PgProxy]:
-    proxy = PgProxy(database_url)
-    proxy.start()
-    yield proxy
-    proxy.stop()
 
 
 async def test_a_claim_whose_reply_was_lost_is_given_back_and_the_campaign_completes(

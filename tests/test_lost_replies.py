@@ -1,0 +1,87 @@
+"""Every statement the daemon runs during a campaign, its reply lost once.
+
+The server runs the statement (and commits it, outside a transaction block), then the
+connection drops before the daemon reads the answer: it cannot tell whether it took effect.
+Whatever the statement, the campaign must still complete, every recipient be sent exactly
+once, the counters match, and the daemon keep running and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaignd import db
+from campaignd.config import DatabaseConfig
+from campaignd.fakeprovider import FakeProvider
+from campaignd.sql import QUERIES
+from tests.conftest import assert_counters_match, campaign, create_campaign, daemon_config, wait_status
+from tests.pgproxy import PgProxy
+
+RECIPIENTS = 600
+
+# (statement, which of its executions loses its reply). Statements inside a transaction
+# (the preparation's) lose it before COMMIT, which rolls them back; "COMMIT;" loses the reply
+# to a commit that happened. The claim's second execution has tests of its own (test_outage).
+CASES = [
+    ("claim_recipients", 1),
+    ("record_outcomes", 1),
+    ("record_outcomes", 3),
+    ("acquire_lanes", 1),
+    ("recover_orphaned_claims", 1),
+    ("sending_campaigns", 1),
+    ("lock_lane", 1),
+    ("prepare_hold_campaign", 1),
+    ("prepare_head_boundary", 1),
+    ("preflight_sample", 1),
+    ("prepare_skip_no_address", 1),
+    ("prepare_skip_missing_variables", 1),
+    ("prepare_skip_duplicates", 1),
+    ("prepare_lock_campaign", 1),
+    ("prepare_finish", 1),
+    ("COMMIT;", 1),
+    ("renew_lane", 1),
+    ("complete_campaign", 1),
+    ("upsert_sender", 1),
+    ("announce_daemon", 1),
+    ("wd_try_lock", 1),
+    ("wd_expire_lanes", 1),
+    ("wd_complete_finished", 1),
+    ("wd_stuck_candidates", 1),
+]
+
+
+@pytest.mark.parametrize(("statement", "execution"), CASES, ids=[f"{s}#{n}" for s, n in CASES])
+async def test_a_lost_reply_loses_and_doubles_nothing(
+    tmp_path: Path,
+    database_url: str,
+    fake: FakeProvider,
+    daemons: Any,
+    proxy: PgProxy,
+    statement: str,
+    execution: int,
+) -> None:
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", RECIPIENTS)
+        proxy.lose_reply(QUERIES.get(statement, statement), execution=execution)
+        # Slow enough that the lane renews its lease while it sends.
+        config = daemon_config(
+            tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}}, lease_seconds=2.0
+        )
+        daemon = daemons(config)
+        await wait_status(connection, campaign_id, "completed", timeout=60)
+        assert proxy.lost == 1, f"{statement} #{execution} never ran: this case tested nothing"
+        assert (await campaign(connection, campaign_id))["sent_count"] == RECIPIENTS
+        await assert_counters_match(connection, campaign_id)
+    finally:
+        await connection.close()
+    assert fake.request_count() == RECIPIENTS, "a recipient was sent twice"
+    assert len({a.recipient_id for a in fake.accepted()}) == RECIPIENTS
+    assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
