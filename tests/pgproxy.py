@@ -85,10 +85,12 @@ class PgProxy:
     def lose_reply(self, query: str, *, execution: int) -> None:
         """Lose the reply to the ``execution``-th run (from 1, counted across connections) of
         the statement whose text is exactly ``query``."""
-        self._loop.call_soon_threadsafe(self._arm, query, execution)
 
-    def _arm(self, query: str, execution: int) -> None:
-        self._target, self._lose_execution, self._executions = query, execution, 0
+        async def arm() -> None:
+            self._target, self._lose_execution, self._executions = query, execution, 0
+
+        # Armed by the time this returns: the statement may run right after.
+        asyncio.run_coroutine_threadsafe(arm(), self._loop).result(timeout=10)
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         handler = asyncio.current_task()
