@@ -35,6 +35,7 @@ class PgProxy:
         self._query = query
         self._target: str | None = None
         self._lose_execution = 0
+        self._lose_every = 0
         self._executions = 0
         self.lost = 0
         # Every statement run through the proxy, by its text: how many times.
@@ -82,12 +83,14 @@ class PgProxy:
         self._thread.join(timeout=10)
         self._loop.close()
 
-    def lose_reply(self, query: str, *, execution: int) -> None:
+    def lose_reply(self, query: str, *, execution: int, then_every: int = 0) -> None:
         """Lose the reply to the ``execution``-th run (from 1, counted across connections) of
-        the statement whose text is exactly ``query``."""
+        the statement whose text is exactly ``query``, and, with ``then_every``, to every
+        ``then_every``-th run after it."""
 
         async def arm() -> None:
             self._target, self._lose_execution, self._executions = query, execution, 0
+            self._lose_every = then_every
 
         # Armed by the time this returns: the statement may run right after.
         asyncio.run_coroutine_threadsafe(arm(), self._loop).result(timeout=10)
@@ -160,7 +163,8 @@ class PgProxy:
                 self.executed[text] += 1
                 if text == self._target:
                     self._executions += 1
-                    if self._executions == self._lose_execution:
+                    since = self._executions - self._lose_execution
+                    if since == 0 or (since > 0 and self._lose_every and since % self._lose_every == 0):
                         losing.set()
             upstream.write(head + body)
             await upstream.drain()

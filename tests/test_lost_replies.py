@@ -85,3 +85,38 @@ async def test_a_lost_reply_loses_and_doubles_nothing(
     assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0
+
+
+async def test_outcome_writes_losing_replies_while_recipients_retry_send_each_once(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """Retries make batches whose outcomes leave rows pending and soon due again, and every
+    other outcome write here loses its reply and is written again: still each recipient is
+    accepted once and never sent after. (A replay landing on a later claim of the same row is
+    too narrow a race to hit from here: the lane rewrites within milliseconds. test_outage
+    replays one deterministically.)"""
+    fake.behaviour.transient_rate = 0.3
+    fake.behaviour.seed = 7
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", RECIPIENTS)
+        proxy.lose_reply(QUERIES["record_outcomes"], execution=2, then_every=2)
+        config = daemon_config(
+            tmp_path,
+            proxy.url,
+            {"sms": {"url": fake.url, "rate_per_second": 300.0}},
+            max_attempts=50,
+            backoff_base_seconds=0.05,
+            backoff_max_seconds=0.2,
+        )
+        daemon = daemons(config)
+        await wait_status(connection, campaign_id, "completed", timeout=90)
+        assert proxy.lost >= 3, f"only {proxy.lost} outcome writes lost their reply"
+        assert (await campaign(connection, campaign_id))["sent_count"] == RECIPIENTS
+        await assert_counters_match(connection, campaign_id)
+    finally:
+        await connection.close()
+    assert fake.duplicate_keys() == {}, "a recipient accepted once was sent again"
+    assert len({a.recipient_id for a in fake.accepted()}) == RECIPIENTS
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
