@@ -11,10 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from campaignd import db, metrics
+from campaignd import db, leasing, metrics
 from campaignd.config import DatabaseConfig, WatchdogConfig
 from campaignd.fakeprovider import FakeProvider
 from campaignd.health import Heartbeats
+from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns
+from campaignd.sql import QUERIES
 from campaignd.watchdog import StuckFacts, Watchdog, stuck_reason
 from tests.conftest import (
     assert_counters_match,
@@ -267,3 +269,39 @@ def test_stuck_reasons_in_plain_words() -> None:
     assert "rate limit too low" in (stuck_reason(facts(campaign_rate=0.0001)) or "")
     assert "wedged" in (stuck_reason(facts()) or "")
     assert stuck_reason(facts(pending=0)) is None
+
+
+async def test_claims_of_a_lapsed_lane_are_left_to_its_owner_until_the_lane_is_fenced(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """A lease that ran out in the database but still names its owner and epoch may yet be
+    renewed (a renewal stuck behind a lock, a pool full for a moment). Recovering its claims
+    then would resend, or fail 'in_doubt', messages its owner is about to record as sent."""
+    campaign_id = await create_campaign(conn, "sms", 5)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    lane = ("sms", "host:1", 1)
+    claimed = await conn.fetch(QUERIES["claim_recipients"], *lane, campaign_id, 0, 10, 30.0, 1)
+    assert len(claimed) == 5
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_expires_at = now() - interval '1 second' WHERE id = 'sms'"
+    )
+
+    assert await leasing.recover_in_doubt(conn, None) == []
+    assert (await state_counts(conn, campaign_id)) == {"in_flight": 5}
+    # Its owner renews after all, and its outcomes land.
+    assert await conn.fetchrow(QUERIES["renew_lane"], *lane, 30.0, [campaign_id]) is not None
+    first = RecipientUpdate(claimed[0]["id"], RecipientState.SENT)
+    recorded = await conn.fetchrow(QUERIES["record_outcomes"], *lane, *outcome_columns([first]))
+    assert recorded is not None and recorded["applied"] == 1
+
+    # Once the watchdog has fenced the lane (its lease run out again), the rest is recovered.
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_expires_at = now() - interval '1 second' WHERE id = 'sms'"
+    )
+    assert await watchdog(pool).run_pass()
+    assert (await state_counts(conn, campaign_id)) == {"sent": 1, "pending": 4}
+    await assert_counters_match(conn, campaign_id)

@@ -69,11 +69,18 @@ WHERE s.id = candidates.id
 RETURNING s.id, s.lease_epoch, candidates.previous_owner;
 
 -- name: recover_orphaned_claims
--- Claims in flight under a lane that is no longer live (expired, released, or taken over):
--- nobody will record their outcome, so whether the provider got them is unknown. They are
--- resent with the same idempotency key, or failed 'in_doubt', per the sender's policy; the
--- lost claim spends no attempt. Run by a new lane owner for its sender right after
--- acquiring ($1 = sender id), and by the watchdog for every sender ($1 = NULL).
+-- Claims in flight under a lane that is no longer theirs (released, expired by the watchdog,
+-- or taken over: its owner or epoch changed): nobody will record their outcome, so whether
+-- the provider got them is unknown. They are resent with the same idempotency key, or failed
+-- 'in_doubt', per the sender's policy; the lost claim spends no attempt. Run by a new lane
+-- owner for its sender right after acquiring ($1 = sender id), and by the watchdog for every
+-- sender ($1 = NULL).
+-- Only fenced lanes: a lease that ran out but still names its owner and epoch may yet be
+-- renewed, and that owner's outcomes would then find their rows taken (a sent message
+-- resent, or failed 'in_doubt'); wd_expire_lanes fences it first. The sender row is locked
+-- too (KEY SHARE, which renewals and claims do not conflict with), so that a claim row
+-- changed during this statement (a new owner recovered it and claimed it again) is judged
+-- against the sender row as it is now, not as this statement's snapshot saw it.
 WITH orphan AS (
     SELECT r.id, s.resend_in_doubt AS resend
     FROM campaignd.recipients r
@@ -82,9 +89,9 @@ WITH orphan AS (
     WHERE r.state = 'in_flight'
       AND ($1::text IS NULL OR c.sender_id = $1)
       AND NOT (s.lease_owner IS NOT DISTINCT FROM r.lease_owner
-               AND s.lease_epoch IS NOT DISTINCT FROM r.lease_epoch
-               AND s.lease_expires_at > now())
+               AND s.lease_epoch IS NOT DISTINCT FROM r.lease_epoch)
     FOR UPDATE OF r SKIP LOCKED
+    FOR KEY SHARE OF s SKIP LOCKED
 ), recovered AS (
     UPDATE campaignd.recipients r
     SET state = CASE WHEN orphan.resend THEN 'pending' ELSE 'failed' END,
