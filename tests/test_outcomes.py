@@ -22,6 +22,7 @@ from campaignd.outcomes import (
     backoff_seconds,
     decide,
     in_doubt,
+    internal_error,
     outcome_columns,
     parse_retry_after,
     released,
@@ -107,6 +108,33 @@ def test_maybe_delivered_send_is_in_doubt_when_the_sender_cannot_deduplicate() -
     # With an idempotency key the resend is safe; a connection never made carried nothing.
     assert decided(timeout, resend_in_doubt=True).state is RecipientState.PENDING
     assert decided(refused, resend_in_doubt=False).state is RecipientState.PENDING
+
+
+def test_a_bug_after_the_request_left_is_in_doubt_not_a_plain_retry() -> None:
+    """A sender that cannot resend safely must not resend a message the provider may have,
+    whatever cut the send short, a bug in campaignd included."""
+
+    def decided(request_started: bool, *, resend_in_doubt: bool) -> RecipientUpdate:
+        return decide(
+            42,
+            internal_error(KeyError("x"), request_started=request_started),
+            attempts=1,
+            max_attempts=MAX_ATTEMPTS,
+            backoff_base=BASE,
+            backoff_max=CAP,
+            rng=random.Random(0),
+            resend_in_doubt=resend_in_doubt,
+        )
+
+    left = decided(True, resend_in_doubt=False)
+    assert (left.state, left.error_code) == (RecipientState.FAILED, "in_doubt")
+    assert decided(True, resend_in_doubt=True).state is RecipientState.PENDING
+    before = decided(False, resend_in_doubt=False)
+    assert (before.state, before.error_code, before.error_message) == (
+        RecipientState.PENDING,
+        "internal_error",
+        "KeyError",
+    )
 
 
 @pytest.mark.parametrize("kind", [ResultKind.SENDER_FATAL, ResultKind.CAMPAIGN_FATAL])

@@ -41,6 +41,7 @@ from campaignd.outcomes import (
     SendResult,
     decide,
     in_doubt,
+    internal_error,
     outcome_columns,
     released,
 )
@@ -940,16 +941,10 @@ class Lane:
                 slots.give_back()
             self._settle(flight, result)
         except Exception as exc:
-            # A bug, not a provider answer: spend an attempt so it cannot loop forever.
             self._log.exception(
                 "send_failed_unexpectedly", campaign_id=run.campaign_id, recipient_id=flight.recipient_id
             )
-            self._settle(
-                flight,
-                SendResult(
-                    ResultKind.TRANSIENT, error_code="internal_error", error_message=type(exc).__name__
-                ),
-            )
+            self._settle(flight, internal_error(exc, request_started=flight.request_started))
 
     def _prepare(self, flight: Flight) -> Delivery | SendResult:
         """The request for a claimed recipient, or the skip of one that cannot be sent."""

@@ -234,6 +234,18 @@ def _gave_up(recipient_id: int, result: SendResult, message: str | None, attempt
     )
 
 
+def internal_error(exc: BaseException, *, request_started: bool) -> SendResult:
+    """A bug in the send path, not a provider answer: retried, spending an attempt so that it
+    cannot loop forever. Once its request had left, the provider may have the message: in
+    doubt, so a sender that cannot resend safely does not resend it."""
+    return SendResult(
+        ResultKind.TRANSIENT,
+        error_code="internal_error",
+        error_message=type(exc).__name__,
+        maybe_delivered=request_started,
+    )
+
+
 def released(recipient_id: int) -> RecipientUpdate:
     """A claim given back unsent (shutdown, pause, lost lease): due again at once, attempt returned."""
     return RecipientUpdate(
