@@ -42,6 +42,7 @@ from campaignd.operator import (
     health_url,
     transition_refusal,
 )
+from campaignd.sql import QUERIES
 from tests.conftest import (
     assert_counters_match,
     campaign,
@@ -682,3 +683,33 @@ def test_a_paused_sender_on_its_own() -> None:
             "run `campaignd resume-sender sms` once fixed",
         )
     ]
+
+
+async def test_a_sender_pause_lifted_before_the_lane_applies_it_stays_lifted(
+    conn: asyncpg.Connection,
+) -> None:
+    """The lane learns of a host's or operator's sender pause at a renewal and pauses the
+    sender's campaigns a moment later; `resume-sender` in between must not be undone."""
+    campaign_id = await create_campaign(conn, "sms", 3)
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    lane = ("sms", "host:1", 1)
+
+    # Seen at a renewal, lifted since: nothing paused, nothing written.
+    assert await conn.fetch(QUERIES["pause_sender"], *lane, "host: billing", True) == []
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
+
+    # Still there: its campaigns are paused with it.
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = 'host: billing' WHERE id = 'sms'")
+    paused = await conn.fetch(QUERIES["pause_sender"], *lane, "host: billing", True)
+    assert [row["id"] for row in paused] == [uuid.UUID(campaign_id)]
+
+    # A provider's verdict is the lane's own: written whatever the sender had.
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
+    assert len(await conn.fetch(QUERIES["pause_sender"], *lane, "provider: 401", False)) == 1
+    reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
+    assert reason == "provider: 401"

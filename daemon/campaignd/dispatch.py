@@ -233,6 +233,7 @@ class Lane:
         self._refresh_due_at = 0.0
         self._refresh_interval = min(REFRESH_SECONDS, dispatch.poll_seconds)
         self._pause_reason: str | None = None
+        self._paused_from_outside = False
         self._progress: Counter[str] = Counter()
         # Looked up once: labels() per message costs a dict lookup under a lock.
         self._send_duration = metrics.SEND_DURATION.labels(lease.sender_id)
@@ -792,7 +793,7 @@ class Lane:
         async def pause() -> list[asyncpg.Record]:
             async with self._pool.acquire() as connection:
                 rows: list[asyncpg.Record] = await connection.fetch(
-                    QUERIES["pause_sender"], *self.lease.token, reason
+                    QUERIES["pause_sender"], *self.lease.token, reason, self._paused_from_outside
                 )
                 return rows
 
@@ -1150,6 +1151,7 @@ class Lane:
             if renewal.paused_reason is not None and self._pause_reason is None:
                 # Paused from outside (operator or host): stop like a provider rejection.
                 self._pause_reason = renewal.paused_reason
+                self._paused_from_outside = True
                 self._wake.set()
 
     # ---------------------------------------------------------------- helpers

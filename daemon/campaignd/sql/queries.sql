@@ -593,12 +593,16 @@ WHERE c.id = $4 AND c.status = 'sending'
 RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
 
 -- name: pause_sender
--- The provider rejected the sender itself: stop it and every campaign it is sending.
--- $1 sender id, $2 owner, $3 epoch, $4 reason
+-- The provider rejected the sender itself, or an operator or host paused it: stop it and
+-- every campaign it is sending.
+-- $1 sender id, $2 owner, $3 epoch, $4 reason, $5 whether the pause was seen in the database
+-- (then applied only while the sender still has it: it may have been resumed since the lane
+-- read it, and pausing its campaigns again would undo that)
 WITH lane AS (
     UPDATE campaignd.senders
     SET paused_reason = $4, updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+      AND (NOT $5 OR paused_reason = $4)
     RETURNING id
 )
 UPDATE campaignd.campaigns c
