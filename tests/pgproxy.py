@@ -1,4 +1,5 @@
-"""A TCP proxy in front of PostgreSQL that can lose the server's reply to a chosen statement.
+"""A TCP proxy in front of PostgreSQL that can lose, or hold back, the server's reply to a
+chosen statement.
 
 The statement still runs, and outside a transaction block it commits; then the proxy drops
 the connection instead of passing the reply on. The client sees its connection close in the
@@ -36,6 +37,9 @@ class PgProxy:
         self._target: str | None = None
         self._lose_execution = 0
         self._lose_every = 0
+        self._delay: float | None = None
+        # Set while a delayed reply is being held.
+        self.held = threading.Event()
         self._executions = 0
         self.lost = 0
         # Every statement run through the proxy, by its text: how many times.
@@ -87,10 +91,18 @@ class PgProxy:
         """Lose the reply to the ``execution``-th run (from 1, counted across connections) of
         the statement whose text is exactly ``query``, and, with ``then_every``, to every
         ``then_every``-th run after it."""
+        self._arm(query, execution, then_every, delay=None)
 
+    def delay_reply(self, query: str, *, execution: int, seconds: float) -> None:
+        """Hold the reply to that run of ``query`` for ``seconds`` once the server has sent it
+        all (``held`` is set then), and pass it on: the statement took effect long before its
+        client learns the result."""
+        self._arm(query, execution, 0, delay=seconds)
+
+    def _arm(self, query: str, execution: int, then_every: int, *, delay: float | None) -> None:
         async def arm() -> None:
             self._target, self._lose_execution, self._executions = query, execution, 0
-            self._lose_every = then_every
+            self._lose_every, self._delay = then_every, delay
 
         # Armed by the time this returns: the statement may run right after.
         asyncio.run_coroutine_threadsafe(arm(), self._loop).result(timeout=10)
@@ -176,6 +188,7 @@ class PgProxy:
         upstream: asyncio.StreamWriter,
         losing: asyncio.Event,
     ) -> None:
+        held: list[bytes] = []
         while True:
             head = await reader.readexactly(5)
             kind, length = head[:1], struct.unpack("!i", head[1:])[0]
@@ -183,6 +196,17 @@ class PgProxy:
             if not losing.is_set():
                 client_writer.write(head + body)
                 await client_writer.drain()
+                continue
+            if self._delay is not None:
+                held.append(head + body)
+                if kind == b"Z":
+                    self.held.set()
+                    await asyncio.sleep(self._delay)
+                    losing.clear()
+                    self.held.clear()
+                    client_writer.write(b"".join(held))
+                    held.clear()
+                    await client_writer.drain()
                 continue
             # Dropped from the moment the armed statement was bound, until ReadyForQuery: the
             # server is done with it then (committed, outside a transaction block).

@@ -7,6 +7,7 @@ error envelopes.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import asyncpg
 import pytest
 
 from campaignd import operator as campaignd_operator
+from campaignd.sql import QUERIES
 from tests.conftest import (
     assert_counters_match,
     campaign,
@@ -25,6 +27,7 @@ from tests.conftest import (
     wait_for,
     wait_status,
 )
+from tests.pgproxy import PgProxy
 from tests.provider_fakes import FakeTwilio, FakeWhatsApp, meta_error
 from tests.test_preparation import lock_recipient, preparation_waits_for_lock
 
@@ -327,6 +330,48 @@ async def test_a_preflight_failure_while_paused_leaves_the_campaign_to_be_prepar
     await _failed_at_preflight(conn, campaign_id, whatsapp)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_a_campaign_resumed_while_its_rest_was_being_judged_is_prepared_again(
+    tmp_path: Path,
+    database_url: str,
+    conn: asyncpg.Connection,
+    whatsapp: FakeWhatsApp,
+    daemons: Any,
+    proxy: PgProxy,
+) -> None:
+    """The rest's pre-flight finds the campaign paused and rolls the preparation back; the
+    campaign is resumed before the lane hears so. The lane used to keep the campaign's run
+    going with no preparation under way: it claimed in the head alone, and the campaign
+    stayed SENDING for good."""
+    message = {"type": "template", "template": {"name": "spring_sale"}}
+    # batch_size 5: a head of 50, none with an address; the rest's preparation waits at its
+    # own recipient without one (index 55) while the campaign is paused.
+    recipients = [
+        *([(None, {"name": "x"})] * 50),
+        *_numbers("1555", 5),
+        (None, {"name": "x"}),
+        *_numbers("1666", 25),
+    ]
+    campaign_id = await create_campaign(conn, "wa", recipients, message=message)
+    blocker = await lock_recipient(database_url, campaign_id, 55)
+    try:
+        config = _whatsapp_config(tmp_path, proxy.url, whatsapp, dispatch={"batch_size": 5})
+        daemon = daemons(config, env=ENV)
+        await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the rest's preparation")
+        await campaignd_operator.pause_campaign(conn, campaign_id)
+        # Its pre-flight will fail the campaign only if it is SENDING: paused, it rolls back.
+        proxy.delay_reply(QUERIES["fail_campaign"], execution=1, seconds=2.0)
+    finally:
+        await blocker.close()
+    assert await asyncio.to_thread(proxy.held.wait, 30), "the pre-flight never tried to fail it"
+    await campaignd_operator.resume_campaign(conn, campaign_id)
+
+    row = await _failed_at_preflight(conn, campaign_id, whatsapp)
+    assert "language" in row["status_reason"]
+    assert "campaign_no_longer_sending" in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
 
 
 async def test_twilio_timeout_is_in_doubt_not_resent_by_default(

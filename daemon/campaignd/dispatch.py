@@ -573,12 +573,23 @@ class Lane:
                                 return
                         prepared = await self._finish_preparing(connection, campaign_id)
                     break
-                except (LaneLost, _NotSending):
+                except LaneLost:
+                    return
+                except _NotSending:
+                    bound.info("campaign_no_longer_sending", during="preparation of the rest")
                     return
                 except Exception as exc:
                     await backoff.wait_after(exc, bound, "prepare_tail", self._shutdown.requested)
         finally:
             self._tails.pop(campaign_id, None)
+            if prepared is None and not self._stopping():
+                # Rolled back (the campaign left SENDING for a moment) or failed: a run left
+                # active would claim only in the head, and never complete, if its campaign was
+                # resumed before the lane looked. Stopped here, it is started again, head
+                # first, at the next look, as after a restart.
+                run = self._runs.get(campaign_id)
+                if run is not None:
+                    run.active = False
             # Claims may now go past the head (or the lane, lost, stops).
             self._wake.set()
         if prepared is not None and prepared["status"] == "failed":
