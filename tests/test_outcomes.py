@@ -33,7 +33,9 @@ CAP = 300.0
 MAX_ATTEMPTS = 5
 
 
-def _decide(result: SendResult, *, attempts: int = 1, seed: int = 0) -> RecipientUpdate:
+def _decide(
+    result: SendResult, *, attempts: int = 1, seed: int = 0, resend_in_doubt: bool = True
+) -> RecipientUpdate:
     return decide(
         42,
         result,
@@ -42,6 +44,7 @@ def _decide(result: SendResult, *, attempts: int = 1, seed: int = 0) -> Recipien
         backoff_base=BASE,
         backoff_max=CAP,
         rng=random.Random(seed),
+        resend_in_doubt=resend_in_doubt,
     )
 
 
@@ -86,28 +89,15 @@ def test_recipient_delay_waits_as_told_and_spends_the_attempt() -> None:
 def test_maybe_delivered_send_is_in_doubt_when_the_sender_cannot_deduplicate() -> None:
     timeout = SendResult(ResultKind.TRANSIENT, error_code="timeout", maybe_delivered=True)
     refused = SendResult(ResultKind.TRANSIENT, error_code="connection_error")
-
-    def decided(result: SendResult, *, resend_in_doubt: bool) -> RecipientUpdate:
-        return decide(
-            42,
-            result,
-            attempts=1,
-            max_attempts=MAX_ATTEMPTS,
-            backoff_base=BASE,
-            backoff_max=CAP,
-            rng=random.Random(0),
-            resend_in_doubt=resend_in_doubt,
-        )
-
-    no_key = decided(timeout, resend_in_doubt=False)
+    no_key = _decide(timeout, resend_in_doubt=False)
     assert (no_key.state, no_key.error_code, no_key.error_class) == (
         RecipientState.FAILED,
         "in_doubt",
         "in_doubt",
     )
     # With an idempotency key the resend is safe; a connection never made carried nothing.
-    assert decided(timeout, resend_in_doubt=True).state is RecipientState.PENDING
-    assert decided(refused, resend_in_doubt=False).state is RecipientState.PENDING
+    assert _decide(timeout, resend_in_doubt=True).state is RecipientState.PENDING
+    assert _decide(refused, resend_in_doubt=False).state is RecipientState.PENDING
 
 
 def test_a_bug_after_the_request_left_is_in_doubt_not_a_plain_retry() -> None:
@@ -115,16 +105,8 @@ def test_a_bug_after_the_request_left_is_in_doubt_not_a_plain_retry() -> None:
     whatever cut the send short, a bug in campaignd included."""
 
     def decided(request_started: bool, *, resend_in_doubt: bool) -> RecipientUpdate:
-        return decide(
-            42,
-            internal_error(KeyError("x"), request_started=request_started),
-            attempts=1,
-            max_attempts=MAX_ATTEMPTS,
-            backoff_base=BASE,
-            backoff_max=CAP,
-            rng=random.Random(0),
-            resend_in_doubt=resend_in_doubt,
-        )
+        bug = internal_error(KeyError("x"), request_started=request_started)
+        return _decide(bug, resend_in_doubt=resend_in_doubt)
 
     left = decided(True, resend_in_doubt=False)
     assert (left.state, left.error_code) == (RecipientState.FAILED, "in_doubt")
