@@ -38,7 +38,9 @@ class PgProxy:
         self._lose_execution = 0
         self._lose_every = 0
         self._delay: float | None = None
-        # Set while a delayed reply is being held.
+        # Set from the moment a delayed reply is complete and held back: ``holding`` until
+        # it is passed on, ``held`` for good.
+        self.holding = threading.Event()
         self.held = threading.Event()
         self._executions = 0
         self.lost = 0
@@ -95,8 +97,8 @@ class PgProxy:
 
     def delay_reply(self, query: str, *, execution: int, seconds: float) -> None:
         """Hold the reply to that run of ``query`` for ``seconds`` once the server has sent it
-        all (``held`` is set then), and pass it on: the statement took effect long before its
-        client learns the result."""
+        all (``holding`` and ``held`` are set then), and pass it on: the statement took effect
+        long before its client learns the result."""
         self._arm(query, execution, 0, delay=seconds)
 
     def _arm(self, query: str, execution: int, then_every: int, *, delay: float | None) -> None:
@@ -200,10 +202,11 @@ class PgProxy:
             if self._delay is not None:
                 held.append(head + body)
                 if kind == b"Z":
+                    self.holding.set()
                     self.held.set()
                     await asyncio.sleep(self._delay)
                     losing.clear()
-                    self.held.clear()
+                    self.holding.clear()
                     client_writer.write(b"".join(held))
                     held.clear()
                     await client_writer.drain()

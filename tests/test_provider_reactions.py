@@ -356,20 +356,27 @@ async def test_a_campaign_resumed_while_its_rest_was_being_judged_is_prepared_ag
     campaign_id = await create_campaign(conn, "wa", recipients, message=message)
     blocker = await lock_recipient(database_url, campaign_id, 55)
     try:
-        config = _whatsapp_config(tmp_path, proxy.url, whatsapp, dispatch={"batch_size": 5})
+        # The held reply keeps the rest's transaction, and its lock on the lane, open: the
+        # lease must outlast it, or the lane is lost and a new one prepares the campaign anew.
+        dispatch = {"batch_size": 5, "lease_seconds": 12.0}
+        config = _whatsapp_config(tmp_path, proxy.url, whatsapp, dispatch=dispatch)
         daemon = daemons(config, env=ENV)
         await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the rest's preparation")
         await campaignd_operator.pause_campaign(conn, campaign_id)
         # Its pre-flight will fail the campaign only if it is SENDING: paused, it rolls back.
-        proxy.delay_reply(QUERIES["fail_campaign"], execution=1, seconds=2.0)
+        proxy.delay_reply(QUERIES["fail_campaign"], execution=1, seconds=3.0)
     finally:
         await blocker.close()
     assert await asyncio.to_thread(proxy.held.wait, 30), "the pre-flight never tried to fail it"
     await campaignd_operator.resume_campaign(conn, campaign_id)
+    assert proxy.holding.is_set(), "resumed only after the lane heard back: nothing was staged"
 
     row = await _failed_at_preflight(conn, campaign_id, whatsapp)
     assert "language" in row["status_reason"]
-    assert "campaign_no_longer_sending" in daemon.log()
+    assert "preparation of the rest" in daemon.log(), "the rest's preparation did not roll back"
+    assert daemon.log().count("lane_acquired") == 1, (
+        "the lane was lost and taken again: a new lane prepares anew, and tests nothing here"
+    )
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0
 

@@ -167,7 +167,8 @@ async def acquire_lanes(
 
 
 async def recover_in_doubt(connection: Connection, sender_id: str | None) -> list[asyncpg.Record]:
-    """Claims left in flight under a lane that is no longer live, for one sender or all.
+    """Claims left in flight under a lane that has been fenced (released, expired by the
+    watchdog, or taken over), for one sender or all.
 
     One row per campaign touched: campaign_id, sender_id, resent, failed.
     """
