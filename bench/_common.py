@@ -41,6 +41,11 @@ def free_port() -> int:
         return port
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers ("64,1000")."""
+    return [int(part) for part in text.split(",")]
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))

@@ -18,7 +18,7 @@ import asyncio
 import statistics
 import time
 
-from _common import Postgres, bench_workdir, create_campaign, embedded_postgres
+from _common import Postgres, bench_workdir, create_campaign, embedded_postgres, int_list
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.schema import migrate
@@ -97,7 +97,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--sizes",
-        type=lambda text: [int(part) for part in text.split(",")],
+        type=int_list,
         default=[64, 1000],
         help="comma-separated claim sizes (64,1000)",
     )

@@ -39,6 +39,7 @@ from _common import (
     create_campaign,
     drop_database,
     embedded_postgres,
+    int_list,
     quiet_moment,
     tree_cpu,
     wait_daemon_listening,
@@ -315,7 +316,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--concurrency",
-        type=lambda text: [int(part) for part in text.split(",")],
+        type=int_list,
         default=[256, 1024],
         help="comma-separated concurrencies (256,1024)",
     )

@@ -28,7 +28,7 @@ import time
 
 import asyncpg
 
-from _common import Postgres, bench_workdir, create_campaign, embedded_postgres
+from _common import Postgres, bench_workdir, create_campaign, embedded_postgres, int_list
 from _payload import MESSAGE_TEMPLATE
 from campaignd import db
 from campaignd.config import DatabaseConfig
@@ -144,7 +144,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--recipients",
-        type=lambda text: [int(part) for part in text.split(",")],
+        type=int_list,
         default=[50_000, 200_000, 1_000_000],
         help="comma-separated campaign sizes (50000,200000,1000000)",
     )
