@@ -106,6 +106,19 @@ async def test_the_status_and_half_a_body_are_an_answer_when_the_timeout_cuts_th
     assert took < TIMEOUT + 2.0
 
 
+async def test_a_classifier_that_fails_raises_instead_of_blaming_the_request(
+    server: str, transport: HttpTransport
+) -> None:
+    # The request left and was answered: a bug reading the answer must reach the lane as one
+    # (its recipient is then in doubt), not pass for a request that could not be built, which
+    # would pause the sender for every campaign.
+    def broken(status: int, body: bytes, headers: Mapping[str, str]) -> SendResult:
+        raise ValueError("a bug in the classifier")
+
+    with pytest.raises(ValueError, match="a bug in the classifier"):
+        await transport.post(f"{server}/fast", data=b"{}", headers={}, classify=broken)
+
+
 async def test_each_request_gets_its_whole_timeout_whenever_it_starts(
     server: str, transport: HttpTransport
 ) -> None:

@@ -145,13 +145,13 @@ class HttpTransport:
         """POST once and classify the answer; never raises for network or provider faults."""
         client = self._session or self._client()
         deadline = self._deadlines.start()
-        answer: SendResult | None = None
+        response: aiohttp.ClientResponse | None = None
+        body = b""
         try:
             # Redirects are not followed: a provider URL that moved is a fault to report, not
             # a place to send credentials to.
             async with client.post(url, data=data, headers=headers, allow_redirects=False) as response:
                 body = await _read_bounded(response, MAX_BODY_READ, deadline)
-                answer = classify(response.status, body, response.headers)
         except asyncio.CancelledError:
             if not deadline.timed_out():
                 raise
@@ -179,8 +179,11 @@ class HttpTransport:
             self._deadlines.finish(deadline)
         # The deadline may fall due while the connection is given back, after the answer was
         # read: the answer stands.
-        if answer is None:
+        if response is None:
             return _timed_out()
+        # Outside the handlers above: a classifier that fails is a bug to report (the request
+        # left, so its recipient is in doubt), not a request that could not be built.
+        answer = classify(response.status, body, response.headers)
         # An answer without error texts (every accepted message) has nothing to redact.
         if answer.error_code is None and answer.error_message is None:
             return answer
