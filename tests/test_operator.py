@@ -698,18 +698,43 @@ async def test_a_sender_pause_lifted_before_the_lane_applies_it_stays_lifted(
     lane = ("sms", "host:1", 1)
 
     # Seen at a renewal, lifted since: nothing paused, nothing written.
-    assert await conn.fetch(QUERIES["pause_sender"], *lane, "host: billing", True) == []
+    lifted = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    assert (lifted["paused_reason"], lifted["campaign_ids"]) == (None, [])
     assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
     assert (await campaign(conn, campaign_id))["status"] == "sending"
 
     # Still there: its campaigns are paused with it.
     await conn.execute("UPDATE campaignd.senders SET paused_reason = 'host: billing' WHERE id = 'sms'")
-    paused = await conn.fetch(QUERIES["pause_sender"], *lane, "host: billing", True)
-    assert [row["id"] for row in paused] == [uuid.UUID(campaign_id)]
+    paused = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    assert (paused["paused_reason"], paused["campaign_ids"]) == ("host: billing", [uuid.UUID(campaign_id)])
 
     # A provider's verdict is the lane's own: written whatever the sender had.
     await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
     await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
-    assert len(await conn.fetch(QUERIES["pause_sender"], *lane, "provider: 401", False)) == 1
+    verdict = await conn.fetchrow(QUERIES["pause_sender"], *lane, "provider: 401", False)
+    assert (verdict["paused_reason"], verdict["campaign_ids"]) == ("provider: 401", [uuid.UUID(campaign_id)])
     reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
     assert reason == "provider: 401"
+
+
+async def test_a_provider_verdict_keeps_the_reason_of_a_pause_already_in_place(
+    conn: asyncpg.Connection,
+) -> None:
+    """A host paused the sender while the lane was learning that the provider rejects it: the
+    host's reason stays (it is what the operator was told), and the campaigns take it, so that
+    `resume-sender` finds them by it."""
+    campaign_id = await create_campaign(conn, "sms", 3)
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'host:1', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour', paused_reason = 'host: billing' WHERE id = 'sms'"
+    )
+
+    row = await conn.fetchrow(QUERIES["pause_sender"], "sms", "host:1", 1, "provider: 401", False)
+
+    assert (row["paused_reason"], row["campaign_ids"]) == ("host: billing", [uuid.UUID(campaign_id)])
+    sender_reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
+    assert sender_reason == "host: billing"
+    status = await campaign(conn, campaign_id)
+    assert (status["status"], status["status_reason"]) == ("paused", "host: billing")
+    resumption = await ops.resume_sender(conn, "sms")
+    assert (resumption.paused_reason, resumption.campaigns) == ("host: billing", (campaign_id,))

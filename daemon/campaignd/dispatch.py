@@ -801,17 +801,28 @@ class Lane:
         reason = self._pause_reason
         assert reason is not None
 
-        async def pause() -> list[asyncpg.Record]:
+        async def pause() -> asyncpg.Record | None:
             async with self._pool.acquire() as connection:
-                rows: list[asyncpg.Record] = await connection.fetch(
+                return await connection.fetchrow(
                     QUERIES["pause_sender"], *self.lease.token, reason, self._paused_from_outside
                 )
-                return rows
 
-        paused = await self._with_db(pause, "pause_sender")
+        row = await self._with_db(pause, "pause_sender")
         for run in self._runs.values():
             run.active = False
-        self._log.error("sender_paused", reason=reason, campaigns=[str(row["id"]) for row in paused or []])
+        if row is None:
+            return  # The lane was lost or the daemon stops before the database came back.
+        if row["paused_reason"] is None:
+            # Lifted (or the lane taken over) since the renewal that saw it: the lane leaves,
+            # and the sender's campaigns are taken up again at the next look.
+            self._log.info("sender_pause_lifted_before_applied", reason=reason)
+            return
+        self._log.error(
+            "sender_paused",
+            reason=row["paused_reason"],
+            **({} if row["paused_reason"] == reason else {"provider_verdict": reason}),
+            campaigns=[str(campaign_id) for campaign_id in row["campaign_ids"]],
+        )
 
     # ---------------------------------------------------------------- sending
 

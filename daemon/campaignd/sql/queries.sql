@@ -594,22 +594,28 @@ RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
 
 -- name: pause_sender
 -- The provider rejected the sender itself, or an operator or host paused it: stop it and
--- every campaign it is sending.
+-- every campaign it is sending. Returns the sender's reason (NULL: not paused, see $5) and
+-- the campaigns paused.
 -- $1 sender id, $2 owner, $3 epoch, $4 reason, $5 whether the pause was seen in the database
 -- (then applied only while the sender still has it: it may have been resumed since the lane
 -- read it, and pausing its campaigns again would undo that)
+-- A pause already in place keeps its reason, which is what the operator was told; the
+-- campaigns take the sender's reason, which is how resume-sender finds them.
 WITH lane AS (
     UPDATE campaignd.senders
-    SET paused_reason = $4, updated_at = now()
+    SET paused_reason = coalesce(paused_reason, $4), updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
       AND (NOT $5 OR paused_reason = $4)
-    RETURNING id
+    RETURNING id, paused_reason
+), paused AS (
+    UPDATE campaignd.campaigns c
+    SET status = 'paused', status_reason = lane.paused_reason, updated_at = now()
+    FROM lane
+    WHERE c.sender_id = lane.id AND c.status = 'sending'
+    RETURNING c.id
 )
-UPDATE campaignd.campaigns c
-SET status = 'paused', status_reason = $4, updated_at = now()
-FROM lane
-WHERE c.sender_id = lane.id AND c.status = 'sending'
-RETURNING c.id;
+SELECT (SELECT paused_reason FROM lane) AS paused_reason,
+       ARRAY(SELECT id FROM paused ORDER BY id) AS campaign_ids;
 
 -- name: campaign_status_all
 SELECT c.id, c.name, c.sender_id, c.status, c.status_reason, c.total_count, c.sent_count,
