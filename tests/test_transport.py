@@ -189,6 +189,23 @@ async def test_a_cancellation_from_outside_wins_over_a_timeout_falling_due_with_
     deadlines.close()
 
 
+async def test_a_shutdown_landing_with_a_timeout_mid_body_still_cancels_the_request(
+    server: str, transport: HttpTransport
+) -> None:
+    # Two handlers ask the same deadline on the way out (the body's read, then the request's).
+    # The deadline is consumed by the first: were it consumed again, the second would swallow
+    # the shutdown's cancellation, and a send worker would outlive the lane that stops it.
+    send = asyncio.create_task(_post(transport, f"{server}/stall"))
+    await asyncio.sleep(TIMEOUT / 4)  # the status and half the body arrived; the rest never does
+    loop = asyncio.get_running_loop()
+
+    transport._deadlines.expire_due(loop.time() + TIMEOUT)
+    send.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await send
+
+
 async def test_a_timeout_alone_is_taken_for_one() -> None:
     deadlines = Deadlines(30.0)
     loop = asyncio.get_running_loop()

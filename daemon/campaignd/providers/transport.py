@@ -51,10 +51,14 @@ class Deadline:
     def timed_out(self) -> bool:
         """Whether the CancelledError being handled is this deadline's and nobody else's.
 
-        Consumes the deadline's cancellation, as :func:`asyncio.timeout` does; a cancellation
-        from elsewhere (a shutdown) still counts and must propagate.
+        Consumes the deadline's cancellation, as :func:`asyncio.timeout` does, and only once:
+        a cancellation from elsewhere (a shutdown) that lands with it still counts and must
+        propagate through every handler that asks again on its way out.
         """
-        return self.expired and self.task.uncancel() <= self.cancelling
+        if not self.expired:
+            return False
+        self.expired = False
+        return self.task.uncancel() <= self.cancelling
 
 
 class Deadlines:
@@ -146,7 +150,7 @@ class HttpTransport:
         client = self._session or self._client()
         deadline = self._deadlines.start()
         response: aiohttp.ClientResponse | None = None
-        body = b""
+        body: bytes | None = None
         try:
             # Redirects are not followed: a provider URL that moved is a fault to report, not
             # a place to send credentials to.
@@ -179,7 +183,7 @@ class HttpTransport:
             self._deadlines.finish(deadline)
         # The deadline may fall due while the connection is given back, after the answer was
         # read: the answer stands.
-        if response is None:
+        if response is None or body is None:
             return _timed_out()
         # Outside the handlers above: a classifier that fails is a bug to report (the request
         # left, so its recipient is in doubt), not a request that could not be built.
