@@ -708,7 +708,14 @@ async def test_a_sender_pause_lifted_before_the_lane_applies_it_stays_lifted(
     paused = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
     assert (paused["paused_reason"], paused["campaign_ids"]) == ("host: billing", [uuid.UUID(campaign_id)])
 
-    # A provider's verdict is the lane's own: written whatever the sender had.
+    # Paused with another reason since the lane saw it: still paused, now with that reason.
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = 'host: audit' WHERE id = 'sms'")
+    changed = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    assert (changed["paused_reason"], changed["campaign_ids"]) == ("host: audit", [uuid.UUID(campaign_id)])
+    assert (await campaign(conn, campaign_id))["status_reason"] == "host: audit"
+
+    # A provider's verdict is the lane's own: written on a sender that was not paused.
     await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
     await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
     verdict = await conn.fetchrow(QUERIES["pause_sender"], *lane, "provider: 401", False)

@@ -813,9 +813,13 @@ class Lane:
         if row is None:
             return  # The lane was lost or the daemon stops before the database came back.
         if row["paused_reason"] is None:
-            # Lifted (or the lane taken over) since the renewal that saw it: the lane leaves,
-            # and the sender's campaigns are taken up again at the next look.
-            self._log.info("sender_pause_lifted_before_applied", reason=reason)
+            # The lane was taken over (its next owner meets the provider's verdict itself),
+            # or a pause seen in the database was lifted since: the lane leaves either way.
+            self._log.warning(
+                "sender_pause_not_applied",
+                reason=reason,
+                why="lifted or lane taken over" if self._paused_from_outside else "lane taken over",
+            )
             return
         self._log.error(
             "sender_paused",

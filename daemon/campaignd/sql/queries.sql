@@ -594,18 +594,18 @@ RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
 
 -- name: pause_sender
 -- The provider rejected the sender itself, or an operator or host paused it: stop it and
--- every campaign it is sending. Returns the sender's reason (NULL: not paused, see $5) and
--- the campaigns paused.
+-- every campaign it is sending. Returns the sender's reason (NULL: nothing paused, the lane
+-- was taken over or, see $5, the pause lifted) and the campaigns paused.
 -- $1 sender id, $2 owner, $3 epoch, $4 reason, $5 whether the pause was seen in the database
--- (then applied only while the sender still has it: it may have been resumed since the lane
--- read it, and pausing its campaigns again would undo that)
+-- (then applied only while the sender is still paused: it may have been resumed since the
+-- lane read it, and pausing its campaigns again would undo that)
 -- A pause already in place keeps its reason, which is what the operator was told; the
 -- campaigns take the sender's reason, which is how resume-sender finds them.
 WITH lane AS (
     UPDATE campaignd.senders
     SET paused_reason = coalesce(paused_reason, $4), updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-      AND (NOT $5 OR paused_reason = $4)
+      AND (NOT $5 OR paused_reason IS NOT NULL)
     RETURNING id, paused_reason
 ), paused AS (
     UPDATE campaignd.campaigns c
