@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from campaignd.redact import REDACTED, Redactor
+from campaignd.config import HttpSenderConfig
+from campaignd.providers.http import HttpProvider
+from campaignd.redact import REDACTED, Redactor, redacted_traceback
 
 
 def test_secret_value_is_removed_wherever_it_appears() -> None:
@@ -87,3 +89,24 @@ def test_redactor_accepts_any_iterable_once() -> None:
 
     assert redact("generated-secret") == REDACTED
     assert redact("again generated-secret") == f"again {REDACTED}"
+
+
+def test_a_bugs_traceback_keeps_its_frames_and_loses_the_credentials_it_quotes() -> None:
+    # What a send worker logs for a bug in the send path: the message may quote a provider's
+    # answer, which may echo the sender's token back.
+    config = HttpSenderConfig(
+        url="https://api.example.com/send", headers={"Authorization": "Bearer tok-123456"}
+    )
+    provider = HttpProvider("sms", config, connection_limit=1)
+
+    def classify_answer() -> None:
+        raise KeyError("unexpected answer: {'token': 'tok-123456'}")
+
+    try:
+        classify_answer()
+    except KeyError as exc:
+        text = redacted_traceback(exc, provider.redact)
+
+    assert "tok-123456" not in text
+    assert REDACTED in text
+    assert "in classify_answer" in text and "KeyError" in text

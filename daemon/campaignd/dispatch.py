@@ -46,6 +46,7 @@ from campaignd.outcomes import (
     released,
 )
 from campaignd.providers import Delivery, InvalidAddress, Provider
+from campaignd.redact import redacted_traceback
 from campaignd.render import RenderError, Template, TemplateError
 from campaignd.sql import QUERIES
 
@@ -968,8 +969,11 @@ class Lane:
                 slots.give_back()
             self._settle(flight, result)
         except Exception as exc:
-            self._log.exception(
-                "send_failed_unexpectedly", campaign_id=run.campaign_id, recipient_id=flight.recipient_id
+            self._log.error(
+                "send_failed_unexpectedly",
+                campaign_id=run.campaign_id,
+                recipient_id=flight.recipient_id,
+                exception=redacted_traceback(exc, self._provider.redact),
             )
             self._settle(flight, internal_error(exc, request_started=flight.request_started))
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable
 
 _URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
 # Schemes are case-insensitive; requiring a digit or punctuation in the token spares prose
@@ -30,3 +31,9 @@ class Redactor:
                 text = text.replace(secret, REDACTED)
         text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
         return _BEARER.sub(rf"\1 {REDACTED}", text)
+
+
+def redacted_traceback(exc: BaseException, redact: Callable[[str], str]) -> str:
+    """The traceback a log shows for an unexpected error, through ``redact``: its message may
+    quote what a provider answered, and a provider may echo a credential back."""
+    return redact("".join(traceback.format_exception(exc)).rstrip())

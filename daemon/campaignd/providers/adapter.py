@@ -134,5 +134,8 @@ class Adapter:
             request.url, data=request.data, headers=request.headers, classify=self._classify
         )
 
+    def redact(self, text: str) -> str:
+        return self._transport.redact(text)
+
     async def close(self) -> None:
         await self._transport.close()

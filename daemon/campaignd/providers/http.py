@@ -125,5 +125,8 @@ class HttpProvider:
         headers = {**self._headers, "Idempotency-Key": delivery.idempotency_key}
         return self._transport.post(self._url, data=body, headers=headers, classify=classify_http_response)
 
+    def redact(self, text: str) -> str:
+        return self._transport.redact(text)
+
     async def close(self) -> None:
         await self._transport.close()
