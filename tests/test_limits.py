@@ -99,8 +99,8 @@ async def test_sender_limiter_try_acquire_takes_nothing_when_it_says_wait() -> N
     assert limiter.try_acquire(now)
     assert limiter.try_acquire(now)
     assert not limiter.try_acquire(now)  # the bucket is empty
-    # One token and a half back: one, had the refusal taken a token. Not exactly one, which
-    # subtracting two large clock readings may leave a hair short of, and refuse.
+    # One token and a half back: half a token, had the refusal taken one. Not exactly one,
+    # which subtracting two large clock readings may leave a hair short of, and refuse.
     assert limiter.try_acquire(now + 0.0015)
 
     held = SenderLimiter(1000.0, 10)

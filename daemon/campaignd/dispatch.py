@@ -825,7 +825,12 @@ class Lane:
         self._log.error(
             "sender_paused",
             reason=row["paused_reason"],
-            **({} if row["paused_reason"] == reason else {"provider_verdict": reason}),
+            # A verdict the sender's reason of the moment hid (see pause_sender).
+            **(
+                {"provider_verdict": reason}
+                if row["paused_reason"] != reason and not self._paused_from_outside
+                else {}
+            ),
             campaigns=[str(campaign_id) for campaign_id in row["campaign_ids"]],
         )
 
