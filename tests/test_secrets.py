@@ -3,6 +3,7 @@ provider echoes it back or an error message quotes a URL that carries it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from pathlib import Path
@@ -12,7 +13,7 @@ import aiohttp
 import asyncpg
 
 from campaignd.fakeprovider import FakeProvider, Rule
-from tests.conftest import create_campaign, daemon_config, wait_for, wait_status
+from tests.conftest import create_campaign, daemon_config, state_counts, wait_for, wait_status
 
 HEADER_TOKEN = "hdr-S3CRET-7f1c2d9e4b"
 QUERY_TOKEN = "qry-S3CRET-0a9b8c7d6e"
@@ -87,3 +88,41 @@ async def test_tokens_never_reach_logs_database_or_metrics(
         assert secret not in stored
         assert secret not in daemon.log()
         assert secret not in metrics
+
+
+async def test_a_bug_reading_an_answer_is_logged_without_the_token_it_quotes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    """The send path's catch-all logs a bug's traceback, message included: through the
+    sender's redactor. The bug here is a classifier that raises once the answer is in, which
+    must also leave the recipient in doubt (the provider has it), not pause the sender."""
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"echo": {"url": fake.url, "headers": {"Authorization": "env:ECHO_TOKEN"}, "resend_in_doubt": False}},
+        max_attempts=2,
+    )
+    campaign_id = await create_campaign(conn, "echo", 3)
+    broken = str(Path(__file__).parent / "broken_classifier")
+    daemon = daemons(
+        config,
+        env={
+            "ECHO_TOKEN": f"Bearer {HEADER_TOKEN}",
+            "QUOTED_TOKEN": HEADER_TOKEN,
+            "PYTHONPATH": os.pathsep.join(filter(None, [broken, os.environ.get("PYTHONPATH")])),
+        },
+    )
+
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+    assert "send_failed_unexpectedly" in daemon.log() and "cannot read" in daemon.log()
+    assert HEADER_TOKEN not in daemon.log()
+    # Answered, so delivered as far as anyone knows: failed in doubt, never sent again, and
+    # the sender not paused as if the request could not be built.
+    assert await state_counts(conn, campaign_id) == {"failed": 3}
+    assert fake.request_count() == 3
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'echo'") is None
+    stored = await conn.fetch("SELECT error_code, error_message FROM campaignd.recipients")
+    assert all(HEADER_TOKEN not in str(value) for row in stored for value in row.values())
