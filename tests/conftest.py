@@ -308,6 +308,13 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         process.stop()
 
 
+def bug_planted(folder: str) -> dict[str, str]:
+    """The environment of a daemon that starts by importing ``tests/<folder>/sitecustomize.py``,
+    which plants a bug in it: how a test reaches the send path's handling of the unexpected."""
+    planted = str(Path(__file__).parent / folder)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [planted, os.environ.get("PYTHONPATH")]))}
+
+
 async def wait_for(
     condition: Callable[[], Awaitable[Any]],
     *,

@@ -14,6 +14,7 @@ import asyncpg
 from campaignd.fakeprovider import FakeProvider, Rule
 from tests.conftest import (
     assert_counters_match,
+    bug_planted,
     campaign,
     create_campaign,
     daemon_config,
@@ -113,3 +114,28 @@ async def test_breaker_ratio_rule_pauses_when_most_sends_fail_with_one_code(
     await assert_counters_match(conn, doomed)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_a_bug_building_a_request_sends_nothing_and_is_retried_not_held_in_doubt(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    """Nothing left, so nothing is in doubt: a sender that cannot resend safely still retries
+    the recipient, until its attempts run out, instead of failing it as maybe delivered."""
+    config = daemon_config(
+        tmp_path, database_url, {"sms": {"url": fake.url, "resend_in_doubt": False}}, max_attempts=2
+    )
+    campaign_id = await create_campaign(conn, "sms", 3)
+    daemon = daemons(config, env=bug_planted("broken_request"))
+
+    await wait_status(conn, campaign_id, "completed", timeout=60)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+    assert fake.request_count() == 0
+    rows = await conn.fetch(
+        "SELECT state, error_code, attempts FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    assert [(r["state"], r["error_code"], r["attempts"]) for r in rows] == [
+        ("failed", "internal_error", 2)
+    ] * 3
+    assert "send_failed_unexpectedly" in daemon.log() and "a bug while building the request" in daemon.log()

@@ -3,7 +3,6 @@ provider echoes it back or an error message quotes a URL that carries it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 from pathlib import Path
@@ -13,7 +12,14 @@ import aiohttp
 import asyncpg
 
 from campaignd.fakeprovider import FakeProvider, Rule
-from tests.conftest import create_campaign, daemon_config, state_counts, wait_for, wait_status
+from tests.conftest import (
+    bug_planted,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
 
 HEADER_TOKEN = "hdr-S3CRET-7f1c2d9e4b"
 QUERY_TOKEN = "qry-S3CRET-0a9b8c7d6e"
@@ -103,13 +109,12 @@ async def test_a_bug_reading_an_answer_is_logged_without_the_token_it_quotes(
         max_attempts=2,
     )
     campaign_id = await create_campaign(conn, "echo", 3)
-    broken = str(Path(__file__).parent / "broken_classifier")
     daemon = daemons(
         config,
         env={
             "ECHO_TOKEN": f"Bearer {HEADER_TOKEN}",
             "QUOTED_TOKEN": HEADER_TOKEN,
-            "PYTHONPATH": os.pathsep.join(filter(None, [broken, os.environ.get("PYTHONPATH")])),
+            **bug_planted("broken_classifier"),
         },
     )
 

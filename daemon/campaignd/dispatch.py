@@ -959,6 +959,8 @@ class Lane:
                     if not self.lease.may_send():
                         self._settle(flight, None)
                         return
+                    # Built first: a bug in building the request sent nothing.
+                    sending = self._provider.send(prepared)
                     flight.request_started = True
                     # Timed here, not in a helper coroutine: every await in a request passes
                     # through each coroutine around it, several times per message.
@@ -966,7 +968,7 @@ class Lane:
                     in_flight = metrics.IN_FLIGHT
                     in_flight.count += 1
                     try:
-                        result = await self._provider.send(prepared)
+                        result = await sending
                     finally:
                         in_flight.count -= 1
                         self._send_duration.observe(time.perf_counter() - started)

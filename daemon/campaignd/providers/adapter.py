@@ -7,7 +7,7 @@ messages, refuses a message no request could carry, and posts through the shared
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,17 +120,21 @@ class Adapter:
     def check_messages(self, messages: Sequence[Any]) -> str | None:
         return preflight([self.problem(m) for m in messages], [self.shape(m) for m in messages])
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    def send(self, delivery: Delivery) -> Awaitable[SendResult]:
+        # The request is built here, before anything is awaited: a bug in building it raises
+        # to the caller while nothing has left (see Provider.send).
         problem = self.problem(delivery.message)
         if problem is not None:
             # Nothing was sent: the provider would refuse it, and a request costs rate budget.
-            return SendResult(
-                ResultKind.SKIPPED,
-                error_code="invalid_message",
-                error_message=self._transport.redact(problem.reason),
+            return _already(
+                SendResult(
+                    ResultKind.SKIPPED,
+                    error_code="invalid_message",
+                    error_message=self._transport.redact(problem.reason),
+                )
             )
         request = self.request(delivery)
-        return await self._transport.post(
+        return self._transport.post(
             request.url, data=request.data, headers=request.headers, classify=self._classify
         )
 
@@ -139,3 +143,7 @@ class Adapter:
 
     async def close(self) -> None:
         await self._transport.close()
+
+
+async def _already(result: SendResult) -> SendResult:
+    return result

@@ -44,7 +44,11 @@ class Provider(Protocol):
         ...
 
     def send(self, delivery: Delivery) -> Awaitable[SendResult]:
-        """Send once; never raises for provider or network errors, it classifies them."""
+        """Send once; never raises for provider or network errors, it classifies them.
+
+        The request is built in the call itself, and the awaitable returned sends it: an
+        exception from the call means nothing left, one from the await that it may have.
+        """
         ...
 
     def redact(self, text: str) -> str:
