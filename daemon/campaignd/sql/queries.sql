@@ -476,15 +476,11 @@ WITH lane AS (
     LIMIT $6
     FOR UPDATE SKIP LOCKED
 ), fresh AS (
-    -- A row comparison, so that only recipients_fresh serves it (see prepare_head_boundary).
-    SELECT r.id
-    FROM campaignd.recipients r
-    WHERE (r.campaign_id, r.id) > ((SELECT id FROM campaign), $5::bigint)
-      AND (r.campaign_id, r.id) < ((SELECT id FROM campaign), (SELECT fresh_below FROM campaign))
-      AND r.state = 'pending' AND r.next_attempt_at IS NULL
-    ORDER BY r.campaign_id, r.id
-    LIMIT $6
-    FOR UPDATE SKIP LOCKED
+    -- In recipients_fresh's order, never through a sort (see migration 006).
+    SELECT f.id
+    FROM campaignd.lock_fresh_recipients(
+        (SELECT id FROM campaign), $5::bigint, (SELECT fresh_below FROM campaign), $6::integer
+    ) AS f(id)
 ), picked AS (
     (SELECT id, false AS fresh FROM due)
     UNION ALL
