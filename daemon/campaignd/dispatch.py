@@ -822,16 +822,13 @@ class Lane:
                 why="lifted or lane taken over" if self._paused_from_outside else "lane taken over",
             )
             return
+        # A provider's verdict that a pause already in place hid (see pause_sender).
+        hidden = not self._paused_from_outside and row["paused_reason"] != reason
         self._log.error(
             "sender_paused",
             reason=row["paused_reason"],
-            # A verdict the sender's reason of the moment hid (see pause_sender).
-            **(
-                {"provider_verdict": reason}
-                if row["paused_reason"] != reason and not self._paused_from_outside
-                else {}
-            ),
             campaigns=[str(campaign_id) for campaign_id in row["campaign_ids"]],
+            **({"provider_verdict": reason} if hidden else {}),
         )
 
     # ---------------------------------------------------------------- sending
