@@ -6,8 +6,9 @@
 
 The goal (project issue on performance): durable msgs/s >= 0.75 x a raw aiohttp blast (same
 body size, same concurrency, no database) to the same sink, measured in the same run.
-Absolute figures move between machines, so each round measures both, one after the other,
-and the verdict is the median of the per-round ratios. The sink is nginx when installed
+Absolute figures move between machines, so each round measures both, one after the other
+(raw first in odd rounds, campaignd first in even ones), and the verdict is the median of
+the per-round ratios. The sink is nginx when installed
 (``apt-get install nginx-light``), else a multi-process aiohttp sink, named in the output.
 
 Everything runs on 127.0.0.1, in temporary directories, and stops by itself: each
@@ -510,8 +511,12 @@ async def rounds_of(
     time_limit = 60.0 + args.recipients / 500
     results: list[Round] = []
     for index in range(1, args.rounds + 1):
-        await quiet_moment(args.quiet_wait)
-        raw = await measure_raw(sink, args.recipients, args.concurrency, time_limit)
+        # Alternately first (ABBA): a machine that slows down as a round goes on would otherwise
+        # always charge campaignd, which would always run second.
+        raw_first = index % 2 == 1
+        if raw_first:
+            await quiet_moment(args.quiet_wait)
+            raw = await measure_raw(sink, args.recipients, args.concurrency, time_limit)
         run = await measure_campaignd(
             postgres,
             sink,
@@ -524,9 +529,13 @@ async def rounds_of(
             quiet_wait=args.quiet_wait,
             analyze_at=args.analyze_at,
         )
+        if not raw_first:
+            await quiet_moment(args.quiet_wait)
+            raw = await measure_raw(sink, args.recipients, args.concurrency, time_limit)
         results.append(Round(raw, run))
         print(
-            f"  [{label} round {index}] raw {raw.rate:,.0f} msg/s ({raw.elapsed:.2f} s),"
+            f"  [{label} round {index}, {'raw' if raw_first else 'campaignd'} first]"
+            f" raw {raw.rate:,.0f} msg/s ({raw.elapsed:.2f} s),"
             f" campaignd {run.rate:,.0f} msg/s ({run.elapsed:.2f} s; {run.db_elapsed:.2f} s by the"
             f" database's clock), ratio {run.rate / raw.rate:.3f}",
             flush=True,
