@@ -42,6 +42,12 @@ class PgProxy:
         # it is passed on, ``held`` for good.
         self.holding = threading.Event()
         self.held = threading.Event()
+        # hold_statement's: the run it holds, and ``statement_held`` set once it waits.
+        self._hold_target: str | None = None
+        self._hold_execution = 0
+        self._hold_executions = 0
+        self.statement_held = threading.Event()
+        self._released: asyncio.Event | None = None
         self._executions = 0
         self.lost = 0
         # Every statement run through the proxy, by its text: how many times.
@@ -77,6 +83,8 @@ class PgProxy:
     def stop(self) -> None:
         async def close() -> None:
             assert self._server is not None
+            if self._released is not None:
+                self._released.set()
             self._server.close()
             for writer in list(self._connections):
                 writer.transport.abort()
@@ -100,6 +108,26 @@ class PgProxy:
         all (``holding`` and ``held`` are set then), and pass it on: the statement took effect
         long before its client learns the result."""
         self._arm(query, execution, 0, delay=seconds)
+
+    def hold_statement(self, query: str, *, execution: int) -> None:
+        """Hold that run of ``query`` (counted apart from the reply to lose or delay) before
+        the server sees it, until :meth:`release`: the test changes the database meanwhile,
+        as another client would between a daemon's decision and its write."""
+
+        async def arm() -> None:
+            self._hold_target, self._hold_execution, self._hold_executions = query, execution, 0
+            self._released = asyncio.Event()
+
+        asyncio.run_coroutine_threadsafe(arm(), self._loop).result(timeout=10)
+
+    def release(self) -> None:
+        """Let the held statement (or the next one to be held) go on to the server."""
+
+        async def release() -> None:
+            if self._released is not None:
+                self._released.set()
+
+        asyncio.run_coroutine_threadsafe(release(), self._loop).result(timeout=10)
 
     def _arm(self, query: str, execution: int, then_every: int, *, delay: float | None) -> None:
         async def arm() -> None:
@@ -180,6 +208,11 @@ class PgProxy:
                     since = self._executions - self._lose_execution
                     if since == 0 or (since > 0 and self._lose_every and since % self._lose_every == 0):
                         losing.set()
+                if text == self._hold_target:
+                    self._hold_executions += 1
+                    if self._hold_executions == self._hold_execution and self._released is not None:
+                        self.statement_held.set()
+                        await self._released.wait()
             upstream.write(head + body)
             await upstream.drain()
 

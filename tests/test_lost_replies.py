@@ -17,9 +17,17 @@ import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
-from campaignd.fakeprovider import FakeProvider
+from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.sql import QUERIES
-from tests.conftest import assert_counters_match, campaign, create_campaign, daemon_config, wait_status
+from tests.conftest import (
+    assert_counters_match,
+    campaign,
+    create_campaign,
+    daemon_config,
+    state_counts,
+    wait_for,
+    wait_status,
+)
 from tests.pgproxy import PgProxy
 
 RECIPIENTS = 600
@@ -118,5 +126,45 @@ async def test_outcome_writes_losing_replies_while_recipients_retry_send_each_on
         await connection.close()
     assert fake.duplicate_keys() == {}, "a recipient accepted once was sent again"
     assert len({a.recipient_id for a in fake.accepted()}) == RECIPIENTS
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
+
+
+async def test_a_pause_written_again_after_its_reply_was_lost_leaves_a_resume_standing(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """The circuit breaker pauses the campaign; that write commits but its reply is lost, and
+    while the lane backs off to write it again, an operator resumes the campaign (the numbers
+    were fixed). The write that follows must not pause it again with the old verdict."""
+    fake.behaviour.fail_prefix_rules["+1999"] = Rule(400, {"error": {"code": "invalid_number"}})
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        recipients = [(f"+1999{i:07d}", {"name": f"n{i}"}) for i in range(300)]
+        campaign_id = await create_campaign(connection, "sms", recipients)
+        proxy.lose_reply(QUERIES["pause_campaign"], execution=1)
+        proxy.hold_statement(QUERIES["pause_campaign"], execution=2)
+        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
+        daemon = daemons(config)
+        paused = await wait_status(connection, campaign_id, "paused", timeout=60)
+        assert paused["status_reason"].startswith("circuit breaker: ")
+        await wait_for(
+            lambda: asyncio.sleep(0, proxy.statement_held.is_set()), what="the pause written again"
+        )
+        assert proxy.lost == 1
+        del fake.behaviour.fail_prefix_rules["+1999"]
+        await connection.execute(
+            "UPDATE campaignd.campaigns SET status = 'sending', status_reason = NULL WHERE id = $1",
+            campaign_id,
+        )
+        proxy.release()
+        row = await wait_status(connection, campaign_id, "completed", timeout=60)
+        counts = await state_counts(connection, campaign_id)
+        assert counts["failed"] >= 20 and counts["sent"] == 300 - counts["failed"], counts
+        assert row["status_reason"] is None
+        await assert_counters_match(connection, campaign_id)
+    finally:
+        await connection.close()
+    assert "campaign_pause_not_applied" in daemon.log()
+    assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0

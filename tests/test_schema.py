@@ -126,3 +126,51 @@ async def test_completion_refuses_while_a_retry_is_scheduled(conn: asyncpg.Conne
         is None
     )
     assert await conn.fetchrow(QUERIES["complete_campaign"], *token, campaign_id) is not None
+
+
+async def test_a_pause_applies_only_to_the_status_its_lane_saw(conn: asyncpg.Connection) -> None:
+    """Every change of status counts, whoever makes it (a host's own UPDATE here); a lane's
+    pause carries the count it saw and applies only while it holds, so a pause written again
+    after its reply was lost cannot undo a resume that came in between."""
+    from campaignd.sql import QUERIES
+    from tests.conftest import create_campaign
+
+    campaign_id = await create_campaign(conn, "sms", 2)
+    lane = await conn.fetchrow(
+        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
+        " lease_expires_at = now() + interval '1 minute' WHERE id = 'sms' RETURNING lease_epoch"
+    )
+    assert lane is not None
+    token = ("sms", "me", lane["lease_epoch"])
+    seen = await conn.fetchval("SELECT status_changes FROM campaignd.campaigns WHERE id = $1", campaign_id)
+    # Writes that leave the status as it is do not count.
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending', name = 'renamed' WHERE id = $1", campaign_id
+    )
+    assert seen == 1, "draft -> sending"
+    row = await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", seen)
+    assert row is not None and row["paused"]
+    # Resumed by the host, then the same pause again (its first reply lost): it stands down,
+    # and says what it found.
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending', status_reason = NULL WHERE id = $1", campaign_id
+    )
+    again = await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", seen)
+    assert again is not None and not again["paused"] and again["status"] == "sending"
+    assert (
+        await conn.fetchval("SELECT status_changes FROM campaignd.campaigns WHERE id = $1", campaign_id)
+        == seen + 2
+    )
+    # The count the lane sees now pauses it; another lane's token does not.
+    now_seen = seen + 2
+    stale = ("sms", "me", lane["lease_epoch"] - 1)
+    assert not (await conn.fetchrow(QUERIES["pause_campaign"], *stale, campaign_id, "breaker", now_seen))[
+        "paused"
+    ]
+    assert (await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", now_seen))[
+        "paused"
+    ]
+    # A retry of a pause that did apply finds it paused with its own reason.
+    retried = await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", now_seen)
+    assert retried is not None and not retried["paused"]
+    assert (retried["status"], retried["status_reason"]) == ("paused", "breaker")

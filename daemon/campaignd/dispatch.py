@@ -121,6 +121,8 @@ class CampaignRun:
     template: Template
     cap: CampaignCap | None
     breaker: FailureBreaker
+    # campaigns.status_changes when the lane last saw it sending: its pause applies to that.
+    status_changes: int = 0
     cursor: int = 0
     outstanding: int = 0
     active: bool = True
@@ -138,6 +140,7 @@ class CampaignRun:
         count against this run, so it is revived rather than replaced (with the message as it
         is now: a host may have edited it while paused)."""
         self.template, self.cap, self.breaker = fresh.template, fresh.cap, fresh.breaker
+        self.status_changes = fresh.status_changes
         self.cursor, self.active, self.pause_reason, self.pause_written = 0, True, None, False
 
     def claim_room(self) -> int | None:
@@ -443,7 +446,12 @@ class Lane:
                     del self._runs[campaign_id]
         for campaign_id, row in sending.items():
             known = self._runs.get(campaign_id)
-            if known is not None and (known.active or (known.pause_reason and not known.pause_written)):
+            if known is not None and known.active:
+                # Paused and resumed since the last look: a pause decided from now on is
+                # decided about the campaign as it is now.
+                known.status_changes = row["status_changes"]
+                continue
+            if known is not None and known.pause_reason and not known.pause_written:
                 continue
             started = await self._start_campaign(campaign_id, row)
             if started is None:
@@ -480,7 +488,7 @@ class Lane:
             window=self._sender.breaker_window,
             ratio=self._sender.breaker_failure_ratio,
         )
-        return CampaignRun(campaign_id, template, cap, breaker)
+        return CampaignRun(campaign_id, template, cap, breaker, row["status_changes"])
 
     async def _prepare_campaign(
         self, campaign_id: str, template: Template, bound: structlog.typing.FilteringBoundLogger
@@ -791,12 +799,28 @@ class Lane:
         pausing = [run for run in self._runs.values() if run.pause_reason and not run.pause_written]
         for run in pausing:
             async with self._pool.acquire() as connection:
-                paused = await connection.fetchval(
-                    QUERIES["pause_campaign"], *self.lease.token, run.campaign_id, run.pause_reason
+                row = await connection.fetchrow(
+                    QUERIES["pause_campaign"],
+                    *self.lease.token,
+                    run.campaign_id,
+                    run.pause_reason,
+                    run.status_changes,
                 )
             run.pause_written = True
-            if paused:
+            if row is not None and (
+                row["paused"] or (row["status"] == "paused" and row["status_reason"] == run.pause_reason)
+            ):
                 self._log.error("campaign_paused", campaign_id=run.campaign_id, reason=run.pause_reason)
+            else:
+                # Paused, resumed, cancelled or completed by someone else since the lane looked,
+                # or the lane taken over: what they did stands. A resumed campaign is sent again
+                # and meets the provider's verdict afresh.
+                self._log.warning(
+                    "campaign_pause_not_applied",
+                    campaign_id=run.campaign_id,
+                    reason=run.pause_reason,
+                    status=None if row is None else row["status"],
+                )
 
     async def _pause_sender(self) -> None:
         reason = self._pause_reason

@@ -232,7 +232,7 @@ DELETE FROM campaignd.daemons WHERE owner = $1;
 
 -- name: sending_campaigns
 -- $1 sender id
-SELECT id, message, rate_per_second, prepared_at IS NOT NULL AS prepared
+SELECT id, message, rate_per_second, prepared_at IS NOT NULL AS prepared, status_changes
 FROM campaignd.campaigns
 WHERE sender_id = $1 AND status = 'sending'
 ORDER BY created_at, id;
@@ -430,16 +430,25 @@ RETURNING id;
 
 -- name: pause_campaign
 -- The provider rejected the campaign's message, or its failures tripped the circuit breaker.
--- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
+-- Only while its status is the one the lane last saw ($6, campaigns.status_changes): written
+-- again after a lost reply, the pause must not undo a resume that came in between.
+-- Returns whether it paused it, and, when it did not, the campaign's status and reason (an
+-- earlier attempt whose reply was lost shows as paused with this reason).
+-- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason, $6 status changes seen
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR SHARE
+), paused AS (
+    UPDATE campaignd.campaigns
+    SET status = 'paused', status_reason = $5, updated_at = now()
+    WHERE id = $4 AND status = 'sending' AND status_changes = $6 AND EXISTS (SELECT 1 FROM lane)
+    RETURNING id
 )
-UPDATE campaignd.campaigns
-SET status = 'paused', status_reason = $5, updated_at = now()
-WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
-RETURNING id;
+-- The campaign as it was before this statement: read in the same snapshot as the UPDATE.
+SELECT EXISTS (SELECT 1 FROM paused) AS paused, status, status_reason
+FROM campaignd.campaigns
+WHERE id = $4;
 
 -- name: preflight_sample
 -- The first recipients to be sent, for the pre-flight check (matches recipients_fresh).
