@@ -105,12 +105,7 @@ async def test_completion_refuses_while_a_retry_is_scheduled(conn: asyncpg.Conne
     from tests.conftest import create_campaign
 
     campaign_id = await create_campaign(conn, "sms", 2)
-    lane = await conn.fetchrow(
-        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
-        " lease_expires_at = now() + interval '1 minute' WHERE id = 'sms' RETURNING lease_epoch"
-    )
-    assert lane is not None
-    token = ("sms", "me", lane["lease_epoch"])
+    token = await hold_lane(conn, "sms")
     await conn.execute(
         "UPDATE campaignd.recipients SET state = 'sent' WHERE id = (SELECT min(id) FROM campaignd.recipients)"
     )
@@ -121,10 +116,7 @@ async def test_completion_refuses_while_a_retry_is_scheduled(conn: asyncpg.Conne
     assert await conn.fetchrow(QUERIES["complete_campaign"], *token, campaign_id) is None
     await conn.execute("UPDATE campaignd.recipients SET state = 'failed' WHERE state = 'pending'")
     # A stale token (another owner's epoch) cannot complete it either.
-    assert (
-        await conn.fetchrow(QUERIES["complete_campaign"], "sms", "me", lane["lease_epoch"] - 1, campaign_id)
-        is None
-    )
+    assert await conn.fetchrow(QUERIES["complete_campaign"], "sms", "me", token[2] - 1, campaign_id) is None
     assert await conn.fetchrow(QUERIES["complete_campaign"], *token, campaign_id) is not None
 
 
@@ -136,12 +128,7 @@ async def test_a_pause_applies_only_to_the_status_its_lane_saw(conn: asyncpg.Con
     from tests.conftest import create_campaign
 
     campaign_id = await create_campaign(conn, "sms", 2)
-    lane = await conn.fetchrow(
-        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
-        " lease_expires_at = now() + interval '1 minute' WHERE id = 'sms' RETURNING lease_epoch"
-    )
-    assert lane is not None
-    token = ("sms", "me", lane["lease_epoch"])
+    token = await hold_lane(conn, "sms")
     seen = await conn.fetchval("SELECT status_changes FROM campaignd.campaigns WHERE id = $1", campaign_id)
     # Writes that leave the status as it is do not count.
     await conn.execute(
@@ -163,7 +150,7 @@ async def test_a_pause_applies_only_to_the_status_its_lane_saw(conn: asyncpg.Con
     )
     # The count the lane sees now pauses it; another lane's token does not.
     now_seen = seen + 2
-    stale = ("sms", "me", lane["lease_epoch"] - 1)
+    stale = ("sms", "me", token[2] - 1)
     assert not (await conn.fetchrow(QUERIES["pause_campaign"], *stale, campaign_id, "breaker", now_seen))[
         "paused"
     ]
@@ -174,3 +161,14 @@ async def test_a_pause_applies_only_to_the_status_its_lane_saw(conn: asyncpg.Con
     retried = await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", now_seen)
     assert retried is not None and not retried["paused"]
     assert (retried["status"], retried["status_reason"]) == ("paused", "breaker")
+
+
+async def hold_lane(conn: asyncpg.Connection, sender_id: str) -> tuple[str, str, int]:
+    """Take the sender's lane as a daemon would; returns its token (sender, owner, epoch)."""
+    epoch = await conn.fetchval(
+        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
+        " lease_expires_at = now() + interval '1 minute' WHERE id = $1 RETURNING lease_epoch",
+        sender_id,
+    )
+    assert epoch is not None
+    return (sender_id, "me", epoch)
