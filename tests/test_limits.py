@@ -110,6 +110,34 @@ async def test_sender_limiter_try_acquire_takes_nothing_when_it_says_wait() -> N
     assert held._bucket.try_take(loop.time())
 
 
+async def test_sender_limiter_fast_path_never_overtakes_a_task_waiting_for_the_window() -> None:
+    """A task that has its token but waits for room in the window (here the first window of
+    a smooth start, assumed full) is first in line: a send that finds room at the moment it
+    asks, through try_acquire, must not take it. Otherwise every worker that finishes a send
+    could overtake it, send after send (a test of the circuit breaker saw a recipient sent
+    more than twenty places late)."""
+    loop = asyncio.get_running_loop()
+    limiter = SenderLimiter(20.0, 5, smooth_start=True)
+    waiting = asyncio.create_task(limiter.acquire())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done(), "the first window is assumed full"
+    # Later, room in the window and tokens in the bucket: still the waiter's turn first.
+    assert not limiter.try_acquire(loop.time() + 10.0)
+    await asyncio.wait_for(waiting, timeout=30)
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await limiter.acquire()
+        order.append(name)
+
+    first = asyncio.create_task(take("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(take("second"))
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    assert order == ["first", "second"]
+
+
 async def test_sender_limiter_fast_path_keeps_the_window_limit() -> None:
     rate, burst = 50.0, 10
     limiter = SenderLimiter(rate, burst)

@@ -97,6 +97,10 @@ class SenderLimiter:
         # the moment tokens are taken, the window guard keeps it with a margin for jitter.
         self._window_limit = max(1, int(rate_per_second + burst))
         self._window_seconds = 1.0 + min(JITTER_MARGIN_SECONDS, burst / rate_per_second)
+        # Tasks inside acquire() are first in line: try_acquire takes nothing while one waits,
+        # and those waiting for room in the window get it in the order they got their tokens.
+        self._acquiring = 0
+        self._window_turn = asyncio.Lock()
         self._recent: deque[float] = deque()
         self._slowdown: TokenBucket | None = None
         self._factor = 1.0
@@ -113,6 +117,13 @@ class SenderLimiter:
         return self._factor
 
     async def acquire(self) -> None:
+        self._acquiring += 1
+        try:
+            await self._acquire()
+        finally:
+            self._acquiring -= 1
+
+    async def _acquire(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
@@ -126,16 +137,23 @@ class SenderLimiter:
                 await slowdown.take()
             await self._bucket.take()
             # Almost every send finds room in the window at once, without another coroutine.
-            if not self._take_window_slot(loop.time()):
-                await self._window_guard(loop)
+            if self._window_turn.locked() or not self._take_window_slot(loop.time()):
+                async with self._window_turn:
+                    await self._window_guard(loop)
             # A throttle that arrived while this task waited for a token wins.
             if loop.time() >= self._hold_until:
                 return
 
     def try_acquire(self, now: float) -> bool:
-        """The common case in one plain call: no throttle in force, room in the window and a
-        token in the bucket. Otherwise nothing is taken, and the caller awaits ``acquire()``."""
-        if now < self._hold_until or self._slowdown is not None or not self._window_has_room(now):
+        """The common case in one plain call: nobody waiting in ``acquire()``, no throttle in
+        force, room in the window and a token in the bucket. Otherwise nothing is taken, and
+        the caller awaits ``acquire()``."""
+        if (
+            self._acquiring
+            or now < self._hold_until
+            or self._slowdown is not None
+            or not self._window_has_room(now)
+        ):
             return False
         if not self._bucket.try_take(now):
             return False
