@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from campaignd import db
+from campaignd import operator as campaignd_operator
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.sql import QUERIES
@@ -165,6 +166,45 @@ async def test_a_pause_written_again_after_its_reply_was_lost_leaves_a_resume_st
     finally:
         await connection.close()
     assert "campaign_pause_not_applied" in daemon.log()
+    assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
+
+
+async def test_a_sender_pause_written_again_after_its_reply_was_lost_leaves_a_resume_standing(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """The provider rejects the sender (401); the lane's pause of the sender and its campaigns
+    commits but its reply is lost, and while the lane backs off to write it again, an operator
+    runs `resume-sender` (the token was fixed). The write that follows must not pause the
+    sender again with the old verdict."""
+    fake.behaviour.fail_prefix_rules["+1555"] = Rule(401, {"error": {"code": "bad_token"}})
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", 300)
+        proxy.lose_reply(QUERIES["pause_sender"], execution=1)
+        proxy.hold_statement(QUERIES["pause_sender"], execution=2)
+        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
+        daemon = daemons(config)
+        paused = await wait_status(connection, campaign_id, "paused", timeout=60)
+        assert paused["status_reason"].startswith("provider rejected the sender: bad_token")
+        await wait_for(
+            lambda: asyncio.sleep(0, proxy.statement_held.is_set()), what="the pause written again"
+        )
+        assert proxy.lost == 1
+        del fake.behaviour.fail_prefix_rules["+1555"]
+        resumed = await campaignd_operator.resume_sender(connection, "sms")
+        assert resumed.campaigns == (campaign_id,), resumed
+        proxy.release()
+        await wait_status(connection, campaign_id, "completed", timeout=60)
+        assert (
+            await connection.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
+        )
+        assert (await campaign(connection, campaign_id))["sent_count"] == 300
+        await assert_counters_match(connection, campaign_id)
+    finally:
+        await connection.close()
+    assert "sender_pause_not_applied" in daemon.log()
     assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0

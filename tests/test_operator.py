@@ -698,30 +698,42 @@ async def test_a_sender_pause_lifted_before_the_lane_applies_it_stays_lifted(
     lane = ("sms", "host:1", 1)
 
     # Seen at a renewal, lifted since: nothing paused, nothing written.
-    lifted = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    lifted = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True, 0)
     assert (lifted["paused_reason"], lifted["campaign_ids"]) == (None, [])
     assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
     assert (await campaign(conn, campaign_id))["status"] == "sending"
 
     # Still there: its campaigns are paused with it.
     await conn.execute("UPDATE campaignd.senders SET paused_reason = 'host: billing' WHERE id = 'sms'")
-    paused = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    paused = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True, 0)
     assert (paused["paused_reason"], paused["campaign_ids"]) == ("host: billing", [uuid.UUID(campaign_id)])
 
     # Paused with another reason since the lane saw it: still paused, now with that reason.
     await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
     await conn.execute("UPDATE campaignd.senders SET paused_reason = 'host: audit' WHERE id = 'sms'")
-    changed = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True)
+    changed = await conn.fetchrow(QUERIES["pause_sender"], *lane, "host: billing", True, 0)
     assert (changed["paused_reason"], changed["campaign_ids"]) == ("host: audit", [uuid.UUID(campaign_id)])
     assert (await campaign(conn, campaign_id))["status_reason"] == "host: audit"
 
-    # A provider's verdict is the lane's own: written on a sender that was not paused.
+    # A provider's verdict is the lane's own: written on a sender that was not paused, as the
+    # lane last saw it (every pause and resume of the sender counts).
     await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
     await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
-    verdict = await conn.fetchrow(QUERIES["pause_sender"], *lane, "provider: 401", False)
+    seen = await conn.fetchval("SELECT pause_changes FROM campaignd.senders WHERE id = 'sms'")
+    assert seen == 2, "paused once and resumed once; the change of reason does not count"
+    verdict = await conn.fetchrow(QUERIES["pause_sender"], *lane, "provider: 401", False, seen)
     assert (verdict["paused_reason"], verdict["campaign_ids"]) == ("provider: 401", [uuid.UUID(campaign_id)])
     reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
     assert reason == "provider: 401"
+
+    # Resumed since (`resume-sender` while the verdict was written again after a lost reply):
+    # the verdict stands down, and the resume stands.
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'sending' WHERE id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET paused_reason = NULL WHERE id = 'sms'")
+    again = await conn.fetchrow(QUERIES["pause_sender"], *lane, "provider: 401", False, seen)
+    assert (again["paused_reason"], again["campaign_ids"]) == (None, [])
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
+    assert (await campaign(conn, campaign_id))["status"] == "sending"
 
 
 async def test_a_provider_verdict_keeps_the_reason_of_a_pause_already_in_place(
@@ -736,7 +748,9 @@ async def test_a_provider_verdict_keeps_the_reason_of_a_pause_already_in_place(
         " lease_expires_at = now() + interval '1 hour', paused_reason = 'host: billing' WHERE id = 'sms'"
     )
 
-    row = await conn.fetchrow(QUERIES["pause_sender"], "sms", "host:1", 1, "provider: 401", False)
+    # The lane saw the sender before the host paused it (pause_changes 0): a pause in place
+    # applies whatever the lane saw.
+    row = await conn.fetchrow(QUERIES["pause_sender"], "sms", "host:1", 1, "provider: 401", False, 0)
 
     assert (row["paused_reason"], row["campaign_ids"]) == ("host: billing", [uuid.UUID(campaign_id)])
     sender_reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")

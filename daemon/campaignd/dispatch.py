@@ -238,6 +238,9 @@ class Lane:
         self._refresh_interval = min(REFRESH_SECONDS, dispatch.poll_seconds)
         self._pause_reason: str | None = None
         self._paused_from_outside = False
+        # The sender's pause_changes when the provider's verdict came: later renewals may see a
+        # resume that its write, retried after a lost reply, must not undo.
+        self._pause_changes_seen = 0
         self._progress: Counter[str] = Counter()
         # Looked up once: labels() per message costs a dict lookup under a lock.
         self._send_duration = metrics.SEND_DURATION.labels(lease.sender_id)
@@ -829,7 +832,11 @@ class Lane:
         async def pause() -> asyncpg.Record | None:
             async with self._pool.acquire() as connection:
                 return await connection.fetchrow(
-                    QUERIES["pause_sender"], *self.lease.token, reason, self._paused_from_outside
+                    QUERIES["pause_sender"],
+                    *self.lease.token,
+                    reason,
+                    self._paused_from_outside,
+                    self._pause_changes_seen,
                 )
 
         row = await self._with_db(pause, "pause_sender")
@@ -838,13 +845,11 @@ class Lane:
         if row is None:
             return  # The lane was lost or the daemon stops before the database came back.
         if row["paused_reason"] is None:
-            # The lane was taken over (its next owner meets the provider's verdict itself),
-            # or a pause seen in the database was lifted since: the lane leaves either way.
-            self._log.warning(
-                "sender_pause_not_applied",
-                reason=reason,
-                why="lifted or lane taken over" if self._paused_from_outside else "lane taken over",
-            )
+            # The lane was taken over (its next owner meets the provider's verdict itself), or
+            # the sender was resumed since the lane looked (a pause seen in the database
+            # lifted, or an operator's resume while a verdict was written): the lane leaves
+            # either way, and a resumed sender meets the verdict afresh.
+            self._log.warning("sender_pause_not_applied", reason=reason, why="resumed or lane taken over")
             return
         # A provider's verdict that a pause already in place hid (see pause_sender).
         hidden = not self._paused_from_outside and row["paused_reason"] != reason
@@ -1043,6 +1048,7 @@ class Lane:
             )
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
             self._pause_reason = f"provider rejected the sender: {result.error_code}: {result.error_message}"
+            self._pause_changes_seen = self.lease.pause_changes
             self._wake.set()
         elif result.kind is ResultKind.CAMPAIGN_FATAL:
             self._pause_campaign(

@@ -130,6 +130,9 @@ class LaneLease:
     lost: bool = field(default=False)
     # Who held the lane before, when it was taken over after expiring (None: it was free).
     previous_owner: str | None = None
+    # senders.pause_changes as of the last acquisition or renewal: a provider's verdict pauses
+    # the sender only if it has not been paused and resumed since (see pause_sender).
+    pause_changes: int = 0
 
     @property
     def token(self) -> tuple[str, str, int]:
@@ -160,6 +163,7 @@ async def acquire_lanes(
             lease_seconds,
             deadline=0.0,
             previous_owner=row["previous_owner"],
+            pause_changes=row["pause_changes"],
         )
         lease.extend_from(asked_at)
         leases.append(lease)
@@ -202,6 +206,7 @@ async def renew(connection: Connection, lease: LaneLease, campaign_ids: list[str
         lease.lost = True
         return Renewal(held=False)
     lease.extend_from(asked_at)
+    lease.pause_changes = row["pause_changes"]
     return Renewal(held=True, paused_reason=row["paused_reason"])
 
 

@@ -66,7 +66,7 @@ SET lease_owner = $2,
     updated_at = now()
 FROM candidates
 WHERE s.id = candidates.id
-RETURNING s.id, s.lease_epoch, candidates.previous_owner;
+RETURNING s.id, s.lease_epoch, candidates.previous_owner, s.pause_changes;
 
 -- name: recover_orphaned_claims
 -- Claims in flight under a lane that is no longer theirs (released, expired by the watchdog,
@@ -166,7 +166,7 @@ WITH lane AS (
     UPDATE campaignd.senders
     SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    RETURNING lease_expires_at, paused_reason
+    RETURNING lease_expires_at, paused_reason, pause_changes
 ), free_claims AS (
     SELECT r.id FROM campaignd.recipients r
     WHERE r.campaign_id = ANY($5::uuid[]) AND r.state = 'in_flight'
@@ -187,7 +187,7 @@ WITH lane AS (
     FROM lane, free_campaigns
     WHERE c.id = free_campaigns.id
 )
-SELECT lease_expires_at, paused_reason FROM lane;
+SELECT lease_expires_at, paused_reason, pause_changes FROM lane;
 
 -- name: release_lane
 -- Wakes the other daemons (at commit), so that a lane given up with work left, by a
@@ -603,16 +603,19 @@ RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
 -- The provider rejected the sender itself, or an operator or host paused it: stop it and
 -- every campaign it is sending. Returns the sender's reason (NULL: nothing paused, the lane
 -- was taken over or, see $5, the pause lifted) and the campaigns paused.
--- $1 sender id, $2 owner, $3 epoch, $4 reason, $5 whether the pause was seen in the database
--- (then applied only while the sender is still paused: it may have been resumed since the
--- lane read it, and pausing its campaigns again would undo that)
+-- $1 sender id, $2 owner, $3 epoch, $4 reason, $5 whether the pause was seen in the database,
+-- $6 the sender's pause_changes as the lane last saw it.
+-- Applied while the sender is paused, whoever paused it; otherwise only for a provider's
+-- verdict, and only if the sender has not been paused and resumed since the lane looked ($6):
+-- a pause seen in the database and lifted since, or a verdict written again after a lost reply
+-- while an operator resumed the sender, would undo that resume.
 -- A pause already in place keeps its reason, which is what the operator was told; the
 -- campaigns take the sender's reason, which is how resume-sender finds them.
 WITH lane AS (
     UPDATE campaignd.senders
     SET paused_reason = coalesce(paused_reason, $4), updated_at = now()
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-      AND (NOT $5 OR paused_reason IS NOT NULL)
+      AND (paused_reason IS NOT NULL OR (NOT $5 AND pause_changes = $6))
     RETURNING id, paused_reason
 ), paused AS (
     UPDATE campaignd.campaigns c
