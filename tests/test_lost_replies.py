@@ -142,16 +142,9 @@ async def test_a_pause_written_again_after_its_reply_was_lost_leaves_a_resume_st
     try:
         recipients = [(f"+1999{i:07d}", {"name": f"n{i}"}) for i in range(300)]
         campaign_id = await create_campaign(connection, "sms", recipients)
-        proxy.lose_reply(QUERIES["pause_campaign"], execution=1)
-        proxy.hold_statement(QUERIES["pause_campaign"], execution=2)
-        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
-        daemon = daemons(config)
-        paused = await wait_status(connection, campaign_id, "paused", timeout=60)
-        assert paused["status_reason"].startswith("circuit breaker: ")
-        await wait_for(
-            lambda: asyncio.sleep(0, proxy.statement_held.is_set()), what="the pause written again"
+        daemon = await _paused_with_its_write_again_held(
+            connection, campaign_id, "pause_campaign", "circuit breaker: ", tmp_path, fake, daemons, proxy
         )
-        assert proxy.lost == 1
         del fake.behaviour.fail_prefix_rules["+1999"]
         await connection.execute(
             "UPDATE campaignd.campaigns SET status = 'sending', status_reason = NULL WHERE id = $1",
@@ -165,10 +158,7 @@ async def test_a_pause_written_again_after_its_reply_was_lost_leaves_a_resume_st
         await assert_counters_match(connection, campaign_id)
     finally:
         await connection.close()
-    assert "campaign_pause_not_applied" in daemon.log()
-    assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
-    daemon.signal(signal.SIGTERM)
-    assert await asyncio.to_thread(daemon.wait) == 0
+    await _stood_down(daemon, "campaign_pause_not_applied")
 
 
 async def test_a_sender_pause_written_again_after_its_reply_was_lost_leaves_a_resume_standing(
@@ -182,16 +172,16 @@ async def test_a_sender_pause_written_again_after_its_reply_was_lost_leaves_a_re
     connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
     try:
         campaign_id = await create_campaign(connection, "sms", 300)
-        proxy.lose_reply(QUERIES["pause_sender"], execution=1)
-        proxy.hold_statement(QUERIES["pause_sender"], execution=2)
-        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
-        daemon = daemons(config)
-        paused = await wait_status(connection, campaign_id, "paused", timeout=60)
-        assert paused["status_reason"].startswith("provider rejected the sender: bad_token")
-        await wait_for(
-            lambda: asyncio.sleep(0, proxy.statement_held.is_set()), what="the pause written again"
+        daemon = await _paused_with_its_write_again_held(
+            connection,
+            campaign_id,
+            "pause_sender",
+            "provider rejected the sender: bad_token",
+            tmp_path,
+            fake,
+            daemons,
+            proxy,
         )
-        assert proxy.lost == 1
         del fake.behaviour.fail_prefix_rules["+1555"]
         resumed = await campaignd_operator.resume_sender(connection, "sms")
         assert resumed.campaigns == (campaign_id,), resumed
@@ -204,7 +194,36 @@ async def test_a_sender_pause_written_again_after_its_reply_was_lost_leaves_a_re
         await assert_counters_match(connection, campaign_id)
     finally:
         await connection.close()
-    assert "sender_pause_not_applied" in daemon.log()
+    await _stood_down(daemon, "sender_pause_not_applied")
+
+
+async def _paused_with_its_write_again_held(
+    connection: Any,
+    campaign_id: str,
+    statement: str,
+    reason_starts: str,
+    tmp_path: Path,
+    fake: FakeProvider,
+    daemons: Any,
+    proxy: PgProxy,
+) -> Any:
+    """Starts a daemon whose first ``statement`` (a pause) commits with its reply lost, and
+    returns it once the campaign reads paused and the lane's second write of the pause is held
+    at the proxy, before the server has seen it (``proxy.release()`` lets it go)."""
+    proxy.lose_reply(QUERIES[statement], execution=1)
+    proxy.hold_statement(QUERIES[statement], execution=2)
+    config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
+    daemon = daemons(config)
+    paused = await wait_status(connection, campaign_id, "paused", timeout=60)
+    assert paused["status_reason"].startswith(reason_starts), paused["status_reason"]
+    await wait_for(lambda: asyncio.sleep(0, proxy.statement_held.is_set()), what="the pause written again")
+    assert proxy.lost == 1
+    return daemon
+
+
+async def _stood_down(daemon: Any, event: str) -> None:
+    """The held write stood down (logged ``event``), and the daemon runs on and stops cleanly."""
+    assert event in daemon.log()
     assert daemon.process.poll() is None, f"the daemon died:\n{daemon.log()[-3000:]}"
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait) == 0
