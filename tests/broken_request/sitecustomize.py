@@ -1,6 +1,6 @@
 """Imported at start-up by a daemon under test whose PYTHONPATH names this folder: the http
 provider cannot encode a request body, as a bug building a request might
-(tests/test_provider_reactions.py). Nothing else imports it."""
+(tests/test_reactions.py). Nothing else imports it."""
 
 from types import SimpleNamespace
 from typing import Any
