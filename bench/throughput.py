@@ -3,6 +3,7 @@
     python bench/throughput.py [--recipients N] [--concurrency C] [--rounds R] [--batch-size B]
                                [--quiet-wait S] [--analyze-at FRACTION] [--also-async]
                                [--sink auto|nginx|aiohttp] [--profile PATH [--profile-native]]
+                               [--count-wakeups]
 
 The goal (project issue on performance): durable msgs/s >= 0.75 x a raw aiohttp blast (same
 body size, same concurrency, no database) to the same sink, measured in the same run.
@@ -612,7 +613,70 @@ async def main_async(args: argparse.Namespace, postgres: Postgres, sink: Sink, w
         print(report(raw_profile_data, raw_ms))
         print("\nPROFILES SIDE BY SIDE (share of samples x measured CPU per message)")
         print(compare(daemon_profile, daemon_ms, raw_profile_data, raw_ms))
+    if args.count_wakeups:
+        await count_wakeups(args, postgres, sink, workdir)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f} (1 min)")
+
+
+async def count_wakeups(args: argparse.Namespace, postgres: Postgres, sink: Sink, workdir: Path) -> None:
+    """One more raw blast and campaignd run, unscored, each counting what it asks of its
+    event loop (bench/_wakeups): whether campaignd's extra cost per message is more
+    scheduling (wakeups, tasks, timers) or more work per wakeup."""
+    prefix = workdir / "wakeups"
+    # Both subprocesses inherit the environment: the counting loop is theirs, not this driver's.
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "BENCH_COUNT_WAKEUPS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(BENCH_DIR / "_wakeups"), saved["PYTHONPATH"]])
+    )
+    os.environ["BENCH_COUNT_WAKEUPS"] = str(prefix)
+    try:
+        await measure_raw(sink, args.recipients, args.concurrency, 120.0 + args.recipients / 200)
+        raw_counts = read_wakeups(prefix, "_blast.py")
+        await measure_campaignd(
+            postgres,
+            sink,
+            count=args.recipients,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            workdir=workdir,
+            name="bench_wakeups",
+            time_limit=120.0 + args.recipients / 200,
+        )
+        daemon_counts = read_wakeups(prefix, "campaignd")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    print(f"\nEVENT-LOOP REQUESTS PER MESSAGE (one unscored run each, N={args.recipients:,})")
+    print(wakeups_table(daemon_counts, raw_counts, args.recipients))
+
+
+def read_wakeups(prefix: Path, program: str) -> dict[str, int]:
+    """The counts written by the one process whose command line names ``program``."""
+    for path in prefix.parent.glob(prefix.name + ".*"):
+        written = json.loads(path.read_text())
+        if any(program in argument for argument in written["argv"][:2]):
+            path.unlink()
+            return {str(name): int(count) for name, count in written["counts"].items()}
+    raise RuntimeError(f"no event-loop counts were written by {program} (is uvloop.run its entry?)")
+
+
+def wakeups_table(daemon: dict[str, int], raw: dict[str, int], count: int) -> str:
+    """Per message, side by side: totals by kind, then every callback seen at least once
+    per hundred messages on either side."""
+    lines = [f"{'':60} {'campaignd':>10} {'raw':>8}"]
+    for kind in ("call_soon", "timer", "task"):
+        ours = sum(n for name, n in daemon.items() if name.startswith(kind + " "))
+        theirs = sum(n for name, n in raw.items() if name.startswith(kind + " "))
+        lines.append(f"{'all ' + kind:60} {ours / count:10.3f} {theirs / count:8.3f}")
+    names = sorted(set(daemon) | set(raw), key=lambda name: -max(daemon.get(name, 0), raw.get(name, 0)))
+    for name in names:
+        ours, theirs = daemon.get(name, 0) / count, raw.get(name, 0) / count
+        if max(ours, theirs) >= 0.01:
+            lines.append(f"  {name[:58]:58} {ours:10.3f} {theirs:8.3f}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -645,6 +709,12 @@ def main() -> int:
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and daemon logs")
     parser.add_argument(
         "--profile", type=Path, help="then profile one extra campaignd run with py-spy into this file"
+    )
+    parser.add_argument(
+        "--count-wakeups",
+        action="store_true",
+        help="then count, in one extra raw blast and campaignd run, the event-loop callbacks,"
+        " timers and tasks per message",
     )
     args = parser.parse_args()
     if args.recipients < 1 or args.concurrency < 1 or args.rounds < 1:
