@@ -11,7 +11,10 @@ import pytest
 from aiohttp import web
 
 from campaignd.outcomes import ResultKind, SendResult
-from campaignd.providers.transport import Deadlines, HttpTransport
+from campaignd.providers.answers import MAX_PROVIDER_TEXT
+from campaignd.providers.meta import classify_meta
+from campaignd.providers.transport import Classifier, Deadlines, HttpTransport
+from campaignd.providers.twilio import classify_twilio
 from tests.provider_fakes import serve_app
 
 TIMEOUT = 0.4
@@ -250,3 +253,90 @@ def test_deadlines_moved_to_another_loop_drop_what_the_first_left_pending() -> N
     first.close()
 
     assert asyncio.run(asyncio.wait_for(_wait_under(deadlines, 30), timeout=5)) == "timed out"
+
+
+@pytest.fixture
+async def silent_tls_port() -> AsyncIterator[int]:
+    """A port that accepts connections and never says a word: a TLS handshake there stalls."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_whose_handshake_never_completes_is_not_a_delivery_in_doubt(
+    silent_tls_port: int, transport: HttpTransport
+) -> None:
+    # Only a ClientHello left: for a provider without an idempotency key, calling this "in
+    # doubt" would end the recipient failed for good instead of retrying it.
+    result, took = await _post(transport, f"https://127.0.0.1:{silent_tls_port}/send")
+
+    assert (result.kind, result.error_code, result.maybe_delivered) == (
+        ResultKind.TRANSIENT,
+        "connect_timeout",
+        False,
+    )
+    assert took < TIMEOUT
+
+
+@pytest.mark.parametrize("port", ["99999", "0x50"])
+async def test_a_url_aiohttp_cannot_use_is_the_senders_fault_and_sent_nothing(
+    port: str, transport: HttpTransport
+) -> None:
+    result, _ = await _post(transport, f"http://127.0.0.1:{port}/send")
+
+    assert (result.kind, result.error_code, result.maybe_delivered) == (
+        ResultKind.SENDER_FATAL,
+        "invalid_request",
+        False,
+    )
+
+
+TOKEN = "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+META_TOKEN = "EAAGm0PX4ZCpsBAKZBx7Yq2Lm9Nw3Rt5Uv8"
+
+
+@pytest.mark.parametrize(
+    ("classify", "body"),
+    [
+        # Twilio's shape; the configured token echoed where the 300-character limit cuts it.
+        (classify_twilio, {"code": 21211, "message": "x" * 280 + f" token {TOKEN} rejected"}),
+        # Meta's shape; a token that is not the configured one (an older one), caught by its
+        # form, which needs 23 characters of it to match.
+        (
+            classify_meta,
+            {"error": {"code": 100, "message": "y" * 285 + f" {META_TOKEN} invalid"}},
+        ),
+    ],
+)
+async def test_a_credential_at_the_length_limit_is_redacted_before_the_text_is_shortened(
+    classify: Classifier, body: dict[str, object]
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(body, status=400)
+
+    app = web.Application()
+    app.router.add_post("/send", echo)
+    transport = HttpTransport(timeout_seconds=5, connection_limit=2, secrets=[TOKEN])
+    try:
+        async with serve_app(app) as url:
+            result = await transport.post(f"{url}/send", data=b"{}", headers={}, classify=classify)
+    finally:
+        await transport.close()
+
+    message = result.error_message or ""
+    assert result.kind is not ResultKind.SENT and message.startswith("(#")
+    assert len(message) <= MAX_PROVIDER_TEXT
+    for secret in (TOKEN, META_TOKEN):
+        # No run of 6 characters of the credential survives, wherever the cut fell.
+        assert not any(secret[i : i + 6] in message for i in range(len(secret) - 5)), message

@@ -559,10 +559,15 @@ def test_check_messages(messages: list[Any], reason: str | None) -> None:
 
 
 async def test_exception_quoting_a_url_with_the_token_is_redacted(make_provider: MakeProvider) -> None:
-    # An invalid port makes aiohttp raise an error that quotes the whole URL.
+    # An invalid port makes aiohttp raise an error that quotes the whole URL. Nothing left:
+    # the sender's fault, not a recipient in doubt.
     result = await make_provider(f"http://127.0.0.1:99999/v21.0?access_token={TOKEN}").send(_delivery())
 
-    assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "connection_error")
+    assert (result.kind, result.error_code, result.maybe_delivered) == (
+        ResultKind.SENDER_FATAL,
+        "invalid_request",
+        False,
+    )
     assert result.error_message is not None
     assert "127.0.0.1:99999" in result.error_message
     assert TOKEN[:20] not in result.error_message

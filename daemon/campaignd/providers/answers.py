@@ -10,9 +10,11 @@ import orjson
 from campaignd.outcomes import ResultKind, SendResult, parse_retry_after
 
 MAX_MESSAGE_ID_LENGTH = 200
-# Provider texts are stored per recipient; the database clips again, this keeps a chatty
-# provider (or a proxy's HTML) from costing memory first.
+# Provider texts are stored per recipient, and the transport shortens them to these lengths
+# only after redacting them (see clip): a credential cut at the limit would no longer match
+# and its head would be stored. The body they come from is already bounded.
 MAX_PROVIDER_TEXT = 300
+MAX_ERROR_CODE = 100
 
 
 def parse_json(body: bytes) -> Any:
@@ -45,10 +47,16 @@ def integer_code(value: Any) -> int | None:
 
 
 def short_text(value: Any) -> str:
+    """``value`` on one line, or "" when it is not text. Not shortened: see clip."""
     if not isinstance(value, str):
         return ""
-    text = " ".join(value.split())
-    return text if len(text) <= MAX_PROVIDER_TEXT else text[: MAX_PROVIDER_TEXT - 1] + "…"
+    return " ".join(value.split())
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` shortened to ``limit`` characters, an ellipsis marking the cut. Only for texts
+    already redacted."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def describe(code: int | str, message: str) -> str:

@@ -61,7 +61,7 @@ def _error_fields(payload: Any, status: int) -> tuple[str, str]:
         error = payload.get("error")
         if isinstance(error, dict):
             if isinstance(error.get("code"), (str, int)) and not isinstance(error.get("code"), bool):
-                code = str(error["code"])[:100]
+                code = str(error["code"])
             if isinstance(error.get("message"), str):
                 message = f"HTTP {status}: {error['message']}"
     return code, message

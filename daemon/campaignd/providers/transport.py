@@ -21,6 +21,7 @@ from dataclasses import replace
 import aiohttp
 
 from campaignd.outcomes import ResultKind, SendResult
+from campaignd.providers.answers import MAX_ERROR_CODE, MAX_PROVIDER_TEXT, clip
 from campaignd.redact import REDACTED, Redactor
 
 # An error body worth reading is a few hundred bytes; a provider (or a proxy in front of it)
@@ -138,8 +139,14 @@ class HttpTransport:
             # behind the sender's own limiter; DNS cached, as every request goes to one host.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connection_limit, ttl_dns_cache=300),
-                # The timeout is the transport's own (see Deadlines), none of aiohttp's.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
+                # The request's timeout is the transport's own (see Deadlines). aiohttp keeps
+                # only the connection's set-up (TCP and TLS), within half of it, so that a
+                # handshake that never completes ends as what it is, a request that never
+                # left, before the request's own timeout makes it one in doubt. It costs a
+                # timer per new connection, not per request.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._deadlines.seconds / 2, sock_read=None
+                ),
             )
         return self._session
 
@@ -159,8 +166,20 @@ class HttpTransport:
         except asyncio.CancelledError:
             if not deadline.timed_out():
                 raise
+        except aiohttp.ConnectionTimeoutError:
+            # Raised only while connecting, before anything of the request was written.
+            return SendResult(
+                ResultKind.TRANSIENT,
+                error_code="connect_timeout",
+                error_message="the connection to the provider was not set up in time",
+                maybe_delivered=False,
+            )
         except TimeoutError:
             pass
+        except aiohttp.InvalidURL as exc:
+            # A URL aiohttp cannot use (a port out of range, say): nothing left, and no send
+            # on this sender can succeed. Before ClientError, which InvalidURL also is.
+            return _unbuildable(self.redact(f"{type(exc).__name__}: {exc}"))
         except aiohttp.ClientError as exc:
             return SendResult(
                 ResultKind.TRANSIENT,
@@ -173,12 +192,7 @@ class HttpTransport:
         except ValueError as exc:
             # The request could not even be built (a host name the resolver refuses, a header
             # value aiohttp rejects): nothing left, and no send on this sender can succeed.
-            # Checked after ClientError, because aiohttp's InvalidURL is both.
-            return SendResult(
-                ResultKind.SENDER_FATAL,
-                error_code="invalid_request",
-                error_message=self.redact(f"the request cannot be built: {type(exc).__name__}: {exc}"),
-            )
+            return _unbuildable(self.redact(f"{type(exc).__name__}: {exc}"))
         finally:
             self._deadlines.finish(deadline)
         # The deadline may fall due while the connection is given back, after the answer was
@@ -194,11 +208,16 @@ class HttpTransport:
         return self._redacted(answer)
 
     def _redacted(self, result: SendResult) -> SendResult:
-        """The provider's own words may echo a credential back; they reach the database."""
+        """The provider's own words may echo a credential back; they reach the database.
+
+        Redacted whole, then shortened: shortened first, a credential cut at the limit would
+        no longer match, and its head would be stored.
+        """
+        code, message = result.error_code, result.error_message
         return replace(
             result,
-            error_code=None if result.error_code is None else self.redact(result.error_code),
-            error_message=None if result.error_message is None else self.redact(result.error_message),
+            error_code=None if code is None else clip(self.redact(code), MAX_ERROR_CODE),
+            error_message=None if message is None else clip(self.redact(message), MAX_PROVIDER_TEXT),
         )
 
     async def close(self) -> None:
@@ -208,6 +227,14 @@ class HttpTransport:
             await session.close()
             # Give the connector's transports a turn to close cleanly.
             await asyncio.sleep(0)
+
+
+def _unbuildable(reason: str) -> SendResult:
+    return SendResult(
+        ResultKind.SENDER_FATAL,
+        error_code="invalid_request",
+        error_message=f"the request cannot be built: {reason}",
+    )
 
 
 def _timed_out() -> SendResult:
