@@ -296,6 +296,99 @@ def test_invalid_value_error_names_the_dotted_field(tmp_path: Path, text: str, f
     assert field in message
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (_sender_config('headers = { "X Api Key" = "k" }'), "senders.sms.headers"),
+        (_sender_config('headers = { "" = "k" }'), "senders.sms.headers"),
+        (_sender_config('headers = { "Clé" = "k" }'), "senders.sms.headers"),
+        ('[senders.sms]\nurl = "https://sms.example.com:99999/send"\n', "senders.sms.url"),
+        ('[senders.sms]\nurl = "https://sms.example.com:abc/send"\n', "senders.sms.url"),
+        ('[senders.sms]\nurl = "https://sms.example.com:0/send"\n', "senders.sms.url"),
+        (
+            '[senders.wa]\nprovider = "whatsapp"\nphone_number_id = "1"\naccess_token = "t"\n'
+            'api_base = "https://graph.facebook.com:99999/v21.0"\n',
+            "senders.wa.api_base",
+        ),
+        ("[database]\nstatement_timeout_seconds = 2592000\n", "database.statement_timeout_seconds"),
+        ("[database]\nlock_timeout_seconds = inf\n", "database.lock_timeout_seconds"),
+        (
+            "[database]\nidle_in_transaction_timeout_seconds = 0.0001\n",
+            "database.idle_in_transaction_timeout_seconds",
+        ),
+    ],
+)
+def test_values_that_only_failed_at_use_are_refused_by_name(tmp_path: Path, text: str, field: str) -> None:
+    # Each of these used to load, then fail every send (a header name or port aiohttp or the
+    # provider refuses) or the first connection (a timeout PostgreSQL cannot take), or turn a
+    # guard off (0.0001 s became "0", PostgreSQL's "no timeout").
+    message = _load_error(tmp_path, text)
+
+    assert message.startswith("invalid configuration")
+    assert field in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://campaignd:{DB_PASSWORD}/x@db.internal:5432/campaignd",
+        f"postgresql://campaignd:{DB_PASSWORD}#x@db.internal:5432/campaignd",
+        f"postgresql://campaignd:{DB_PASSWORD}?x@db.internal:5432/campaignd",
+        f"postgresql://campaignd:{DB_PASSWORD}@x@db.internal:5432/campaignd",
+        f"postgresql://campaignd:{DB_PASSWORD}@[::1/campaignd",
+        f"mysql://campaignd:{DB_PASSWORD}@db.internal/campaignd",
+        f"postgresql://campaignd:{DB_PASSWORD}@db.internal/campaignd?sslmode",
+    ],
+)
+def test_a_database_url_the_client_would_misread_is_refused_without_quoting_it(
+    tmp_path: Path, url: str
+) -> None:
+    # A password with an unencoded '/', '#', '?' or '@' used to reach asyncpg, whose parse
+    # failed with a traceback quoting part of the password.
+    message = _load_error(tmp_path, f'[database]\nurl = "{url}"\n')
+
+    assert "database.url" in message
+    assert DB_PASSWORD not in message and "dbpass" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://campaignd:p%2Fw%40d@db.internal:5432/campaignd",
+        "postgres://db.internal/campaignd?sslmode=require",
+        "postgresql://postgres@/postgres?host=/tmp/pg&port=5433",
+        "postgresql://u@h1:5432,h2:5433/db",
+        "postgresql://u@[::1]:5432/db",
+        "postgresql:///campaignd",
+    ],
+)
+def test_database_urls_the_client_reads_are_accepted(tmp_path: Path, url: str) -> None:
+    settings = load_settings(_write(tmp_path, f'[database]\nurl = "{url}"\n'))
+
+    assert settings.database.url.get_secret_value() == url
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"\xff\xfe[dispatch]\nconcurrency = 3\n")
+
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("variable", ["CAMPAIGND_DATABASE", "CAMPAIGND_SENDERS"])
+def test_a_section_in_the_environment_that_is_not_json_names_the_field(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, f'{{"url": "postgresql://u:{DB_PASSWORD}@h/db"')
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert variable in str(caught.value)
+    assert DB_PASSWORD not in str(caught.value)
+
+
 def test_every_bad_field_is_reported_at_once(tmp_path: Path) -> None:
     message = _load_error(
         tmp_path, "[dispatch]\nconcurrency = 0\nlease_seconds = 0\n" + _sender_config("burst = 0")
@@ -424,6 +517,19 @@ def test_cli_bad_config_exits_2_naming_the_field(
     assert done.returncode == 2, done.stderr
     assert "dispatch.concurrency" in done.stderr
     assert HEADER_SECRET not in done.stderr + done.stdout
+    assert DB_PASSWORD not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("command", ["migrate", "status"])
+def test_cli_unreadable_database_url_exits_2_without_the_password(
+    tmp_path: Path, cli_env: dict[str, str], command: str
+) -> None:
+    path = _write(tmp_path, VALID.replace(f":{DB_PASSWORD}@", f":{DB_PASSWORD}/x@"))
+
+    done = _cli(cli_env, command, "--config", str(path))
+
+    assert done.returncode == 2, done.stderr
+    assert "database.url" in done.stderr and "Traceback" not in done.stderr
     assert DB_PASSWORD not in done.stderr + done.stdout
 
 

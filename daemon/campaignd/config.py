@@ -10,12 +10,13 @@ stops a crash loop.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -34,6 +35,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 ENV_PREFIX = "CAMPAIGND_"
@@ -54,14 +56,59 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The client's parse of a host in a URL's host list (asyncpg follows libpq): an IPv6
+# address in brackets, or a name, each with an optional port.
+_DSN_HOST = re.compile(r"(\[[^\]]+\]|[^:\[\]@]*)(?::([^:]*))?")
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a URL the PostgreSQL client would misread, in words that never quote it.
+
+    The URL usually carries the password. A ``/``, ``#``, ``?`` or ``@`` in a password that
+    was not percent-encoded turns part of it into a "port", which the client then failed to
+    parse, printing it in a traceback.
+    """
+    encode_hint = "; a '/', '#', '?' or '@' in the password must be percent-encoded (%2F, %23, %3F, %40)"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"is not a URL the PostgreSQL client can read{encode_hint}") from None
+    try:
+        if parts.query:
+            parse_qs(parts.query, strict_parsing=True)
+    except ValueError:
+        raise ValueError(
+            "has parameters the PostgreSQL client cannot read (name=value, joined by &)"
+        ) from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must start with postgresql:// (or postgres://)")
+    hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    if not hosts:
+        return  # a Unix socket given as ?host=, or the client's defaults
+    for host in hosts.split(","):
+        match = _DSN_HOST.fullmatch(host)
+        if match is None:
+            raise ValueError(f"has a host the PostgreSQL client cannot read{encode_hint}")
+        port = match.group(2)
+        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise ValueError(f"has a port that is not a number from 1 to 65535{encode_hint}")
+
+
 class DatabaseConfig(_Section):
     url: SecretStr = SecretStr("postgresql://localhost/campaignd")
     pool_size: int = Field(default=10, ge=2, le=500)
     # Session guards: a stuck query or a client that died mid-transaction must not hold
-    # locks that every other daemon waits on.
-    statement_timeout_seconds: float = Field(default=30.0, gt=0)
-    lock_timeout_seconds: float = Field(default=5.0, gt=0)
-    idle_in_transaction_timeout_seconds: float = Field(default=60.0, gt=0)
+    # locks that every other daemon waits on. PostgreSQL takes them in whole milliseconds,
+    # at most 2^31 - 1 of them (~24.8 days); 0 would mean no guard at all.
+    statement_timeout_seconds: float = Field(default=30.0, ge=0.001, le=86_400)
+    lock_timeout_seconds: float = Field(default=5.0, ge=0.001, le=86_400)
+    idle_in_transaction_timeout_seconds: float = Field(default=60.0, ge=0.001, le=86_400)
+
+    @field_validator("url")
+    @classmethod
+    def _readable_url(cls, value: SecretStr) -> SecretStr:
+        check_database_url(value.get_secret_value())
+        return value
 
 
 class DispatchConfig(_Section):
@@ -149,15 +196,23 @@ def _http_base(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
     try:
-        host = urlsplit(value).hostname
+        parts = urlsplit(value)
+        host = parts.hostname
         if not host:
             raise ValueError("has no host")
         # What the resolver will do with it: a label over 63 characters, say, fails here
         # instead of on every send.
         host.encode("idna")
+        # Out of range or not a number, the port fails here instead of on every send.
+        if parts.port == 0:
+            raise ValueError("port 0 cannot be connected to")
     except ValueError as exc:
         raise ValueError(f"is not a usable URL ({exc})") from None
     return value
+
+
+# RFC 9110's token: what a header name may be made of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class _SenderBase(_Section):
@@ -185,6 +240,14 @@ class HttpSenderConfig(_SenderBase):
     def _resolve_secret_references(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
+        for name in value:
+            # A provider answers a malformed header name with a bare 400, which would fail
+            # every recipient until the circuit breaker tripped.
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"header name {name!r} is not a valid HTTP header name"
+                    " (letters, digits and !#$%&'*+.^_`|~-)"
+                )
         return {name: _resolve_env_reference(raw, f"header {name!r}") for name, raw in value.items()}
 
 
@@ -348,8 +411,17 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+
+
+def _settings_error_field(error: SettingsError) -> str:
+    """The field a SettingsError names (``error parsing value for field "database" ...``)."""
+    match = re.search(r'field "([^"]+)"', str(error))
+    name = match.group(1) if match else "(unknown field)"
+    return f"{name} (from environment variable {ENV_PREFIX}{name.upper()})"
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -364,5 +436,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         return Settings(**file_values)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:
+        # An environment variable holding a section (CAMPAIGND_DATABASE='{...') that is not
+        # JSON; the message names the field, never the value.
+        raise ConfigError(f"invalid configuration:\n  {_settings_error_field(exc)}: not valid JSON") from None
     finally:
         _OVERRIDES.reset(token)

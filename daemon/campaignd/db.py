@@ -68,10 +68,15 @@ def session_settings(config: DatabaseConfig) -> dict[str, str]:
         # nested loop that rescans the array per row: measured 563 ms instead of 13 ms per
         # 1,000 outcomes (bench/record_outcomes_plan.py). Planning each execution costs far less.
         "plan_cache_mode": "force_custom_plan",
-        "statement_timeout": str(int(config.statement_timeout_seconds * 1000)),
-        "lock_timeout": str(int(config.lock_timeout_seconds * 1000)),
-        "idle_in_transaction_session_timeout": str(int(config.idle_in_transaction_timeout_seconds * 1000)),
+        "statement_timeout": _milliseconds(config.statement_timeout_seconds),
+        "lock_timeout": _milliseconds(config.lock_timeout_seconds),
+        "idle_in_transaction_session_timeout": _milliseconds(config.idle_in_transaction_timeout_seconds),
     }
+
+
+def _milliseconds(seconds: float) -> str:
+    # Never "0", which PostgreSQL reads as "no timeout".
+    return str(max(1, round(seconds * 1000)))
 
 
 def _encode_jsonb(value: object) -> bytes:
