@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from pydantic import SecretStr
 
 from campaignd.config import HttpSenderConfig
-from campaignd.fakeprovider import FakeProvider
+from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.outcomes import ResultKind
 from campaignd.providers import Delivery
 from campaignd.providers.http import HttpProvider
@@ -191,3 +192,100 @@ async def test_a_request_that_cannot_be_built_pauses_the_sender_instead_of_raisi
     assert (result.kind, result.error_code) == (ResultKind.SENDER_FATAL, "invalid_request")
     assert "secret-1234" not in (result.error_message or "")
     assert fake.request_count() == 0
+
+
+async def test_a_provider_answer_with_nul_characters_is_stored_and_the_lane_goes_on(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # PostgreSQL's text refuses NUL: one in an answer used to fail the whole batch of outcomes
+    # it was written with and take the lane down, its claims then failed in doubt.
+    fake.behaviour.rules["+15550000001"] = Rule(200, {"id": "m\x00x"})
+    fake.behaviour.rules["+15550000002"] = Rule(
+        400, {"error": {"code": "bad\x00code", "message": "no\x00pe"}}
+    )
+    campaign_id = await create_campaign(conn, "sms", 40)
+    daemon = daemons(daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}))
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert (row["sent_count"], row["failed_count"]) == (39, 1)
+    stored = await conn.fetchrow(
+        "SELECT (SELECT provider_message_id FROM campaignd.recipients"
+        "         WHERE campaign_id = $1 AND address = '+15550000001') AS message_id,"
+        "       (SELECT error_code || ' ' || error_message FROM campaignd.recipients"
+        "         WHERE campaign_id = $1 AND address = '+15550000002') AS error",
+        campaign_id,
+    )
+    assert stored["message_id"] == "m\ufffdx"
+    assert "bad\ufffdcode" in stored["error"] and "no\ufffdpe" in stored["error"]
+    # Every recipient asked once: the lane never fell over to leave claims in doubt.
+    assert fake.request_count() == 40
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert "Traceback" not in daemon.log()
+
+
+async def test_json_this_client_cannot_decode_refuses_its_recipient_or_campaign_and_spares_the_rest(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # PostgreSQL takes numbers beyond a double's range and nesting deeper than the decoder's
+    # 1,024 levels. Decoding them used to fail the claim (already committed) or the read of
+    # the sender's campaigns, again on every restart of the lane: no campaign of the sender
+    # was ever sent.
+    deep = "[" * 1100 + "]" * 1100
+    recipients = await create_campaign(conn, "sms", 60, start=False, name="recipients")
+    for index, variables in ((30, '{"name": 1e400}'), (31, f'{{"name": {deep}}}'), (2, '{"name": -1e999}')):
+        await conn.execute(
+            "UPDATE campaignd.recipients SET variables = $2::text::jsonb"
+            " WHERE campaign_id = $1 AND address = $3",
+            recipients,
+            variables,
+            f"+1555{index:07d}",
+        )
+    message = await create_campaign(conn, "sms", 5, start=False, name="message")
+    await conn.execute(
+        'UPDATE campaignd.campaigns SET message = \'{"text": "hi {{name}}", "n": 1e400}\'::jsonb'
+        " WHERE id = $1",
+        message,
+    )
+    normal = await create_campaign(conn, "sms", 5, start=False, name="normal")
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'sending' WHERE id = ANY($1::uuid[])",
+        [recipients, message, normal],
+    )
+    daemon = daemons(daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}))
+
+    done = await wait_status(conn, recipients, "completed", timeout=60)
+    failed = await wait_status(conn, message, "failed", timeout=60)
+    await wait_status(conn, normal, "completed", timeout=60)
+
+    assert (done["sent_count"], done["skipped_count"], done["failed_count"]) == (57, 3, 0)
+    reasons = await conn.fetch(
+        "SELECT error_code, error_message FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'skipped'",
+        recipients,
+    )
+    assert {r["error_code"] for r in reasons} == {"bad_variable"}
+    assert all("cannot be read" in r["error_message"] for r in reasons)
+    assert "cannot be read" in failed["status_reason"]
+    # Nothing was claimed twice, nothing failed in doubt: the lane never fell over.
+    assert fake.request_count() == 57 + 5
+    await assert_counters_match(conn, recipients)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert "Traceback" not in daemon.log()
+
+
+async def test_a_campaign_rate_that_is_not_a_finite_number_is_refused_when_written(
+    conn: asyncpg.Connection,
+) -> None:
+    campaign_id = await create_campaign(conn, "sms", 1, start=False)
+
+    for rate in ("NaN", "Infinity"):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "UPDATE campaignd.campaigns SET rate_per_second = $2::text::double precision WHERE id = $1",
+                campaign_id,
+                rate,
+            )

@@ -14,6 +14,7 @@ import structlog
 from campaignd import metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import DatabaseConfig
+from campaignd.render import UnreadableJson
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -85,8 +86,15 @@ def _encode_jsonb(value: object) -> bytes:
     return b"\x01" + orjson.dumps(value)
 
 
+def _decode_json(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return UnreadableJson(str(exc))
+
+
 def _decode_jsonb(data: bytes) -> object:
-    return orjson.loads(data[1:])
+    return _decode_json(data[1:])
 
 
 async def _init_connection(connection: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -94,7 +102,7 @@ async def _init_connection(connection: asyncpg.Connection[asyncpg.Record]) -> No
         "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
     )
     await connection.set_type_codec(
-        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+        "json", encoder=orjson.dumps, decoder=_decode_json, schema="pg_catalog", format="binary"
     )
 
 

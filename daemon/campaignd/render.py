@@ -32,6 +32,22 @@ class RenderError(ValueError):
 Renderer = Callable[[Mapping[str, Any]], Any]
 
 
+class UnreadableJson:
+    """A json or jsonb value PostgreSQL accepted and this client cannot decode: a number
+    beyond a double's range (1e400), nesting deeper than 1,024 levels. The database codecs
+    return it instead of raising, which would fail the whole statement (a claim already
+    committed, every campaign of the sender); the message or recipient it belongs to is then
+    refused with the reason, like any other that cannot be sent."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadableJson({self.reason!r})"
+
+
 def _variable_text(variables: Mapping[str, Any], name: str) -> str:
     value = variables.get(name)
     if value is None:
@@ -122,6 +138,8 @@ class Template:
     """A compiled campaign message."""
 
     def __init__(self, message: Any) -> None:
+        if isinstance(message, UnreadableJson):
+            raise TemplateError(f"message cannot be read: {message.reason}")
         if not isinstance(message, dict) or not message:
             raise TemplateError("message must be a non-empty JSON object")
         names: set[str] = set()
@@ -139,6 +157,8 @@ class Template:
     def render(self, variables: Any) -> Any:
         # type() first: isinstance against the Mapping ABC is slow, and it is a dict every time.
         if type(variables) is not dict and not isinstance(variables, Mapping):
+            if isinstance(variables, UnreadableJson):
+                raise RenderError("bad_variable", f"variables cannot be read: {variables.reason}")
             if self.variables:
                 raise RenderError("bad_variable", "variables must be a JSON object")
             variables = {}

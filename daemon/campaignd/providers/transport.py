@@ -130,8 +130,9 @@ class HttpTransport:
         self._session: aiohttp.ClientSession | None = None
 
     def redact(self, text: str) -> str:
+        """``text`` fit to leave the transport: no credential, and storable (see storable)."""
         text = _ACCESS_TOKEN_PARAMETER.sub(rf"\1{REDACTED}", self._redactor(text))
-        return _META_TOKEN.sub(REDACTED, text)
+        return storable(_META_TOKEN.sub(REDACTED, text))
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -204,6 +205,9 @@ class HttpTransport:
         answer = classify(response.status, body, response.headers)
         # An answer without error texts (every accepted message) has nothing to redact.
         if answer.error_code is None and answer.error_message is None:
+            message_id = answer.provider_message_id
+            if message_id is not None and "\x00" in message_id:
+                return replace(answer, provider_message_id=storable(message_id))
             return answer
         return self._redacted(answer)
 
@@ -213,11 +217,12 @@ class HttpTransport:
         Redacted whole, then shortened: shortened first, a credential cut at the limit would
         no longer match, and its head would be stored.
         """
-        code, message = result.error_code, result.error_message
+        code, message, message_id = result.error_code, result.error_message, result.provider_message_id
         return replace(
             result,
             error_code=None if code is None else clip(self.redact(code), MAX_ERROR_CODE),
             error_message=None if message is None else clip(self.redact(message), MAX_PROVIDER_TEXT),
+            provider_message_id=None if message_id is None else storable(message_id),
         )
 
     async def close(self) -> None:
@@ -227,6 +232,12 @@ class HttpTransport:
             await session.close()
             # Give the connector's transports a turn to close cleanly.
             await asyncio.sleep(0)
+
+
+def storable(text: str) -> str:
+    """``text`` with its NUL characters replaced: PostgreSQL's text refuses them, and one in a
+    provider's answer failed the whole batch of outcomes it was written with."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def _unbuildable(reason: str) -> SendResult:
