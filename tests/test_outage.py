@@ -196,3 +196,49 @@ async def test_an_outcome_written_again_does_not_land_on_a_later_claim(conn: asy
     assert await record(RecipientUpdate(first["id"], RecipientState.SENT)) == 1
     assert (await campaign(conn, campaign_id))["sent_count"] == 1
     await assert_counters_match(conn, campaign_id)
+
+
+async def test_a_database_that_turns_read_only_is_waited_out_and_the_campaign_completes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # What a failover to a standby not yet promoted looks like: the connections drop, and the
+    # new ones refuse every write. The daemon used to exit (code 1) at the first refusal.
+    campaign_id = await create_campaign(conn, "sms", 2000)
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
+    daemon = daemons(config)
+    await wait_for(
+        lambda: _sent_at_least(conn, campaign_id, 200), timeout=60, what="200 sent before the failover"
+    )
+
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    await _drop_daemon_connections(conn)
+    await wait_for(lambda: _logged(daemon, "ReadOnlySQLTransactionError"), timeout=30, what="a write refused")
+    await asyncio.sleep(3.0)
+    assert daemon.process.poll() is None, "the daemon exited on a read-only database"
+
+    await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+    await _drop_daemon_connections(conn)
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    assert row["sent_count"] == 2000
+    await assert_counters_match(conn, campaign_id)
+    assert len({a.recipient_id for a in fake.accepted()}) == 2000
+    assert fake.addresses_delivered_under_several_keys() == {}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def _sent_at_least(connection: asyncpg.Connection, campaign_id: str, count: int) -> bool:
+    return bool((await campaign(connection, campaign_id))["sent_count"] >= count)
+
+
+async def _logged(daemon: Any, text: str) -> bool:
+    return text in daemon.log()
+
+
+async def _drop_daemon_connections(connection: asyncpg.Connection) -> None:
+    await connection.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )

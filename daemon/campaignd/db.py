@@ -38,6 +38,9 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.QueryCanceledError,  # statement_timeout
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.DeadlockDetectedError,
+    # A failover that points the daemon at a standby not yet promoted: writes are refused
+    # until it is. Exiting instead put every host in a restart loop and left claims in doubt.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.SerializationError,
     # A pooled connection the server dropped while asyncpg was still consuming its error
     # ("cannot switch to state 12; another operation (2) is in progress"), seen when a daemon
