@@ -16,6 +16,7 @@ import asyncpg
 from campaignd.fakeprovider import FakeProvider
 from tests.conftest import (
     assert_counters_match,
+    bug_planted,
     campaign,
     create_campaign,
     daemon_config,
@@ -389,4 +390,37 @@ async def test_a_capped_campaign_edited_while_paused_sends_the_edited_message(
     await wait_status(conn, campaign_id, "completed", timeout=60)
     texts = [a.body["message"]["text"] for a in sorted(fake.accepted(), key=lambda a: a.recipient_id)]
     assert texts == ["hello n0", "edited n1", "edited n2"]
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_a_lane_brought_down_by_a_bug_records_what_it_holds_and_fails_nothing_unsent(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A bug in the third write of outcomes takes the lane down with sends decided and claims
+    # queued. Leaving them in flight made every one of them "in doubt" to the next owner: a
+    # sender that does not resend then failed recipients that never left, and sent ones.
+    fake.behaviour.latency_seconds = 0.02
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 200.0, "resend_in_doubt": False}},
+        concurrency=4,
+    )
+    campaign_id = await create_campaign(conn, "sms", 600)
+    daemon = daemons(config, env=bug_planted("broken_flush"))
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=90)
+
+    assert "lane_crashed" in daemon.log() and "a bug planted" in daemon.log()
+    in_doubt = await conn.fetch(
+        "SELECT address FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'failed' AND error_code = 'in_doubt'",
+        campaign_id,
+    )
+    # Only requests cut off in the air may be in doubt: at most one per send worker, and each
+    # of them really reached the provider.
+    assert len(in_doubt) <= 4
+    assert all(fake.requests_by_address(r["address"]) == 1 for r in in_doubt)
+    assert row["sent_count"] + row["failed_count"] == 600 and row["failed_count"] == len(in_doubt)
+    assert fake.duplicate_keys() == {}
     await assert_counters_match(conn, campaign_id)

@@ -287,8 +287,50 @@ class Lane:
                     for tail in self._tails.values():
                         tail.cancel()
                     await self._stop_workers()
+        except Exception:
+            await self._salvage()
+            raise
         finally:
             await self._release()
+
+    async def _salvage(self) -> None:
+        """After a bug took the lane down: write what it holds, while the lease is still its.
+
+        The workers are stopped, so the buffer holds every outcome the lane decided, its
+        unsent claims given back and its requests cut off in the air. Left unwritten, every
+        one of them would be in doubt to the next owner: recipients sent, and recipients that
+        never left, failed 'in_doubt' by a sender that does not resend. Written once, then one
+        by one if the batch as a whole is refused, so that an outcome the database will not
+        take (the bug's own, perhaps) costs its recipient alone.
+        """
+        if self.lease.lost or not self._buffer:
+            return
+        try:
+            await self._flush(raise_errors=True)
+            return
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                note_unavailable(self._log, "record_outcomes", exc, waiting=len(self._buffer))
+                return
+        held, self._buffer = self._buffer, []
+        for index, update in enumerate(held):
+            try:
+                lane_held = await self._write([update])
+            except Exception as exc:
+                if is_transient_db_error(exc):
+                    note_unavailable(self._log, "record_outcomes", exc, waiting=len(held) - index)
+                    return
+                self._log.error(
+                    "outcome_unrecordable",
+                    recipient_id=update.recipient_id,
+                    state=update.state.value,
+                    error=type(exc).__name__,
+                )
+                continue
+            if not lane_held:
+                self.lease.lost = True
+                return
+            self._count([update])
 
     async def _recover_in_doubt(self) -> None:
         async def recover() -> list[asyncpg.Record]:
