@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import re
 import signal
 import sys
@@ -30,7 +31,9 @@ from campaignd.bulkload import (
     InputError,
     Rejected,
     Tally,
+    campaign_name,
     check_placeholders,
+    command_line_text,
     create_campaign,
     csv_records,
     open_recipients,
@@ -166,14 +169,14 @@ def test_values_at_the_limits_are_fine_and_padding_does_not_count_against_the_ad
     assert row_problem([padded, "é" * MAX_VARIABLE_LENGTH, "x"], HEADER) is None
 
 
-def test_records_carry_the_line_they_start_on_through_quotes_and_newlines() -> None:
+def test_records_carry_the_lines_they_start_and_end_on_through_quotes_and_newlines() -> None:
     text = 'address,first_name,offer\r\n+1,"Ada, the first","say ""hi""\nthen go"\r\n\r\n+2,Bob,x\n'
 
     assert records(text) == [
-        (1, ["address", "first_name", "offer"]),
-        (2, ["+1", "Ada, the first", 'say "hi"\nthen go']),
-        (4, []),
-        (5, ["+2", "Bob", "x"]),
+        (1, 1, ["address", "first_name", "offer"]),
+        (2, 3, ["+1", "Ada, the first", 'say "hi"\nthen go']),
+        (4, 4, []),
+        (5, 5, ["+2", "Bob", "x"]),
     ]
 
 
@@ -184,8 +187,48 @@ def test_unparseable_records_are_bad_rows_and_reading_goes_on() -> None:
 
     assert found[1:3] == [BadRow(2, found[1].reason), BadRow(3, found[2].reason)]
     assert "not valid CSV" in found[1].reason and "field limit" in found[2].reason
-    assert found[3] == (4, ["+3", "Cy", "z"])
+    assert found[3] == (4, 4, ["+3", "Cy", "z"])
     assert isinstance(found[4], BadRow) and found[4].line == 5 and "unexpected end of data" in found[4].reason
+    assert found[4].last_line is None and found[4].where == "line 5"
+
+
+def stray_quote_lines(rows: int = 20_000, at: int = 4) -> list[str]:
+    """A recipients file of ``rows`` valid rows but for a stray quote on line ``at``, as lines."""
+    lines = ["address,first_name,offer"] + [f"+1555{i:07d},name {i},offer {i}" for i in range(rows)]
+    lines[at - 1] = f'+1555{at - 2:07d},"Acme Inc'
+    return lines
+
+
+def test_a_record_the_csv_module_gives_up_on_lines_later_is_bad_over_every_line_it_read() -> None:
+    text = (
+        'address,first_name,offer\n+1,a,b\n+2,"Acme Inc\n+3,c,d\n+4,"Smith, J",e\n+5,f,g\n+6,"open\n+7,h,i\n'
+    )
+
+    found = records(text)
+
+    assert found[1] == (2, 2, ["+1", "a", "b"])
+    assert isinstance(found[2], BadRow) and (found[2].line, found[2].last_line) == (3, 5)
+    assert found[2].where == "lines 3-5" and found[2].line_count == 3
+    assert "',' expected after '\"'" in found[2].reason and "stray quote on line 3" in found[2].reason
+    assert found[3] == (6, 6, ["+5", "f", "g"])
+    assert isinstance(found[4], BadRow) and (found[4].line, found[4].last_line) == (7, 8)
+    assert "unexpected end of data" in found[4].reason
+    assert len(found) == 5
+
+
+def test_a_stray_quote_that_hits_the_field_limit_accounts_for_every_line_it_swallowed() -> None:
+    lines = stray_quote_lines()
+    tally = Tally()
+
+    loaded = list(recipients(records("\n".join(lines) + "\n")[1:], HEADER, tally, stop_at_bad=False))
+
+    assert tally.bad_rows == 1 and tally.examples[0].line == 4
+    last = tally.examples[0].last_line
+    assert last is not None and last > 1000 and "field limit" in tally.examples[0].reason
+    assert tally.loaded + tally.bad_lines == len(lines) - 1 == 20_000
+    # The lines the report names are exactly the ones missing: all the others were loaded.
+    outside = [n for n in range(2, len(lines) + 1) if not 4 <= n <= last]
+    assert [address for address, _ in loaded] == [lines[n - 1].split(",")[0] for n in outside]
 
 
 def test_recipients_count_blank_lines_and_bad_rows_and_stop_yielding_when_rejecting() -> None:
@@ -204,6 +247,64 @@ def test_recipients_count_blank_lines_and_bad_rows_and_stop_yielding_when_reject
     rejecting = Tally()
     assert len(list(recipients(lines, HEADER, rejecting, stop_at_bad=True))) == 1
     assert rejecting.bad_rows == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "lines", "problem"),
+    [
+        # Closed by a second stray quote two lines on: three fields, as the header wants.
+        (
+            'address,first_name,offer\n+2,"Acme\n+3,b,c\n+4,Cy",z\n',
+            (2, 4),
+            "line 3 inside column 'first_name'",
+        ),
+        # Closed on the very next line: only part of the swallowed row is inside the field.
+        ('address,first_name,offer\n+2,"Acme\n+3,Bob",x\n', (2, 3), "line 3 inside column 'first_name'"),
+        # Opened before the address column: the swallowed row is the rest of the quote's line.
+        ('first_name,address,offer\n"Ada,+2,x\nBob",+3,y\n', (2, 3), "line 2 inside column 'first_name'"),
+        ('address,first_name,offer\nada@x.org,"Acme\nbob@y.org,B,c\nx",z\n', (2, 4), "('bob@y.org,B,c')"),
+        ('address,first_name,offer\n"+2\n+3",b,c\n', (2, 3), "the address runs over several lines"),
+        (
+            'address,first_name,offer\n+2,"Acme\n+3,b,c\n+4,Cy\n",z,extra\n',
+            (2, 5),
+            "4 fields, the header has 3",
+        ),
+    ],
+)
+def test_a_record_over_several_lines_that_swallowed_rows_is_bad_over_all_of_them(
+    text: str, lines: tuple[int, int], problem: str
+) -> None:
+    header = parse_header(next(csv.reader(io.StringIO(text))))
+    skipping, rejecting = Tally(), Tally()
+
+    assert list(recipients(records(text)[1:], header, skipping, stop_at_bad=False)) == []
+    assert list(recipients(records(text)[1:], header, rejecting, stop_at_bad=True)) == []
+
+    for tally in (skipping, rejecting):
+        [bad] = tally.examples
+        assert (bad.line, bad.last_line) == lines and problem in bad.reason
+        assert (tally.loaded, tally.bad_rows, tally.bad_lines) == (0, 1, lines[1] - lines[0] + 1)
+
+
+@pytest.mark.parametrize(
+    ("address", "value"),
+    [
+        ("+15550001", "20% off,\n today"),
+        ("+15550001", 'line one\nline "two", quoted'),
+        ("+15550001", "Dear Ada,\nThanks, see you\nBob"),
+        ("+15550001", "12 Main St, Apt 4\nSpringfield, IL 62701"),
+        ("ada@example.org", "Call us,\n+1 555 0100, any day"),
+    ],
+)
+def test_variables_over_several_lines_that_read_as_text_are_one_recipient(address: str, value: str) -> None:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([["address", "first_name", "offer"], [address, "Ada", value]])
+    tally = Tally()
+
+    loaded = list(recipients(records(text.getvalue())[1:], HEADER, tally, stop_at_bad=True))
+
+    assert loaded == [(address or None, {"first_name": "Ada", "offer": value})]
+    assert tally.bad_rows == 0
 
 
 def test_bad_row_examples_are_capped_but_all_are_counted() -> None:
@@ -229,6 +330,41 @@ def test_a_message_that_is_not_a_usable_json_object_names_the_file(text: bytes, 
         parse_message(text, Path("spring.json"))
 
     assert str(raised.value).startswith("spring.json: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (b'{"text": "hi {{name}} \\u0000"}', "the value of 'text' holds a NUL character (\\u0000)"),
+        (b'{"te\\u0000xt": "hi"}', "the key 'te\\x00xt' holds a NUL character"),
+        (b'{"text": "hi", "buttons": [{"label": "ok"}, {"label": "\\u0000"}]}', "'buttons[1].label'"),
+        (b'{"text": "hi", "meta": {"a\\u0000": 1}}', "the key 'meta.a\\x00'"),
+    ],
+)
+def test_a_message_the_database_cannot_store_is_refused_naming_the_file(text: bytes, problem: str) -> None:
+    with pytest.raises(InputError, match=re.escape(problem)) as raised:
+        parse_message(text, Path("spring.json"))
+
+    assert str(raised.value).startswith("spring.json: ")
+
+
+def test_a_deeply_nested_message_is_checked_without_recursion() -> None:
+    deep = b'{"text": "hi", "x": ' + b"[" * 1000 + b'"\\u0000"' + b"]" * 1000 + b"}"
+
+    with pytest.raises(InputError, match="NUL character"):
+        parse_message(deep, Path("m.json"))
+
+
+def test_a_name_or_sender_that_is_not_utf8_is_refused_and_a_file_name_is_made_storable() -> None:
+    undecodable = os.fsdecode(b"caf\xe9")
+
+    with pytest.raises(InputError, match=re.escape("--name b'caf\\xe9': not valid UTF-8")):
+        campaign_name(undecodable, Path("r.csv"))
+    with pytest.raises(InputError, match=re.escape("--sender b'caf\\xe9': not valid UTF-8")):
+        command_line_text("--sender", undecodable)
+    assert campaign_name(None, Path(os.fsdecode(b"/tmp/caf\xe9 sale.csv"))) == "caf\ufffd sale"
+    assert campaign_name("café", Path(os.fsdecode(b"caf\xe9.csv"))) == "café"
+    assert campaign_name(None, Path("spring.csv")) == "spring"
 
 
 def test_every_placeholder_needs_a_column() -> None:
@@ -349,6 +485,35 @@ async def test_an_unknown_sender_or_an_all_bad_file_creates_nothing(
     with pytest.raises(Rejected, match="no recipient"):
         await load(conn, only_bad)
     assert await counts(conn) == (0, 0)
+
+
+async def test_a_stray_quote_loads_every_row_outside_the_lines_it_reports_or_rejects_the_file(
+    tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    await register_sender(conn, "sms")
+    lines = stray_quote_lines(rows=3000, at=4)
+    # The first quoted field after the stray quote: its opening quote closes the stray field, the
+    # text after it is what the csv module gives up on, and the rest of that record, read as a
+    # record of its own from the next line, is a bad row too.
+    lines[2000] = '+15550099999,"Bo","two'
+    lines[2001] = 'lines"'
+    path = tmp_path / "stray.csv"
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(Rejected, match="2 bad rows"):
+        await load(conn, path, on_bad_row="reject")
+    assert await counts(conn) == (0, 0)
+
+    campaign_id, tally = await load(conn, path)
+
+    assert [(bad.line, bad.last_line) for bad in tally.examples] == [(4, 2001), (2002, None)]
+    assert "',' expected after" in tally.examples[0].reason and "1 fields" in tally.examples[1].reason
+    assert tally.loaded + tally.bad_lines == len(lines) - 1
+    stored = await conn.fetch(
+        "SELECT address FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
+    )
+    addresses = [lines[n - 1].split(",")[0] for n in range(2, len(lines) + 1) if not 4 <= n <= 2002]
+    assert [r["address"] for r in stored] == addresses
 
 
 # ----------------------------------------------------------------- the console command
@@ -472,3 +637,71 @@ async def test_killing_the_command_mid_copy_leaves_no_campaign(
 
     await wait_for(backend_gone, timeout=30, what="the killed command's session to end")
     assert await counts(conn) == (0, 0)
+
+
+async def test_console_command_reports_every_line_a_stray_quote_swallowed(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    config = ops_config(tmp_path, database_url)
+    await register_sender(conn, "sms")
+    csv_path = tmp_path / "stray.csv"
+    csv_path.write_text("\n".join(stray_quote_lines()) + "\n")
+    message = write_message(tmp_path / "m.json")
+    base = ("campaign", "create", "--config", str(config), "--sender", "sms", "--message", str(message))
+
+    rejected = await console(*base, "--recipients", str(csv_path), "--on-bad-row", "reject")
+
+    assert rejected.returncode == 2, rejected.stderr
+    assert re.search(r"1 bad row over [\d,]+ lines \(nothing was created\)", rejected.stderr)
+    assert await counts(conn) == (0, 0)
+
+    ran = await console(*base, "--recipients", str(csv_path))
+
+    assert ran.returncode == 0, ran.stderr
+    span = re.search(r"^  lines 4-(\d+): not valid CSV: field larger than field limit", ran.stderr, re.M)
+    loaded = re.search(r"recipients loaded:\s+([\d,]+)$", ran.stdout, re.M)
+    skipped = re.search(r"bad rows skipped:\s+1 over ([\d,]+) lines$", ran.stdout, re.M)
+    assert span and loaded and skipped, (ran.stdout, ran.stderr)
+    bad_lines = int(skipped[1].replace(",", ""))
+    assert int(span[1]) - 4 + 1 == bad_lines
+    assert int(loaded[1].replace(",", "")) + bad_lines == 20_000
+    assert await counts(conn) == (1, 20_000 - bad_lines)
+
+
+async def test_console_command_refuses_what_the_database_cannot_store_without_a_traceback(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    config = ops_config(tmp_path, database_url)
+    await register_sender(conn, "sms")
+    csv_path = write_csv(tmp_path / "r.csv", [["address", "first_name", "offer"], ["+1", "a", "b"]])
+    message = write_message(tmp_path / "m.json")
+    nul_value = tmp_path / "nul.json"
+    nul_value.write_bytes(b'{"text": "hi {{first_name}} {{offer}} \\u0000"}')
+    nul_key = tmp_path / "nul-key.json"
+    nul_key.write_bytes(b'{"text": "hi {{first_name}}", "\\u0000": "x"}')
+    undecodable = os.fsdecode(b"caf\xe9")
+
+    def create(*args: str, message: Path = message, recipients: Path = csv_path) -> list[str]:
+        return [
+            "campaign", "create", "--config", str(config), "--sender", "sms", "--message", str(message),
+            "--recipients", str(recipients), *args,
+        ]  # fmt: skip
+
+    for argv, said in [
+        (create(message=nul_value), f"{nul_value}: the value of 'text' holds a NUL character (\\u0000)"),
+        (create(message=nul_key), f"{nul_key}: the key '\\x00' holds a NUL character"),
+        (create("--name", undecodable), "--name b'caf\\xe9': not valid UTF-8"),
+        (create("--sender", undecodable), "--sender b'caf\\xe9': not valid UTF-8"),
+    ]:
+        ran = await console(*argv)
+        assert (ran.returncode, "Traceback" in ran.stderr) == (2, False), ran.stderr
+        assert said in ran.stderr
+    assert await counts(conn) == (0, 0)
+
+    # Named only by its file, the campaign is created with the undecodable bytes replaced.
+    odd_file = write_csv(
+        tmp_path / f"{undecodable}.csv", [["address", "first_name", "offer"], ["+1", "a", "b"]]
+    )
+    ran = await console(*create(recipients=odd_file))
+    assert ran.returncode == 0, ran.stderr
+    assert await conn.fetchval("SELECT name FROM campaignd.campaigns") == "caf\ufffd"

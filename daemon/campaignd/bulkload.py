@@ -7,12 +7,18 @@ of rows costs no more memory than a small one. The campaign row, its recipients 
 ``--start``) its start are one transaction: an error, a rejected file or a killed process
 leaves nothing behind.
 
-Decisions are pure functions (:func:`parse_header`, :func:`row_problem`, :func:`recipient`,
-:func:`check_placeholders`); the file and the database are thin layers around them.
+Decisions are pure functions (:func:`parse_header`, :func:`row_problem`, :func:`span_problem`,
+:func:`recipient`, :func:`check_placeholders`, :func:`message_problem`, :func:`campaign_name`);
+the file and the database are thin layers around them.
+
+Every data line of the file is accounted for: it is part of a loaded record, a blank line, or
+part of a bad row, reported with its whole line range. A quote that is opened and never
+properly closed makes the csv module read the lines after it as one field; those lines are
+reported as one bad row spanning all of them, never dropped unnoticed.
 
 Exit codes: 0 created; 1 the database refused or is unreachable (unknown sender, schema not
 migrated); 2 the input is wrong (message file, CSV header, bad rows with ``--on-bad-row
-reject``, no recipient at all).
+reject``, no recipient at all, a ``--name`` or ``--sender`` that is not UTF-8).
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ BadRowPolicy = Literal["skip", "reject"]
 # PostgreSQL text and jsonb cannot hold NUL; lone surrogates are what undecodable bytes become
 # under errors="surrogateescape" (strict UTF-8 never produces them otherwise).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# The line ends the csv module counts (the file is read with newline=""): an embedded one in a
+# quoted field is a physical line of the file.
+_LINE_BREAK = re.compile("\r\n|\r|\n")
+# A phone number as people write it: digits and the punctuation that groups them.
+_PHONE_LIKE = re.compile(r"\+?[0-9][0-9().-]*")
+# How much of a suspicious line a bad-row reason quotes.
+_QUOTED_TEXT_LIMIT: Final = 60
 
 
 class InputError(Exception):
@@ -127,6 +140,71 @@ def row_problem(fields: Sequence[str], header: Header) -> str | None:
     return None
 
 
+def address_kind(text: str) -> str | None:
+    """A coarse class of what an address looks like (email, phone, other token), or None when
+    ``text`` cannot be an address at all (empty, too long, or with whitespace inside)."""
+    cell = text.strip()
+    if not cell or len(cell) > MAX_ADDRESS_LENGTH or len(cell.split()) != 1:
+        return None
+    if "@" in cell:
+        return "email"
+    return "phone" if _PHONE_LIKE.fullmatch(cell) else "token"
+
+
+def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str | None:
+    """Why a record that runs over several physical lines is not one recipient; None when it
+    is one whose variables hold line breaks.
+
+    Variables legitimately hold line breaks (a multi-line offer, an address block), so a
+    record over several lines is not bad in itself. What a stray quote does is different: the
+    quoted field it opens swallows the following lines verbatim until some later quote closes
+    it, and the record can still have the header's number of fields. Those swallowed lines are
+    rows of the file: they start with cells up to an address like this record's own (same kind:
+    phone, email or token). A line inside a field that reads like that is taken as a swallowed
+    row. The test errs towards reporting: a false alarm is a row the operator is told about,
+    while a miss would load several recipients as one and lose the others silently.
+    """
+    address = fields[header.address_index]
+    if _LINE_BREAK.search(address) is not None:
+        # No address holds a line break (providers refuse whitespace in one), so the quote that
+        # took the address over several lines was not closed on its line.
+        return "the address runs over several lines: a quote in this record is not closed on its line"
+    kind = address_kind(address)
+    if kind is None:
+        return None
+    line = first_line
+    for column, value in enumerate(fields):
+        pieces = _LINE_BREAK.split(value)
+        if len(pieces) == 1:
+            continue
+        for index, piece in enumerate(pieces):
+            # A field's first piece is the rest of the line its quote opened on, from its own
+            # column (a quote opened before the address column swallows that line's address);
+            # every later piece is a whole line.
+            if _reads_like_a_row(piece, column if index == 0 else 0, header, kind):
+                shown = piece if len(piece) <= _QUOTED_TEXT_LIMIT else piece[:_QUOTED_TEXT_LIMIT] + "…"
+                return (
+                    f"line {line + index} inside column {header.names[column]!r} reads like a row of its "
+                    f"own ({shown!r}): a quote in this record probably opened by mistake and swallowed "
+                    "the lines after it"
+                )
+        line += len(pieces) - 1
+    return None
+
+
+def _reads_like_a_row(text: str, start: int, header: Header, kind: str) -> bool:
+    """Whether ``text``, cut at commas and taken to begin at column ``start``, has an address of
+    ``kind`` in the address column. A swallowed line has no quotes left in it (the first one
+    would have ended the field), so a plain split is how the csv module would have cut it."""
+    cells = text.split(",")
+    position = header.address_index - start
+    # At least one comma: a lone word on a line is text, not a row (the header has other columns
+    # whenever a variable can swallow anything).
+    if len(cells) < 2 or len(cells) > header.width - start or not 0 <= position < len(cells):
+        return False
+    return address_kind(cells[position]) == kind
+
+
 def recipient(fields: Sequence[str], header: Header) -> tuple[str | None, dict[str, str]]:
     """(address, variables) of a valid record. CSV cannot tell an empty cell from a missing
     one: an empty address is stored as NULL, an empty variable as the empty string."""
@@ -146,14 +224,44 @@ def check_placeholders(template: Template, header: Header, recipients_file: Path
         )
 
 
+def message_problem(message: Any) -> str | None:
+    """What in a parsed JSON message the database cannot store (jsonb refuses \\u0000 in keys
+    and values alike), naming where it is; None when it can all be stored."""
+    # A stack, not recursion: JSON nests deeper than Python's recursion limit.
+    pending: list[tuple[str, Any]] = [("", message)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else key
+                if _UNSTORABLE.search(key) is not None:
+                    return f"the key {path!r} {_unstorable_what(key)}"
+                pending.append((path, item))
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str) and _UNSTORABLE.search(value) is not None:
+            return f"the value of {where or 'the message'!r} {_unstorable_what(value)}"
+    return None
+
+
+def _unstorable_what(text: str) -> str:
+    found = _UNSTORABLE.search(text)
+    if found is not None and found.group() == "\x00":
+        return "holds a NUL character (\\u0000), which the database cannot store"
+    return "holds a lone surrogate, which is not Unicode text the database can store"
+
+
 def parse_message(text: bytes, source: Path) -> dict[str, Any]:
-    """The campaign's message: a JSON object that compiles as a template."""
+    """The campaign's message: a JSON object the database can store that compiles as a template."""
     try:
         message = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise InputError(f"{source}: not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InputError(f"{source}: the message must be a JSON object, not a {type(message).__name__}")
+    problem = message_problem(message)
+    if problem is not None:
+        raise InputError(f"{source}: {problem}")
     try:
         Template(message)
     except TemplateError as exc:
@@ -161,13 +269,66 @@ def parse_message(text: bytes, source: Path) -> dict[str, Any]:
     return message
 
 
+def command_line_text(option: str, value: str) -> str:
+    """``value`` of ``option`` if the database can store it; InputError otherwise.
+
+    Arguments that are not valid UTF-8 reach Python as lone surrogates (surrogateescape), which
+    no text column accepts; NUL cannot be in an argument at all, but is refused all the same.
+    """
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return value
+    if found.group() == "\x00":
+        raise InputError(f"{option} {value!r}: holds a NUL character")
+    raw = value.encode("utf-8", "surrogateescape") if _only_escaped_bytes(value) else value
+    raise InputError(f"{option} {raw!r}: not valid UTF-8; give it in UTF-8")
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    """Whether every surrogate in ``text`` is an undecodable byte escaped by surrogateescape."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def campaign_name(name: str | None, recipients_file: Path) -> str:
+    """The campaign's name: ``--name``, refused if the database cannot store it, or else the
+    recipients file's name.
+
+    The file's name is only a default label nobody typed as a name, and the file itself is
+    fine: refusing the load because of it would be a worse answer than a name with U+FFFD
+    where its undecodable bytes were. The name shows up as the campaign's; ``--name`` fixes it.
+    """
+    if name is not None:
+        return command_line_text("--name", name)
+    return _UNSTORABLE.sub("\ufffd", recipients_file.stem)
+
+
 # ----------------------------------------------------------------------------- reading the CSV
 
 
 @dataclass(frozen=True)
 class BadRow:
+    """A record that was not loaded: ``line`` is where it starts, ``last_line`` where it ends
+    when that is a later line (None: the record is that one line)."""
+
     line: int
     reason: str
+    last_line: int | None = None
+
+    @classmethod
+    def over(cls, first: int, last: int, reason: str) -> BadRow:
+        return cls(first, reason, last if last > first else None)
+
+    @property
+    def line_count(self) -> int:
+        return 1 if self.last_line is None else self.last_line - self.line + 1
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line}" if self.last_line is None else f"lines {self.line}-{self.last_line}"
 
 
 @dataclass
@@ -178,32 +339,61 @@ class Tally:
     no_address: int = 0
     blank_lines: int = 0
     bad_rows: int = 0
+    # Physical lines of the bad rows: one stray quote can make a single bad row of thousands.
+    bad_lines: int = 0
     examples: list[BadRow] = field(default_factory=list)
 
     def bad(self, row: BadRow) -> None:
         self.bad_rows += 1
+        self.bad_lines += row.line_count
         if len(self.examples) < MAX_REPORTED_BAD_ROWS:
             self.examples.append(row)
 
 
-Record = tuple[int, list[str]]
+# (first line, last line, fields): a quoted field with line breaks makes a record of several.
+Record = tuple[int, int, list[str]]
+
+
+def unparseable(first: int, last: int, error: str) -> str:
+    """The reason for a record the csv module gave up on after reading lines first..last."""
+    if last == first:
+        return f"not valid CSV: {error}"
+    # Only a quoted field takes the reader past a line end, so a failure lines later is a quote
+    # that never closes where a field can end: everything it read is one broken record.
+    return (
+        f"not valid CSV: {error}: a quote in this record never closes where a field can end, so "
+        f"all {last - first + 1:,} lines were read as one record and none of them was loaded (a "
+        f"stray quote on line {first}?)"
+    )
 
 
 def csv_records(lines: Iterable[str]) -> Iterator[Record | BadRow]:
-    """Each CSV record with the line it starts on (1-based), or a BadRow where the csv module
-    gives up on one (an unterminated quote, text after a closing quote, a field over its limit).
-    The reader resumes at the next line after such an error."""
+    """Each CSV record with the lines it starts and ends on (1-based), or a BadRow where the
+    csv module gives up on one (an unterminated quote, text after a closing quote, a field over
+    its limit), spanning every line it read for that record. The reader resumes at the next
+    line after such an error."""
     reader = csv.reader(lines, strict=True)
     while True:
-        line = reader.line_num + 1
+        first = reader.line_num + 1
         try:
             fields = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            yield BadRow(line, f"not valid CSV: {exc}")
+            last = max(first, reader.line_num)
+            yield BadRow.over(first, last, unparseable(first, last, str(exc)))
             continue
-        yield line, fields
+        yield first, reader.line_num, fields
+
+
+def record_problem(fields: Sequence[str], header: Header, first: int, last: int) -> str | None:
+    """Why the record read from lines first..last cannot become a recipient; None when it can."""
+    problem = row_problem(fields, header)
+    if last == first:
+        return problem
+    if problem is not None:
+        return f"{problem} (quotes take this record over {last - first + 1:,} lines: a stray quote?)"
+    return span_problem(fields, header, first)
 
 
 def recipients(
@@ -220,13 +410,16 @@ def recipients(
             tally.bad(record)
             rejecting = stop_at_bad
             continue
-        line, fields = record
+        first, last, fields = record
         if not fields:
             tally.blank_lines += 1
             continue
-        problem = row_problem(fields, header)
+        # Nearly every record is one line: its check is row_problem alone, without another call.
+        problem = (
+            row_problem(fields, header) if first == last else record_problem(fields, header, first, last)
+        )
         if problem is not None:
-            tally.bad(BadRow(line, problem))
+            tally.bad(BadRow.over(first, last, problem))
             rejecting = stop_at_bad
             continue
         if rejecting:
@@ -252,8 +445,8 @@ def open_recipients(path: Path) -> Iterator[tuple[Header, Iterator[Record | BadR
         header: Header | None = None
         for record in records:
             if isinstance(record, BadRow):
-                raise InputError(f"{path}: line {record.line}: the header is {record.reason}")
-            line, fields = record
+                raise InputError(f"{path}: {record.where}: the header is {record.reason}")
+            line, _, fields = record
             if not fields:
                 continue
             try:
@@ -350,13 +543,19 @@ def _count(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+def _over_lines(tally: Tally) -> str:
+    """How many lines the bad rows took, when that is not one each: a count of bad rows alone
+    would hide the thousands of lines one stray quote can take out of the load."""
+    return "" if tally.bad_lines == tally.bad_rows else f" over {_count(tally.bad_lines, 'line')}"
+
+
 def report_bad_rows(tally: Tally, source: Path, *, rejected: bool) -> None:
     if not tally.bad_rows:
         return
     verdict = "nothing was created" if rejected else "skipped, the other rows were loaded"
-    _err(f"{source}: {_count(tally.bad_rows, 'bad row')} ({verdict}):")
+    _err(f"{source}: {_count(tally.bad_rows, 'bad row')}{_over_lines(tally)} ({verdict}):")
     for row in tally.examples:
-        print(f"  line {row.line}: {row.reason}", file=sys.stderr)
+        print(f"  {row.where}: {row.reason}", file=sys.stderr)
     if tally.bad_rows > len(tally.examples):
         print(f"  … and {tally.bad_rows - len(tally.examples):,} more", file=sys.stderr)
 
@@ -367,7 +566,7 @@ def print_summary(created: Created, spec: CampaignSpec, tally: Tally) -> None:
     print(f"  sender:            {spec.sender_id}")
     print(f"  status:            {created.status}")
     print(f"  recipients loaded: {tally.loaded:,}")
-    print(f"  bad rows skipped:  {tally.bad_rows:,}")
+    print(f"  bad rows skipped:  {tally.bad_rows:,}{_over_lines(tally)}")
     if tally.no_address:
         print(f"  without address:   {tally.no_address:,} (skipped as no_address when sending starts)")
     if created.status == "draft":
@@ -378,13 +577,16 @@ async def cmd_campaign_create(settings: Settings, options: CreateOptions) -> int
     from campaignd.operator import OperatorError, connected
 
     try:
+        # A sender id that is not UTF-8 cannot be one from the config, and would crash the query.
+        sender_id = command_line_text("--sender", options.sender_id)
+        name = campaign_name(options.name, options.recipients_file)
         message = parse_message(_read_bytes(options.message_file), options.message_file)
         with open_recipients(options.recipients_file) as (header, records):
             check_placeholders(Template(message), header, options.recipients_file)
             spec = CampaignSpec(
-                sender_id=options.sender_id,
+                sender_id=sender_id,
                 message=message,
-                name=options.name if options.name is not None else options.recipients_file.stem,
+                name=name,
                 rate_per_second=options.rate_per_second,
                 start=options.start,
                 on_bad_row=options.on_bad_row,
