@@ -558,10 +558,14 @@ def test_check_messages(messages: list[Any], reason: str | None) -> None:
         assert reason in found
 
 
-async def test_exception_quoting_a_url_with_the_token_is_redacted(make_provider: MakeProvider) -> None:
+async def test_exception_quoting_a_url_with_the_token_is_redacted() -> None:
     # An invalid port makes aiohttp raise an error that quotes the whole URL. Nothing left:
-    # the sender's fault, not a recipient in doubt.
-    result = await make_provider(f"http://127.0.0.1:99999/v21.0?access_token={TOKEN}").send(_delivery())
+    # the sender's fault, not a recipient in doubt. The configuration refuses such a port
+    # (test_config); made past it here, as a URL aiohttp refuses for any other reason would be.
+    bad_url = f"http://127.0.0.1:99999/v21.0?access_token={TOKEN}"
+    config = _config("http://127.0.0.1/v21.0").model_copy(update={"api_base": bad_url})
+    async with closing_providers() as made:
+        result = await made(WhatsAppProvider("wa", config, connection_limit=1)).send(_delivery())
 
     assert (result.kind, result.error_code, result.maybe_delivered) == (
         ResultKind.SENDER_FATAL,
