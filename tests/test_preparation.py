@@ -9,6 +9,7 @@ second step (the tail's skips) for as long as the test needs.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import signal
 from pathlib import Path
@@ -20,6 +21,8 @@ from campaignd import db, operator
 from campaignd.config import DatabaseConfig
 from campaignd.dispatch import PREPARE_HEAD_BATCHES
 from campaignd.fakeprovider import FakeProvider
+from campaignd.providers.addresses import normalize_e164
+from campaignd.providers.base import InvalidAddress
 from campaignd.sql import QUERIES
 from tests.conftest import (
     DaemonProcess,
@@ -364,7 +367,8 @@ async def test_ranges_of_a_campaign_are_read_from_its_index_not_across_older_cam
         "preflight_sample": (campaign_id, 0, head_below, 20),
         "prepare_skip_no_address": (campaign_id, 0, head_below),
         "prepare_skip_missing_variables": (campaign_id, 0, head_below, ["name"]),
-        "prepare_skip_duplicates_in_head": (campaign_id, 0, head_below),
+        # Phone numbers' keys (WhatsApp, Twilio), the costlier ones.
+        "prepare_skip_duplicates_in_head": (campaign_id, 0, head_below, True),
     }
     for name, args in statements.items():
         async with conn.transaction():
@@ -460,3 +464,58 @@ def primary_key_ranges(plan: str) -> list[str]:
             if not re.search(r"Index Cond: \((\w+\.)?id = ", condition):
                 ranges.append(line.strip())
     return ranges
+
+
+def _phone_like(rng: random.Random, number: str) -> str:
+    """``number`` as hosts write phone numbers, right and wrong: digits and separators,
+    sometimes a letter, a misplaced +, inner or outer blanks of several kinds."""
+    pieces = []
+    for digit in number:
+        if rng.random() < 0.15:
+            pieces.append(rng.choice([" ", "-", ".", "(", ")", "/", "\u00a0", "\t", "x", "+", "\u3000"]))
+        pieces.append(digit)
+    text = ("+" if rng.random() < 0.6 else "") + "".join(pieces)
+    if rng.random() < 0.2:
+        text = rng.choice([" ", "\t", "\u3000", "\n"]) + text + rng.choice(["", " ", "\t", "\r\n"])
+    return text
+
+
+def _sendable_as(address: str) -> str | None:
+    try:
+        return normalize_e164(address)
+    except InvalidAddress:
+        return None
+
+
+async def test_phone_keys_join_the_numbers_the_send_path_joins_and_never_a_sendable_with_another(
+    conn: asyncpg.Connection,
+) -> None:
+    # campaignd.address_key (migration 009) must agree with normalize_e164, which decides what
+    # is sent: two addresses sharing a key make one of them a duplicate, skipped unsent.
+    rng = random.Random(20261124)
+    # A small pool of numbers, so that many addresses are the same number written differently.
+    numbers = ["".join(rng.choice("0123456789") for _ in range(rng.randint(5, 16))) for _ in range(400)]
+    addresses = [_phone_like(rng, rng.choice(numbers)) for _ in range(8000)]
+    rows = await conn.fetch(
+        "SELECT a, campaignd.address_key(a, true) AS key FROM unnest($1::text[]) a", addresses
+    )
+    by_key: dict[str, set[str | None]] = {}
+    for row in rows:
+        by_key.setdefault(row["key"], set()).add(_sendable_as(row["a"]))
+
+    # Safe: every key holds one number, or only addresses that cannot be sent.
+    assert all(len(sent_as) == 1 for sent_as in by_key.values()), [
+        (key, sent_as) for key, sent_as in by_key.items() if len(sent_as) > 1
+    ][:5]
+    # Complete: a number written several ways (blanks PostgreSQL and Python both know) has
+    # one key.
+    keys_by_number: dict[str, set[str]] = {}
+    spellings_by_number: dict[str, set[str]] = {}
+    for row in rows:
+        number = _sendable_as(row["a"])
+        if number is not None and "\u3000" not in row["a"]:
+            keys_by_number.setdefault(number, set()).add(row["key"])
+            spellings_by_number.setdefault(number, set()).add(row["a"])
+    assert [keys for keys in keys_by_number.values() if len(keys) > 1] == []
+    # Not vacuous: many numbers came in several spellings.
+    assert sum(len(spellings) > 1 for spellings in spellings_by_number.values()) >= 50

@@ -410,3 +410,38 @@ async def test_twilio_timeout_is_in_doubt_not_resent_by_default(
     assert TWILIO_TOKEN not in daemon.log()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_one_phone_number_written_several_ways_is_sent_one_message(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    # WhatsApp receives a number as its digits, however the host wrote it: these four were one
+    # person sent four messages. An address the send path refuses ("1555 000 1111x") keeps its
+    # own key: it is skipped as invalid, and does not take a sendable number's place.
+    same = ["+15550001111", "+1 (555) 000-1111", "15550001111", "+15550001111\t", "1555.000.1111"]
+    recipients = [
+        ("1555 000 1111x", {"name": "invalid"}),
+        *[(address, {"name": f"same{i}"}) for i, address in enumerate(same)],
+        ("+15550002222", {"name": "other"}),
+    ]
+    campaign_id = await create_campaign(conn, "wa", recipients, message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=60)
+
+    assert sorted(r.address for r in whatsapp.requests) == ["15550001111", "15550002222"]
+    first = next(r for r in whatsapp.requests if r.address == "15550001111")
+    assert first.json["template"]["components"][0]["parameters"][0]["text"] == "same0"
+    skips = await conn.fetch(
+        "SELECT address, error_code FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'skipped' ORDER BY id",
+        campaign_id,
+    )
+    assert [(r["address"], r["error_code"]) for r in skips] == [
+        ("1555 000 1111x", "invalid_address"),
+        *[(address, "duplicate_address") for address in same[1:]],
+    ]
+    assert (row["sent_count"], row["skipped_count"]) == (2, 5)
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0

@@ -705,7 +705,9 @@ class Lane:
             if below == BEYOND_LAST_ID
             else QUERIES["prepare_skip_duplicates_in_head"]
         )
-        skipped += _affected(await connection.execute(duplicates, campaign_id, first_id, below))
+        skipped += _affected(
+            await connection.execute(duplicates, campaign_id, first_id, below, self._provider.phone_addresses)
+        )
         return skipped
 
     @staticmethod

@@ -86,6 +86,7 @@ class Adapter:
     """Subclasses set ``name`` and implement the three methods that raise NotImplementedError."""
 
     name: str
+    phone_addresses = False
 
     def __init__(
         self,

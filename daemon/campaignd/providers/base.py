@@ -33,6 +33,9 @@ class Provider(Protocol):
     # The adapter's kind ("http", "whatsapp", ...), for reasons shown to operators.
     name: str
     resend_in_doubt: bool
+    # Whether addresses are phone numbers, sent as their digits however they were written:
+    # duplicates are then found by those digits (campaignd.address_key, schema 9).
+    phone_addresses: bool
 
     def normalize_address(self, address: str) -> str:
         """The address as the provider wants it, or raise InvalidAddress."""

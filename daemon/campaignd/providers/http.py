@@ -87,6 +87,8 @@ def normalize_generic_address(address: str) -> str:
 
 class HttpProvider:
     name = "http"
+    # Opaque to this provider: sent exactly as written.
+    phone_addresses = False
 
     def __init__(self, sender_id: str, config: HttpSenderConfig, *, connection_limit: int) -> None:
         self.sender_id = sender_id

@@ -113,6 +113,7 @@ def classify_twilio(status: int, body: bytes, headers: Mapping[str, str]) -> Sen
 
 class TwilioProvider(Adapter):
     name = "twilio"
+    phone_addresses = True
 
     def __init__(self, sender_id: str, config: TwilioSenderConfig, *, connection_limit: int) -> None:
         token = config.auth_token.get_secret_value()

@@ -55,6 +55,7 @@ OWNED_FIELDS: Mapping[str, str | None] = {
 
 class WhatsAppProvider(Adapter):
     name = "whatsapp"
+    phone_addresses = True
 
     def __init__(self, sender_id: str, config: WhatsAppSenderConfig, *, connection_limit: int) -> None:
         token = config.access_token.get_secret_value()

@@ -292,21 +292,22 @@ WHERE (campaign_id, id) >= ($1::uuid, $2::bigint) AND (campaign_id, id) < ($1::u
 -- only the recipients in the range are marked. A head recipient skipped when it was sent
 -- (an address or a value the provider cannot take) keeps its address, as it would have had
 -- the whole campaign been prepared before it was sent: only preparation's skips are left out.
--- $1 campaign id, $2 first id, $3 id bound (excluded)
+-- $1 campaign id, $2 first id, $3 id bound (excluded), $4 whether addresses are phone numbers
+-- (see campaignd.address_key, migration 009)
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
     error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
 FROM (
-    SELECT btrim(address) AS address, min(id) AS kept_id
+    SELECT campaignd.address_key(address, $4) AS address_key, min(id) AS kept_id
     FROM campaignd.recipients
     WHERE campaign_id = $1 AND address IS NOT NULL
       AND (state <> 'skipped' OR error_code NOT IN ('no_address', 'missing_variable', 'duplicate_address'))
-    GROUP BY btrim(address)
+    GROUP BY 1
     HAVING count(*) > 1
 ) d
 WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) < ($1::uuid, $3::bigint)
   AND r.state = 'pending' AND r.next_attempt_at IS NULL
-  AND btrim(r.address) = d.address AND r.id <> d.kept_id;
+  AND campaignd.address_key(r.address, $4) = d.address_key AND r.id <> d.kept_id;
 
 -- name: prepare_skip_duplicates_in_head
 -- prepare_skip_duplicates for a head: only the recipients below the head's bound are grouped
@@ -314,12 +315,12 @@ WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) 
 -- the fresh ones and those already claimed (sent, failed, in flight, retrying, or skipped
 -- when sent), which are all in the prepared head (claims stay there); each part is read
 -- through its own index.
--- $1 campaign id, $2 first id, $3 head bound (excluded)
+-- $1 campaign id, $2 first id, $3 head bound (excluded), $4 as above
 UPDATE campaignd.recipients r
 SET state = 'skipped', error_code = 'duplicate_address',
     error_message = 'same address as recipient ' || d.kept_id, updated_at = now()
 FROM (
-    SELECT btrim(address) AS address, min(id) AS kept_id
+    SELECT campaignd.address_key(address, $4) AS address_key, min(id) AS kept_id
     FROM (
         SELECT address, id FROM campaignd.recipients
         WHERE (campaign_id, id) > ($1::uuid, 0::bigint) AND (campaign_id, id) < ($1::uuid, $3::bigint)
@@ -336,12 +337,12 @@ FROM (
         WHERE campaign_id = $1 AND state = 'pending' AND next_attempt_at IS NOT NULL
     ) not_skipped
     WHERE address IS NOT NULL
-    GROUP BY btrim(address)
+    GROUP BY 1
     HAVING count(*) > 1
 ) d
 WHERE (r.campaign_id, r.id) >= ($1::uuid, $2::bigint) AND (r.campaign_id, r.id) < ($1::uuid, $3::bigint)
   AND r.state = 'pending' AND r.next_attempt_at IS NULL
-  AND btrim(r.address) = d.address AND r.id <> d.kept_id;
+  AND campaignd.address_key(r.address, $4) = d.address_key AND r.id <> d.kept_id;
 
 -- name: prepare_skip_missing_variables
 -- A variable that is absent or JSON null cannot fill a placeholder, and variables that are not
