@@ -13,7 +13,7 @@ from aiohttp import web
 from campaignd.outcomes import ResultKind, SendResult
 from campaignd.providers.answers import MAX_PROVIDER_TEXT
 from campaignd.providers.meta import classify_meta
-from campaignd.providers.transport import Classifier, Deadlines, HttpTransport
+from campaignd.providers.transport import REDACTION_MARGIN, Classifier, Deadlines, HttpTransport
 from campaignd.providers.twilio import classify_twilio
 from tests.provider_fakes import serve_app
 
@@ -340,3 +340,32 @@ async def test_a_credential_at_the_length_limit_is_redacted_before_the_text_is_s
     for secret in (TOKEN, META_TOKEN):
         # No run of 6 characters of the credential survives, wherever the cut fell.
         assert not any(secret[i : i + 6] in message for i in range(len(secret) - 5)), message
+
+
+async def test_a_long_answer_is_redacted_only_as_far_as_it_can_be_stored() -> None:
+    # Redaction patterns can take quadratic time on a long run without blanks: a 64 KiB answer
+    # of 'http://a' took 2.7 s on the event loop, every lane of the process waiting.
+    async def long_answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"code": 21211, "message": "http://a" * 8000}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/send", long_answer)
+    transport = HttpTransport(timeout_seconds=5, connection_limit=2, secrets=[TOKEN])
+    redacted: list[int] = []
+    redact = transport.redact
+
+    def measured(text: str) -> str:
+        redacted.append(len(text))
+        return redact(text)
+
+    transport.redact = measured  # type: ignore[method-assign]
+    try:
+        async with serve_app(app) as url:
+            result = await transport.post(f"{url}/send", data=b"{}", headers={}, classify=classify_twilio)
+    finally:
+        await transport.close()
+
+    assert result.kind is ResultKind.RECIPIENT_PERMANENT
+    assert len(result.error_message or "") <= MAX_PROVIDER_TEXT
+    assert redacted and max(redacted) <= MAX_PROVIDER_TEXT + REDACTION_MARGIN

@@ -30,6 +30,9 @@ MAX_BODY_READ = 64 * 1024
 
 Classifier = Callable[[int, bytes, Mapping[str, str]], SendResult]
 
+# How far past a text's limit it is redacted before being cut to it: longer than any
+# credential (Meta's tokens run to ~250 characters).
+REDACTION_MARGIN = 1024
 # Meta's tokens travel as ``access_token=`` parameters and start with "EAA"; a provider may
 # quote a token that is not exactly the configured one (truncated, or an older one), which
 # value-based redaction would miss.
@@ -214,16 +217,22 @@ class HttpTransport:
     def _redacted(self, result: SendResult) -> SendResult:
         """The provider's own words may echo a credential back; they reach the database.
 
-        Redacted whole, then shortened: shortened first, a credential cut at the limit would
-        no longer match, and its head would be stored.
+        Redacted, then shortened: shortened first, a credential cut at the limit would no
+        longer match, and its head would be stored.
         """
         code, message, message_id = result.error_code, result.error_message, result.provider_message_id
         return replace(
             result,
-            error_code=None if code is None else clip(self.redact(code), MAX_ERROR_CODE),
-            error_message=None if message is None else clip(self.redact(message), MAX_PROVIDER_TEXT),
+            error_code=None if code is None else self._redacted_text(code, MAX_ERROR_CODE),
+            error_message=None if message is None else self._redacted_text(message, MAX_PROVIDER_TEXT),
             provider_message_id=None if message_id is None else storable(message_id),
         )
+
+    def _redacted_text(self, text: str, limit: int) -> str:
+        # Not the whole text either: some patterns take quadratic time on a long run without
+        # blanks ('http://a' x 8,000 took 2.7 s), and a provider's answer may be 64 KiB of it.
+        # The margin keeps a credential that straddles the limit whole for redaction.
+        return clip(self.redact(text[: limit + REDACTION_MARGIN]), limit)
 
     async def close(self) -> None:
         self._deadlines.close()
