@@ -368,6 +368,17 @@ def test_database_urls_the_client_reads_are_accepted(tmp_path: Path, url: str) -
     assert settings.database.url.get_secret_value() == url
 
 
+def test_a_provider_url_whose_password_reads_as_a_port_is_refused_without_quoting_it(
+    tmp_path: Path,
+) -> None:
+    message = _load_error(
+        tmp_path, f'[senders.sms]\nurl = "https://campaignd:{DB_PASSWORD}/x@sms.example.com/send"\n'
+    )
+
+    assert "senders.sms.url" in message and "port" in message
+    assert DB_PASSWORD not in message and "dbpass" not in message
+
+
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"\xff\xfe[dispatch]\nconcurrency = 3\n")

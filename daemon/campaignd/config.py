@@ -203,11 +203,19 @@ def _http_base(value: str) -> str:
         # What the resolver will do with it: a label over 63 characters, say, fails here
         # instead of on every send.
         host.encode("idna")
-        # Out of range or not a number, the port fails here instead of on every send.
-        if parts.port == 0:
-            raise ValueError("port 0 cannot be connected to")
     except ValueError as exc:
         raise ValueError(f"is not a usable URL ({exc})") from None
+    # Out of range or not a number, the port fails here instead of on every send. Python's
+    # message quotes the "port", which may be the tail of a password (user:pass/word@host).
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(
+            "is not a usable URL (its port is not a number from 1 to 65535; a '/', '#', '?' or '@'"
+            " in a password must be percent-encoded)"
+        )
     return value
 
 
