@@ -99,13 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A campaign's cap is bounded as a sender's rate is (config, and schema 8).
+MAX_RATE_PER_SECOND = 1_000_000
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    if not 0 < value <= MAX_RATE_PER_SECOND:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a number above 0, at most {MAX_RATE_PER_SECOND:,}"
+        )
     return value
 
 
