@@ -580,23 +580,13 @@ async def main_async(args: argparse.Namespace, postgres: Postgres, sink: Sink, w
         # Extra, unscored runs: py-spy's sampling costs the profiled process some time.
         args.profile.parent.mkdir(parents=True, exist_ok=True)
         raw_profile = args.profile.with_name(args.profile.stem + ".raw" + args.profile.suffix)
-        raw = await measure_raw(
-            sink,
-            args.recipients,
-            args.concurrency,
-            120.0 + args.recipients / 200,
-            profile=raw_profile,
-            native=args.profile_native,
-        )
-        run = await measure_campaignd(
+        raw, run = await unscored_pair(
+            args,
             postgres,
             sink,
-            count=args.recipients,
-            concurrency=args.concurrency,
-            batch_size=args.batch_size,
-            workdir=workdir,
-            name="bench_profile",
-            time_limit=120.0 + args.recipients / 200,
+            workdir,
+            "bench_profile",
+            raw_profile=raw_profile,
             profile=args.profile,
             native=args.profile_native,
         )
@@ -618,6 +608,38 @@ async def main_async(args: argparse.Namespace, postgres: Postgres, sink: Sink, w
     print(f"\nload average at the end {os.getloadavg()[0]:.2f} (1 min)")
 
 
+async def unscored_pair(
+    args: argparse.Namespace,
+    postgres: Postgres,
+    sink: Sink,
+    workdir: Path,
+    name: str,
+    *,
+    raw_profile: Path | None = None,
+    profile: Path | None = None,
+    native: bool = False,
+) -> tuple[RawResult, CampaignResult]:
+    """One more raw blast and campaignd run after the rounds, for a profile or a count: not
+    scored, since watching a process slows it."""
+    time_limit = 120.0 + args.recipients / 200
+    raw = await measure_raw(
+        sink, args.recipients, args.concurrency, time_limit, profile=raw_profile, native=native
+    )
+    run = await measure_campaignd(
+        postgres,
+        sink,
+        count=args.recipients,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        workdir=workdir,
+        name=name,
+        time_limit=time_limit,
+        profile=profile,
+        native=native,
+    )
+    return raw, run
+
+
 async def count_wakeups(args: argparse.Namespace, postgres: Postgres, sink: Sink, workdir: Path) -> None:
     """One more raw blast and campaignd run, unscored, each counting what it asks of its
     event loop (bench/_wakeups): whether campaignd's extra cost per message is more
@@ -630,18 +652,8 @@ async def count_wakeups(args: argparse.Namespace, postgres: Postgres, sink: Sink
     )
     os.environ["BENCH_COUNT_WAKEUPS"] = str(prefix)
     try:
-        await measure_raw(sink, args.recipients, args.concurrency, 120.0 + args.recipients / 200)
+        await unscored_pair(args, postgres, sink, workdir, "bench_wakeups")
         raw_counts = read_wakeups(prefix, "_blast.py")
-        await measure_campaignd(
-            postgres,
-            sink,
-            count=args.recipients,
-            concurrency=args.concurrency,
-            batch_size=args.batch_size,
-            workdir=workdir,
-            name="bench_wakeups",
-            time_limit=120.0 + args.recipients / 200,
-        )
         daemon_counts = read_wakeups(prefix, "campaignd")
     finally:
         for key, value in saved.items():
