@@ -56,6 +56,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A URL's password with one of these unencoded turns part of it into a "port" or a host.
+_ENCODE_PASSWORD = "a '/', '#', '?' or '@' in a password must be percent-encoded (%2F, %23, %3F, %40)"
 # The client's parse of a host in a URL's host list (asyncpg follows libpq): an IPv6
 # address in brackets, or a name, each with an optional port.
 _DSN_HOST = re.compile(r"(\[[^\]]+\]|[^:\[\]@]*)(?::([^:]*))?")
@@ -68,7 +70,7 @@ def check_database_url(url: str) -> None:
     was not percent-encoded turns part of it into a "port", which the client then failed to
     parse, printing it in a traceback.
     """
-    encode_hint = "; a '/', '#', '?' or '@' in the password must be percent-encoded (%2F, %23, %3F, %40)"
+    encode_hint = f"; {_ENCODE_PASSWORD}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -213,8 +215,7 @@ def _http_base(value: str) -> str:
         port = 0
     if port == 0:
         raise ValueError(
-            "is not a usable URL (its port is not a number from 1 to 65535; a '/', '#', '?' or '@'"
-            " in a password must be percent-encoded)"
+            f"is not a usable URL (its port is not a number from 1 to 65535; {_ENCODE_PASSWORD})"
         )
     return value
 
