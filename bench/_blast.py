@@ -17,6 +17,7 @@ import uvloop
 
 from _payload import message
 from _poster import Poster
+from _schedstat import cpu_wait_seconds
 
 
 async def blast(poster: Poster, count: int, concurrency: int, campaign_id: str) -> dict[str, float | int]:
@@ -31,14 +32,20 @@ async def blast(poster: Poster, count: int, concurrency: int, campaign_id: str) 
             await poster.post(orjson.dumps(message(index, campaign_id)), f"{campaign_id}:{index + 1}")
 
     try:
-        cpu_before = process_cpu_self()
+        cpu_before, wait_before = process_cpu_self(), cpu_wait_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        cpu = process_cpu_self() - cpu_before
+        cpu, cpu_wait = process_cpu_self() - cpu_before, cpu_wait_seconds() - wait_before
     finally:
         await poster.close()
-    return {"elapsed": elapsed, "ok": poster.ok, "errors": poster.errors, "cpu_seconds": cpu}
+    return {
+        "elapsed": elapsed,
+        "ok": poster.ok,
+        "errors": poster.errors,
+        "cpu_seconds": cpu,
+        "cpu_wait_seconds": cpu_wait,
+    }
 
 
 def process_cpu_self() -> float:

@@ -59,6 +59,7 @@ from _common import (
     write_daemon_config,
     zero_cost_sink,
 )
+from _schedstat import cpu_wait_seconds
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.logs import configure_logging
@@ -74,6 +75,8 @@ class RawResult:
     elapsed: float
     errors: int
     client_cpu: float
+    # Time the client was runnable and waited for a CPU another process held.
+    client_cpu_wait: float
     sink_cpu: float
     others_cores: float
     steal_cores: float
@@ -94,6 +97,7 @@ class CampaignResult:
     pg_cpu_by_role: dict[str, float]
     pg_activity: list[tuple[str, float]]
     daemon_cpu: float
+    daemon_cpu_wait: float
     sink_cpu: float
     others_cores: float
     steal_cores: float
@@ -176,6 +180,7 @@ async def measure_raw(
         elapsed=elapsed,
         errors=sum(result["errors"] for result in results),
         client_cpu=sum(result["cpu_seconds"] for result in results),
+        client_cpu_wait=sum(result["cpu_wait_seconds"] for result in results),
         sink_cpu=sink_cpu,
         others_cores=others,
         steal_cores=steal,
@@ -249,6 +254,7 @@ async def measure_campaignd(
             await asyncio.sleep(1.0)
         wal_before = await connection.fetchval("SELECT pg_current_wal_lsn()")
         pg_before, daemon_before, sink_before = tree_cpu(postgres.pid), daemon.cpu(), sink.cpu()
+        daemon_wait_before = cpu_wait_seconds(daemon.pid)
         pg_roles = PostgresCpu(postgres.pid)
         requests_before = sink.requests()
         load = MachineLoad()
@@ -285,6 +291,7 @@ async def measure_campaignd(
         pg_cpu = tree_cpu(postgres.pid) - pg_before
         pg_cpu_by_role = pg_roles.finish()
         daemon_cpu = daemon.cpu() - daemon_before
+        daemon_cpu_wait = cpu_wait_seconds(daemon.pid) - daemon_wait_before
         sink_cpu = sink.cpu() - sink_before
         others, steal = load.finish(pg_cpu + daemon_cpu + sink_cpu)
         requests = served(requests_before, sink.requests())
@@ -322,6 +329,7 @@ async def measure_campaignd(
             pg_cpu_by_role=pg_cpu_by_role,
             pg_activity=activity.top(),
             daemon_cpu=daemon_cpu,
+            daemon_cpu_wait=daemon_cpu_wait,
             sink_cpu=sink_cpu,
             others_cores=others,
             steal_cores=steal,
@@ -362,6 +370,14 @@ def per_message(requests: int | None, count: int) -> str:
     return "n/a" if requests is None else f"{requests / count:.3f}"
 
 
+def window_shares(cpu: float, cpu_wait: float, elapsed: float) -> str:
+    """Where a process's timed window went: on a CPU, runnable but waiting for one (another
+    process held it), and idle (waiting for the sink or the database). A process that is
+    never idle is bound by its CPU per message alone."""
+    idle = max(0.0, elapsed - cpu - cpu_wait)
+    return " / ".join(f"{100 * part / elapsed:5.1f}%" for part in (cpu, cpu_wait, idle))
+
+
 def per_k(seconds: float, count: int) -> float:
     return 1000.0 * seconds / count
 
@@ -392,6 +408,16 @@ def print_rounds(title: str, rounds: list[Round], count: int) -> float:
             f" {per_k(run.daemon_cpu, count):>16.3f} {per_k(raw.client_cpu, count):>20.3f}"
             f" {raw.client_cpu / run.daemon_cpu:>10.3f}"
             f" {per_k(raw.sink_cpu, count):>13.3f}/{per_k(run.sink_cpu, count):.3f}"
+        )
+    print(
+        f"\n{'round':>5} {'raw client: on a CPU / waiting for one / idle':>46}"
+        f" {'campaignd: on a CPU / waiting for one / idle':>46}   (shares of each one's timed window)"
+    )
+    for index, item in enumerate(rounds, 1):
+        raw, run = item.raw, item.campaignd
+        print(
+            f"{index:>5} {window_shares(raw.client_cpu, raw.client_cpu_wait, raw.elapsed):>46}"
+            f" {window_shares(run.daemon_cpu, run.daemon_cpu_wait, run.elapsed):>46}"
         )
     for index, item in enumerate(rounds, 1):
         roles = sorted(item.campaignd.pg_cpu_by_role.items(), key=lambda pair: -pair[1])
