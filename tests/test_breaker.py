@@ -30,6 +30,27 @@ def test_twenty_consecutive_failures_with_one_code_trip_with_a_readable_reason()
     assert reasons[19] == "20 consecutive failures with whatsapp error 135000 (Generic user error)"
 
 
+def test_sends_accepted_without_a_message_id_trip_it_by_their_note() -> None:
+    # An api_base pointing at a web server answers 200 to everything: every recipient is
+    # "sent" (no resend without an idempotency key), and the campaign must stop there.
+    accepted_blindly = SendResult(
+        ResultKind.SENT,
+        error_code="sent_without_id",
+        error_message="HTTP 200 accepted the request without naming a message id",
+    )
+
+    reasons = _feed(_breaker(), [accepted_blindly] * 20)
+
+    assert reasons[:19] == [None] * 19
+    assert reasons[19] == (
+        "20 consecutive failures with whatsapp error sent_without_id"
+        " (HTTP 200 accepted the request without naming a message id)"
+    )
+    # A send with its id is a success, and ends the streak.
+    streak_broken = [accepted_blindly] * 19 + [SENT] + [accepted_blindly] * 19
+    assert _feed(_breaker(window=0), streak_broken) == [None] * 39
+
+
 def test_a_success_resets_the_streak() -> None:
     breaker = _breaker(window=0)
 

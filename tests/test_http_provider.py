@@ -76,6 +76,8 @@ def test_2xx_without_usable_id_is_transient_missing_message_id(body: bytes) -> N
     assert result.kind is ResultKind.TRANSIENT
     assert result.error_code == "missing_message_id"
     assert result.provider_message_id is None
+    # The provider may have accepted it: resent only where the sender says it deduplicates.
+    assert result.maybe_delivered
 
 
 @pytest.mark.parametrize("body", [b"", b"OK", b"<html>fine</html>", b'{"id": "m1"'])
@@ -84,6 +86,7 @@ def test_2xx_with_unparsable_body_is_transient(body: bytes) -> None:
 
     assert result.kind is ResultKind.TRANSIENT
     assert result.error_code == "unparsable_body"
+    assert result.maybe_delivered
 
 
 def test_429_is_throttled_with_retry_after() -> None:
@@ -119,6 +122,19 @@ def test_timeouts_and_server_errors_are_transient(status: int) -> None:
     assert result.kind is ResultKind.TRANSIENT
     assert result.error_code == f"http_{status}"
     assert result.error_message == f"HTTP {status}"
+    # A gateway that got no answer (504) or a broken one (502) from the provider cannot say
+    # whether the provider took the request; a 500 or a 408 is the provider's own refusal.
+    assert result.maybe_delivered is (status in (502, 504))
+
+
+def test_409_is_a_request_with_this_key_still_in_progress() -> None:
+    result = classify_http_response(409, _json({"error": {"code": "idempotency_key_in_use"}}), {})
+
+    assert (result.kind, result.error_code, result.maybe_delivered) == (
+        ResultKind.TRANSIENT,
+        "idempotency_key_in_use",
+        True,
+    )
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])

@@ -119,6 +119,13 @@ async def test_build_provider_names_instagram_from_config(fake: FakeMessenger) -
         (551, 1545041, K.RECIPIENT_PERMANENT, "1545041"),
         (551, None, K.RECIPIENT_PERMANENT, "551"),
         (10, 2018278, K.RECIPIENT_PERMANENT, "2018278"),
+        # Outside the messaging window, or the person does not take the page's messages:
+        # this person only, never the whole sender (code 10 alone would pause it).
+        (10, 2018065, K.RECIPIENT_PERMANENT, "2018065"),
+        (10, 2534022, K.RECIPIENT_PERMANENT, "2534022"),
+        (10, 2018108, K.RECIPIENT_PERMANENT, "2018108"),
+        (102, None, K.SENDER_FATAL, "102"),
+        (341, None, K.THROTTLED, "341"),
         (100, 2018001, K.RECIPIENT_PERMANENT, "2018001"),
         (100, 2018109, K.CAMPAIGN_FATAL, "2018109"),
         (2018278, None, K.RECIPIENT_PERMANENT, "2018278"),

@@ -57,6 +57,16 @@ def test_sent_keeps_provider_message_id() -> None:
     assert update == RecipientUpdate(42, RecipientState.SENT, provider_message_id="m-1")
 
 
+def test_a_send_accepted_without_an_id_is_sent_and_keeps_its_note() -> None:
+    note = SendResult(ResultKind.SENT, error_code="sent_without_id", error_message="HTTP 200 without an id")
+
+    update = _decide(note, resend_in_doubt=False)
+
+    assert update == RecipientUpdate(
+        42, RecipientState.SENT, error_code="sent_without_id", error_message="HTTP 200 without an id"
+    )
+
+
 def test_unknown_error_is_retried_but_only_up_to_three_attempts() -> None:
     unknown = SendResult(ResultKind.UNKNOWN, error_code="135000", error_message="Generic user error")
 

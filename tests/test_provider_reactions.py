@@ -28,7 +28,7 @@ from tests.conftest import (
     wait_status,
 )
 from tests.pgproxy import PgProxy
-from tests.provider_fakes import FakeTwilio, FakeWhatsApp, meta_error
+from tests.provider_fakes import FakeTwilio, FakeWhatsApp, Reply, meta_error
 from tests.test_preparation import lock_recipient, preparation_waits_for_lock
 
 TOKEN = "EAAtest-whatsapp-token-0123456789"
@@ -217,6 +217,40 @@ async def test_generic_error_135000_trips_the_breaker_within_a_few_dozen(
         "circuit breaker: 20 consecutive failures with whatsapp error 135000 (Generic user error)"
     )
     assert len(whatsapp.requests) < 100
+    await assert_counters_match(conn, campaign_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_an_api_base_that_answers_200_to_everything_pauses_the_campaign_it_did_not_send(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, whatsapp: FakeWhatsApp, daemons: Any
+) -> None:
+    # A misrouted api_base (a web server, a captive proxy) accepts every request with a page
+    # of its own: no message id, nothing delivered. Without an idempotency key nothing may be
+    # sent again, so those recipients stay sent, marked; the campaign stops there.
+    whatsapp.default = Reply(200, "<html>Welcome to nginx!</html>")
+    campaign_id = await create_campaign(conn, "wa", _numbers("1555", 2000), message=TEMPLATE)
+    daemon = daemons(_whatsapp_config(tmp_path, database_url, whatsapp), env=ENV)
+
+    row = await wait_status(conn, campaign_id, "paused", timeout=60)
+
+    assert row["status_reason"] == (
+        "circuit breaker: 20 consecutive failures with whatsapp error sent_without_id"
+        " (HTTP 200 accepted the request without naming a message id)"
+    )
+    assert len(whatsapp.requests) < 100
+
+    async def claims_given_back() -> bool:
+        return (await state_counts(conn, campaign_id)).get("in_flight", 0) == 0
+
+    await wait_for(claims_given_back, timeout=30, what="the paused campaign's claims to go back")
+    sent = await conn.fetch(
+        "SELECT provider_message_id, error_code FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'sent'",
+        campaign_id,
+    )
+    assert len(sent) == len(whatsapp.requests), "each answered request is sent once, never resent"
+    assert {(r["provider_message_id"], r["error_code"]) for r in sent} == {(None, "sent_without_id")}
     await assert_counters_match(conn, campaign_id)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0

@@ -30,7 +30,11 @@ ISSUE_CODES: list[tuple[int, ResultKind]] = [
     (30008, K.TRANSIENT),
     *[(code, K.THROTTLED) for code in (20429, 21611, 30022)],
     *[(code, K.RECIPIENT_PERMANENT) for code in (21211, 21610, 21614, 30004, 30005, 30006)],
-    *[(code, K.SENDER_FATAL) for code in (20003, 21606, 30002, 30034)],
+    # The From number cannot message this destination (a short code abroad): per recipient.
+    (21606, K.RECIPIENT_PERMANENT),
+    # Too many messages between this pair of numbers: only this recipient waits.
+    (14107, K.RECIPIENT_DELAY),
+    *[(code, K.SENDER_FATAL) for code in (20003, 30002, 30034)],
 ]
 
 
@@ -147,6 +151,7 @@ async def test_every_table_code_round_trips(
         (twilio_error(29998, "Slow down", status=429, headers={"Retry-After": "4"}), K.THROTTLED, "29998"),
         (twilio_error(29997, "Something new", status=400), K.UNKNOWN, "29997"),
         (Reply(502, "<html>Bad Gateway</html>"), K.TRANSIENT, "http_502"),
+        (Reply(504, "<html>Gateway Timeout</html>"), K.TRANSIENT, "http_504"),
         (Reply(503), K.TRANSIENT, "http_503"),
         (Reply(429, None, {"Retry-After": "4"}), K.THROTTLED, "http_429"),
         (Reply(301, None, {"Location": "https://elsewhere/"}), K.TRANSIENT, "http_301"),
@@ -178,7 +183,14 @@ async def test_2xx_is_sent_even_without_a_readable_sid(
 ) -> None:
     fake.fail(TO, reply)
 
-    assert await make_provider().send(_delivery()) == SendResult(ResultKind.SENT)
+    result = await make_provider().send(_delivery())
+
+    assert (result.kind, result.provider_message_id, result.error_code) == (
+        ResultKind.SENT,
+        None,
+        "sent_without_id",
+    )
+    assert not result.maybe_delivered
 
 
 async def test_wrong_credentials_pause_the_sender(fake: FakeTwilio, make_provider: MakeProvider) -> None:

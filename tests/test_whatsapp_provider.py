@@ -302,6 +302,26 @@ async def test_answer_without_meta_envelope_is_classified_by_status(
     assert (result.kind, result.error_code) == (kind, code)
     if kind is ResultKind.THROTTLED:
         assert result.retry_after_seconds == 3.0
+    # A gateway's 502 may hide a request Meta took: in doubt, never resent by default.
+    assert result.maybe_delivered is (reply.status == 502)
+
+
+def test_a_gateway_timeout_may_have_delivered_the_message() -> None:
+    result = classify_meta(504, b"<html>Gateway Time-out</html>", {})
+
+    assert (result.kind, result.error_code) == (ResultKind.TRANSIENT, "http_504")
+    assert result.maybe_delivered
+
+
+def test_invalid_json_reply_is_in_doubt_as_meta_says_the_message_may_have_gone() -> None:
+    error = {"code": 1, "error_subcode": 1357046, "message": "Received invalid JSON reply."}
+    body = orjson.dumps({"error": error})
+
+    result = classify_meta(500, body, {})
+
+    assert (result.kind, result.error_code, result.maybe_delivered) == (ResultKind.TRANSIENT, "1357046", True)
+    # Code 1 alone is Meta's own failure before sending: retried like any transient fault.
+    assert not classify_meta(500, orjson.dumps({"error": {"code": 1, "message": "x"}}), {}).maybe_delivered
 
 
 @pytest.mark.parametrize(
@@ -319,7 +339,15 @@ async def test_2xx_is_sent_even_unreadable_because_a_resend_would_duplicate(
 ) -> None:
     fake.fail(TO, reply)
 
-    assert await make_provider().send(_delivery()) == SendResult(ResultKind.SENT, provider_message_id=None)
+    result = await make_provider().send(_delivery())
+
+    # Sent, and noted: the circuit breaker pauses a campaign whose every answer is this one.
+    assert (result.kind, result.provider_message_id, result.error_code) == (
+        ResultKind.SENT,
+        None,
+        "sent_without_id",
+    )
+    assert result.error_message == f"HTTP {reply.status} accepted the request without naming a message id"
 
 
 async def test_timeout_is_transient(fake: FakeWhatsApp, make_provider: MakeProvider) -> None:

@@ -44,7 +44,11 @@ class FailureBreaker:
         """Account for one send; returns why the campaign should pause, or None."""
         if result.kind in _NEUTRAL:
             return None
-        code = None if result.kind is ResultKind.SENT else (result.error_code or result.kind.value)
+        # A send accepted with a note (answers.sent_without_id) counts by its code: a campaign
+        # whose every answer is "accepted, no id" is one nothing may have reached.
+        code = result.error_code
+        if code is None and result.kind is not ResultKind.SENT:
+            code = result.kind.value
         if code is not None and result.error_message:
             self._descriptions[code] = _describe(result.error_message)
         if code is not None and code == self._streak_code:

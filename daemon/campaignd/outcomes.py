@@ -154,8 +154,13 @@ def decide(
     ``resend_in_doubt`` is the sender's: false for a provider that cannot deduplicate a resend.
     """
     if result.kind is ResultKind.SENT:
+        # A sent answer's code is a note about it (answers.sent_without_id), kept on the row.
         return RecipientUpdate(
-            recipient_id, RecipientState.SENT, provider_message_id=result.provider_message_id
+            recipient_id,
+            RecipientState.SENT,
+            provider_message_id=result.provider_message_id,
+            error_code=result.error_code,
+            error_message=_clip(result.error_message),
         )
     if result.maybe_delivered and not resend_in_doubt:
         # The request may have been delivered: retrying could deliver it twice.

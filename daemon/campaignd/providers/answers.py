@@ -67,6 +67,12 @@ def describe(code: int | str, message: str) -> str:
     return f"{prefix} {message}" if message else prefix
 
 
+# A gateway's own answer about the provider behind it (RFC 9110 15.6.3, 15.6.5): no answer in
+# time, or an answer the gateway could not read. The provider may have taken the request,
+# exactly as when campaignd's own timeout runs out.
+GATEWAY_STATUSES = frozenset({502, 504})
+
+
 def classify_bare_status(status: int, headers: Mapping[str, str]) -> SendResult:
     """An answer without the provider's error envelope: a proxy's page, an empty body.
 
@@ -76,6 +82,8 @@ def classify_bare_status(status: int, headers: Mapping[str, str]) -> SendResult:
     """
     code = f"http_{status}"
     message = f"HTTP {status} without the provider's error body"
+    if status in GATEWAY_STATUSES:
+        return SendResult(ResultKind.TRANSIENT, error_code=code, error_message=message, maybe_delivered=True)
     if status == 429:
         return SendResult(
             ResultKind.THROTTLED,
@@ -86,3 +94,22 @@ def classify_bare_status(status: int, headers: Mapping[str, str]) -> SendResult:
     if status >= 500 or status == 408 or 300 <= status < 400:
         return SendResult(ResultKind.TRANSIENT, error_code=code, error_message=message)
     return SendResult(ResultKind.UNKNOWN, error_code=code, error_message=message)
+
+
+SENT_WITHOUT_ID = "sent_without_id"
+
+
+def sent_without_id(status: int) -> SendResult:
+    """A 2xx of a provider that always names the message it accepted, naming none.
+
+    Sent, and never sent again: these providers take no idempotency key. But such answers
+    come from something that is not the provider (an ``api_base`` pointing at a web server,
+    a captive proxy) as often as from the provider, so the recipient carries the code, and
+    the circuit breaker pauses a campaign whose sends all end this way, instead of letting
+    it "send" everyone while nothing is delivered.
+    """
+    return SendResult(
+        ResultKind.SENT,
+        error_code=SENT_WITHOUT_ID,
+        error_message=f"HTTP {status} accepted the request without naming a message id",
+    )

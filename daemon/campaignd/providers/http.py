@@ -10,7 +10,7 @@ import orjson
 
 from campaignd.config import HttpSenderConfig
 from campaignd.outcomes import ResultKind, SendResult, parse_retry_after
-from campaignd.providers.answers import parse_json, text_id
+from campaignd.providers.answers import GATEWAY_STATUSES, parse_json, text_id
 from campaignd.providers.base import Delivery, InvalidAddress
 from campaignd.providers.transport import HttpTransport
 
@@ -24,18 +24,21 @@ def classify_http_response(status: int, body: bytes, headers: Mapping[str, str])
         message_id = text_id(payload.get("id")) if isinstance(payload, dict) else None
         if message_id is not None:
             return SendResult(ResultKind.SENT, provider_message_id=message_id)
-        # A 2xx we cannot read, or without an id, proves nothing: retry it. The resend carries
-        # the same Idempotency-Key, so a provider that did accept it will not deliver twice.
+        # A 2xx we cannot read, or without an id, proves nothing either way: the provider
+        # may well have accepted it. Retried with the same Idempotency-Key by a sender whose
+        # provider deduplicates; in doubt for one told it does not (resend_in_doubt = false).
         if payload is None:
             return SendResult(
                 ResultKind.TRANSIENT,
                 error_code="unparsable_body",
                 error_message=f"HTTP {status} with a body that is not JSON",
+                maybe_delivered=True,
             )
         return SendResult(
             ResultKind.TRANSIENT,
             error_code="missing_message_id",
             error_message=f"HTTP {status} without a message id",
+            maybe_delivered=True,
         )
     code, message = _error_fields(payload, status)
     if status in (429, 503):
@@ -47,6 +50,11 @@ def classify_http_response(status: int, body: bytes, headers: Mapping[str, str])
         )
     if status in (401, 403):
         return SendResult(ResultKind.SENDER_FATAL, error_code=code, error_message=message)
+    if status == 409 or status in GATEWAY_STATUSES:
+        # 409: a request with this Idempotency-Key is still being processed (the key draft,
+        # draft-ietf-httpapi-idempotency-key-header); a gateway's 502/504: the provider behind
+        # it may have taken the request. Either way it may be delivered.
+        return SendResult(ResultKind.TRANSIENT, error_code=code, error_message=message, maybe_delivered=True)
     if status == 408 or status >= 500 or status < 200 or 300 <= status < 400:
         # Redirects are not followed: a provider URL that moved is a transient fault to
         # report, not a place to send secrets to.

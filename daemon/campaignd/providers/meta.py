@@ -29,6 +29,7 @@ from campaignd.providers.answers import (
     describe,
     integer_code,
     parse_json,
+    sent_without_id,
     short_text,
     text_id,
 )
@@ -39,6 +40,7 @@ META_CODES: Mapping[int, ResultKind] = MappingProxyType(
     {
         # Meta's side failed or is overloaded: worth retrying this recipient.
         1: _K.TRANSIENT,  # API Unknown: invalid request or possible server error
+        102: _K.SENDER_FATAL,  # API Session: the session (token) expired or was revoked
         2: _K.TRANSIENT,  # API Service: temporary downtime or overload
         1200: _K.TRANSIENT,  # Messenger: temporary send message failure
         131000: _K.TRANSIENT,  # Something went wrong
@@ -49,6 +51,7 @@ META_CODES: Mapping[int, ResultKind] = MappingProxyType(
         17: _K.THROTTLED,  # user request limit reached
         32: _K.THROTTLED,  # page request limit reached
         613: _K.THROTTLED,  # calls exceeded the rate limit
+        341: _K.THROTTLED,  # application limit reached: temporary
         80002: _K.THROTTLED,  # Instagram business use case rate limit
         80006: _K.THROTTLED,  # Messenger business use case rate limit
         80007: _K.THROTTLED,  # WhatsApp Business Account rate limit
@@ -107,9 +110,18 @@ META_SUBCODES: Mapping[int, ResultKind] = MappingProxyType(
         1545041: _K.RECIPIENT_PERMANENT,  # (#551) this person isn't available right now
         2018001: _K.RECIPIENT_PERMANENT,  # (#100) no matching user found
         2018278: _K.RECIPIENT_PERMANENT,  # (#10) sent outside the allowed messaging window
+        2018065: _K.RECIPIENT_PERMANENT,  # (#10) sent outside the allowed messaging window
+        2534022: _K.RECIPIENT_PERMANENT,  # (#10) Instagram: sent outside the allowed window
+        2018108: _K.RECIPIENT_PERMANENT,  # (#10) this person isn't receiving messages from you
+        # (#1) "Received invalid JSON reply": Meta's own page says the message may have been
+        # sent all the same.
+        1357046: _K.TRANSIENT,
         2018109: _K.CAMPAIGN_FATAL,  # (#100) attachment size exceeds the allowable limit
     }
 )
+
+# Errors after which the message may have gone out: resent only by a sender told to.
+META_MAYBE_DELIVERED = frozenset({1357046})
 
 RECIPIENT_DELAY_SECONDS: Mapping[int, float] = MappingProxyType(
     {
@@ -135,7 +147,10 @@ def classify_meta(status: int, body: bytes, headers: Mapping[str, str]) -> SendR
     if 200 <= status < 300:
         # Meta takes no idempotency key: a 2xx must never be sent again, even when its body
         # cannot be read; the message is sent, its id unknown.
-        return SendResult(ResultKind.SENT, provider_message_id=meta_message_id(payload))
+        message_id = meta_message_id(payload)
+        if message_id is None:
+            return sent_without_id(status)
+        return SendResult(ResultKind.SENT, provider_message_id=message_id)
     error = payload.get("error") if isinstance(payload, dict) else None
     code = integer_code(error.get("code")) if isinstance(error, dict) else None
     if not isinstance(error, dict) or code is None:
@@ -153,6 +168,7 @@ def classify_meta(status: int, body: bytes, headers: Mapping[str, str]) -> SendR
         error_code=str(decided_by),
         error_message=message,
         retry_after_seconds=RECIPIENT_DELAY_SECONDS.get(decided_by) if kind is _K.RECIPIENT_DELAY else None,
+        maybe_delivered=decided_by in META_MAYBE_DELIVERED,
     )
 
 

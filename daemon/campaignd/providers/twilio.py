@@ -41,11 +41,12 @@ TWILIO_CODES: Mapping[int, ResultKind] = MappingProxyType(
         20503: _K.TRANSIENT,  # service unavailable
         30008: _K.TRANSIENT,  # unknown error
         # Too much, too fast: slow the sender.
-        14107: _K.THROTTLED,  # SMS send rate limit exceeded
         20429: _K.THROTTLED,  # too many requests
         21611: _K.THROTTLED,  # this From number has too many messages queued
         30001: _K.THROTTLED,  # queue overflow
         30022: _K.THROTTLED,  # US A2P 10DLC: rate limit exceeded
+        # Too many messages between these two numbers in 30 s; the pair is held for 30 s.
+        14107: _K.RECIPIENT_DELAY,
         # This recipient cannot receive it; the campaign goes on.
         21211: _K.RECIPIENT_PERMANENT,  # invalid To phone number
         21265: _K.RECIPIENT_PERMANENT,  # To number cannot be a short code
@@ -55,6 +56,9 @@ TWILIO_CODES: Mapping[int, ResultKind] = MappingProxyType(
         21610: _K.RECIPIENT_PERMANENT,  # recipient replied STOP (unsubscribed)
         21612: _K.RECIPIENT_PERMANENT,  # To number not reachable through this From / channel
         21614: _K.RECIPIENT_PERMANENT,  # To number is not a mobile number
+        # The From number cannot message this destination (a short code abroad, say): a From
+        # that can message nobody fails every recipient this way, and the breaker pauses it.
+        21606: _K.RECIPIENT_PERMANENT,
         21617: _K.RECIPIENT_PERMANENT,  # body over 1,600 characters once this recipient's variables are in
         21620: _K.RECIPIENT_PERMANENT,  # invalid media URL (may come from this recipient's variables)
         30003: _K.RECIPIENT_PERMANENT,  # unreachable destination handset
@@ -67,7 +71,6 @@ TWILIO_CODES: Mapping[int, ResultKind] = MappingProxyType(
         20005: _K.SENDER_FATAL,  # account not active
         20404: _K.SENDER_FATAL,  # account (or service) not found
         21212: _K.SENDER_FATAL,  # invalid From number
-        21606: _K.SENDER_FATAL,  # From number is not a valid, message-capable Twilio number
         21609: _K.SENDER_FATAL,  # invalid StatusCallback URL
         21701: _K.SENDER_FATAL,  # Messaging Service does not exist
         21703: _K.SENDER_FATAL,  # Messaging Service has no phone number available
@@ -91,10 +94,10 @@ def classify_twilio(status: int, body: bytes, headers: Mapping[str, str]) -> Sen
     payload = answers.parse_json(body)
     if 200 <= status < 300:
         # No idempotency key: a 2xx is never resent, even without a readable sid.
-        return SendResult(
-            ResultKind.SENT,
-            provider_message_id=answers.text_id(payload.get("sid")) if isinstance(payload, dict) else None,
-        )
+        sid = answers.text_id(payload.get("sid")) if isinstance(payload, dict) else None
+        if sid is None:
+            return answers.sent_without_id(status)
+        return SendResult(ResultKind.SENT, provider_message_id=sid)
     code = answers.integer_code(payload.get("code")) if isinstance(payload, dict) else None
     if not isinstance(payload, dict) or code is None:
         return answers.classify_bare_status(status, headers)
