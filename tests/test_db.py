@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncpg
 
+from campaignd import db
+from campaignd.config import DatabaseConfig
+
 
 async def test_sessions_have_timeouts_and_plan_per_execution(conn: asyncpg.Connection) -> None:
     settings = {
@@ -24,6 +27,33 @@ async def test_sessions_have_timeouts_and_plan_per_execution(conn: asyncpg.Conne
         "plan_cache_mode": "force_custom_plan",
         "application_name": "campaignd",
     }
+
+
+async def test_sql_with_backslashes_works_in_a_database_set_to_the_old_string_syntax(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    # A database (or role) left at standard_conforming_strings = off reads backslashes in
+    # string literals as escapes; address_key's regexes, parsed where they are called, then
+    # failed on every call ("quantifier operand invalid") and the sender's lane crash-looped.
+    name = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"ALTER DATABASE {name} SET standard_conforming_strings = off")
+    legacy = await asyncpg.connect(database_url)
+    try:
+        assert await legacy.fetchval("SHOW standard_conforming_strings") == "off"
+    finally:
+        await legacy.close()
+
+    session = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        keys = await session.fetch(
+            "SELECT campaignd.address_key(a, true) AS key FROM unnest($1::text[]) AS a",
+            ["+1 (555) 000-1111", "15550001111", "+1\u00a0555"],
+        )
+    finally:
+        await session.close()
+
+    # The third is written with a non-breaking space, one of the separators people write.
+    assert [row["key"] for row in keys] == ["15550001111", "15550001111", "1555"]
 
 
 async def test_a_connection_left_mid_operation_by_a_vanishing_server_is_retried_not_fatal() -> None:

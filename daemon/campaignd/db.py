@@ -72,6 +72,11 @@ def session_settings(config: DatabaseConfig) -> dict[str, str]:
         # nested loop that rescans the array per row: measured 563 ms instead of 13 ms per
         # 1,000 outcomes (bench/record_outcomes_plan.py). Planning each execution costs far less.
         "plan_cache_mode": "force_custom_plan",
+        # campaignd's SQL writes backslashes as themselves (the regexes of address_key, which
+        # is inlined into the statements that call it and so parsed in the caller's session).
+        # A database or role still set to the pre-9.1 default would read them as escapes: the
+        # migration succeeded, and every call then failed, crashing the sender's lane.
+        "standard_conforming_strings": "on",
         "statement_timeout": _milliseconds(config.statement_timeout_seconds),
         "lock_timeout": _milliseconds(config.lock_timeout_seconds),
         "idle_in_transaction_session_timeout": _milliseconds(config.idle_in_transaction_timeout_seconds),
