@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from tests.conftest import (
     state_counts,
     wait_for,
     wait_status,
+    with_database,
+    write_config,
 )
 
 
@@ -166,6 +169,74 @@ async def test_status_command_reports_progress_as_json(
     assert table.returncode == 0 and "completed" in table.stdout
     missing = status("00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 1
+
+
+async def test_status_shows_names_and_reasons_as_written_never_as_markup(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    # Reasons quote providers' texts; a "[/...]" in one made the table raise, and every
+    # campaign's status with it.
+    config = write_config(tmp_path / "c.toml", {"database": {"url": database_url}})
+    named = await create_campaign(conn, "sms", 1, name="[bold]spring[/bold] sale")
+    paused = await create_campaign(conn, "sms", 1, name="paused")
+    reason = "provider rejected the campaign: 132001: template not found [/en_US]"
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'paused', status_reason = $2 WHERE id = $1", paused, reason
+    )
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'skipped', error_code = '[red]x[/]' WHERE campaign_id = $1",
+        named,
+    )
+
+    def status(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "campaignd", "status", "--config", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listing = status()
+    assert listing.returncode == 0, listing.stderr
+    assert "[/en_US]" in listing.stdout and "[bold]spring[/bold] sale" in listing.stdout
+    one = status(named)
+    assert one.returncode == 0, one.stderr
+    assert "[red]x[/]: 1" in one.stdout
+
+
+async def test_status_of_a_database_without_the_schema_is_one_plain_line(tmp_path: Path, pg_url: str) -> None:
+    name = "raw_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        cases = {
+            "no schema": with_database(pg_url, name),
+            "no database": with_database(pg_url, name + "_missing"),
+        }
+        for case, url in cases.items():
+            config = write_config(tmp_path / f"{case}.toml", {"database": {"url": url}})
+            result = subprocess.run(
+                [sys.executable, "-m", "campaignd", "status", "--config", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 1, (case, result.stderr)
+            assert "Traceback" not in result.stderr, (case, result.stderr)
+            assert result.stderr.startswith("campaignd: "), (case, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
+        assert (
+            "run `campaignd migrate`"
+            in subprocess.run(
+                [sys.executable, "-m", "campaignd", "status", "--config", str(tmp_path / "no schema.toml")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stderr
+        )
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.close()
 
 
 def test_demo_runs_to_completion_on_an_embedded_database(tmp_path: Path) -> None:

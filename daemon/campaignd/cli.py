@@ -342,14 +342,17 @@ async def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 async def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from campaignd import db
+    from campaignd.operator import OperatorError, connected
     from campaignd.status import fetch_status, print_status
 
-    connection = await db.connect(settings.database)
+    # Through the operator commands' connection: a missing database or schema is one plain
+    # line, as for every other command, not a traceback.
     try:
-        rows = await fetch_status(connection, str(args.campaign_id) if args.campaign_id else None)
-    finally:
-        await connection.close()
+        async with connected(settings) as connection:
+            rows = await fetch_status(connection, str(args.campaign_id) if args.campaign_id else None)
+    except OperatorError as exc:
+        print(f"campaignd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     if args.campaign_id and not rows:
         print(f"campaignd: no campaign {args.campaign_id}", file=sys.stderr)
         return EXIT_FAILURE

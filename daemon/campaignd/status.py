@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from campaignd.sql import QUERIES
 
@@ -53,22 +54,29 @@ def print_status(rows: list[dict[str, Any]], *, as_json: bool) -> None:
     ):
         table.add_column(column, overflow="fold")
     for row in rows:
+        # Text, never markup: names are the host's and reasons quote providers, and a "[/x]"
+        # in either made rich raise, which took the whole listing down with one campaign.
         table.add_row(
-            row["id"],
-            row["name"],
-            row["sender_id"],
-            row["status"],
-            str(row["total_count"]),
-            str(row["sent_count"]),
-            str(row["failed_count"]),
-            str(row["skipped_count"]),
-            str(row["open_count"]),
-            "" if row["progress"] is None else f"{row['progress']}%",
-            row["status_reason"] or "",
+            *(
+                Text(cell)
+                for cell in (
+                    row["id"],
+                    row["name"],
+                    row["sender_id"],
+                    row["status"],
+                    str(row["total_count"]),
+                    str(row["sent_count"]),
+                    str(row["failed_count"]),
+                    str(row["skipped_count"]),
+                    str(row["open_count"]),
+                    "" if row["progress"] is None else f"{row['progress']}%",
+                    row["status_reason"] or "",
+                )
+            )
         )
     # Piped output (scripts, `watch`) would otherwise be squeezed to 80 columns and fold ids.
     console = Console() if sys.stdout.isatty() else Console(width=220)
     console.print(table)
     for row in rows:
         for error in row.get("errors", []):
-            console.print(f"  {error['state']:>8} {error['error_code']}: {error['n']}")
+            console.print(Text(f"  {error['state']:>8} {error['error_code']}: {error['n']}"))
