@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from campaignd import db
+from campaignd import operator as campaignd_operator
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider
 from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns, released
@@ -22,6 +23,7 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    state_counts,
     wait_for,
     wait_status,
 )
@@ -153,6 +155,40 @@ async def test_a_lane_leaving_gives_its_lost_claims_back_rather_than_leave_them_
     assert fake.request_count() == 400, "a recipient was sent twice"
     second.signal(signal.SIGTERM)
     assert await asyncio.to_thread(second.wait) == 0
+
+
+async def test_a_lost_claim_in_a_campaign_cancelled_while_the_lane_stays_busy_is_given_back(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """Lost claims went back only when their campaign ran out of work here or the lane left.
+    Cancelled meanwhile, with another campaign keeping the lane busy, the campaign kept rows
+    in flight, under a live lane the watchdog leaves alone, for as long as the lane lived."""
+    connection, doomed, config = await _lost_claim_run(
+        tmp_path, database_url, fake, proxy, 3000, rate_per_second=100.0
+    )
+    daemon = daemons(config)
+    try:
+
+        async def lost() -> bool:
+            return proxy.lost == 1
+
+        await wait_for(lost, timeout=30, what="the second claim's reply lost")
+        busy = await create_campaign(connection, "sms", 6000)
+        cancelled = await campaignd_operator.cancel_campaign(connection, doomed)
+        assert cancelled.status == "cancelled"
+
+        async def settled() -> bool:
+            return (await state_counts(connection, doomed)).keys() <= {"sent", "skipped"}
+
+        await wait_for(settled, timeout=30, what="the cancelled campaign's lost claims to be given back")
+        assert (await state_counts(connection, busy)).get("pending", 0) > 0, "the lane was never idle"
+        await assert_counters_match(connection, doomed)
+    finally:
+        await connection.close()
+    assert "lost_claims_released" in daemon.log()
+    assert fake.duplicate_keys() == {}, "a recipient was sent twice"
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait) == 0
 
 
 async def test_an_outcome_written_again_does_not_land_on_a_later_claim(conn: asyncpg.Connection) -> None:

@@ -482,6 +482,7 @@ class Lane:
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(QUERIES["sending_campaigns"], self.lease.sender_id)
         sending = {str(row["id"]): row for row in rows}
+        left: list[str] = []
         for campaign_id, run in list(self._runs.items()):
             if campaign_id not in sending:
                 if run.active:
@@ -489,6 +490,12 @@ class Lane:
                 run.active = False
                 if run.outstanding == 0:
                     del self._runs[campaign_id]
+                    left.append(campaign_id)
+        if self._claim_failed and (lost_in := [c for c in left if c in self._claimed_in]):
+            # Paused or cancelled with this lane's lost claims in it, and nothing of it
+            # outstanding here: given back now (a cancelled campaign's then end skipped by the
+            # watchdog), not when the lane leaves, which a busy sender may not do for days.
+            await self._release_lost_claims(lost_in)
         for campaign_id, row in sending.items():
             known = self._runs.get(campaign_id)
             if known is not None and known.active:
