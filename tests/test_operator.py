@@ -240,6 +240,7 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
     fake.behaviour.all_status = 401
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
     with_sender = await create_campaign(conn, "sms", 100, name="paused with its sender")
+    held = await create_campaign(conn, "sms", 100, name="paused with its sender, then by the operator")
     by_operator = await create_campaign(conn, "sms", 30, name="paused by the operator", start=False)
     resumed_early = await create_campaign(conn, "sms", 30, name="resumed before the sender", start=False)
     pauses = [campaignd(config, "pause", campaign_id) for campaign_id in (by_operator, resumed_early)]
@@ -250,12 +251,18 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
     row = await wait_status(conn, with_sender, "paused", timeout=30)
     reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
     assert reason is not None and row["status_reason"] == reason
+    assert (await wait_status(conn, held, "paused", timeout=30))["status_reason"] == reason
 
     async def lane_stopped() -> bool:
         owner = await conn.fetchval("SELECT lease_owner FROM campaignd.senders WHERE id = 'sms'")
         return "sender_paused" in daemon.log() and owner is None
 
     await wait_for(lane_stopped, timeout=30, what="the lane to stop")
+    # Held while the token is fixed: was refused as "already paused", and resume-sender then
+    # sent it after all.
+    hold = await campaignd(config, "pause", held)
+    assert hold.returncode == 0, hold.stderr
+    assert "stays paused when `campaignd resume-sender sms`" in " ".join(hold.stdout.split())
 
     doctor, everything = await asyncio.gather(
         campaignd(config, "doctor", with_sender), campaignd(config, "doctor", "--json")
@@ -268,6 +275,7 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
     assert ("sender", "sms") in {(d["kind"], d["id"]) for d in report["diagnoses"]}
     assert {d["id"] for d in report["diagnoses"] if d["kind"] == "campaign"} == {
         with_sender,
+        held,
         by_operator,
         resumed_early,
     }
@@ -287,8 +295,9 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
     for campaign_id in (with_sender, resumed_early):
         await wait_status(conn, campaign_id, "completed", timeout=60)
         await assert_counters_match(conn, campaign_id)
-    row = await campaign(conn, by_operator)
-    assert (row["status"], row["status_reason"]) == ("paused", "paused by operator")
+    for campaign_id in (by_operator, held):
+        row = await campaign(conn, campaign_id)
+        assert (row["status"], row["status_reason"]) == ("paused", "paused by operator")
     assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
 
     again = await campaignd(config, "resume-sender", "sms")
@@ -432,6 +441,9 @@ def test_transition_refusals_name_the_reason() -> None:
     for status in ("draft", "sending", "paused"):
         assert transition_refusal("cancel", "c", status) is None
     assert transition_refusal("pause", "c", "paused") == "campaign c is already paused"
+    # Paused with its sender, which resume-sender undoes: the operator's pause takes it over.
+    assert transition_refusal("pause", "c", "paused", held_by_sender=True) is None
+    assert transition_refusal("cancel", "c", "cancelled", held_by_sender=True) is not None
     assert transition_refusal("resume", "c", "sending") == "campaign c is already sending"
     assert transition_refusal("cancel", "c", "cancelled") == "campaign c is already cancelled"
     for status in ("completed", "cancelled", "failed"):

@@ -133,9 +133,15 @@ _TARGET: Final[dict[CampaignAction, str]] = {"pause": "paused", "resume": "sendi
 _PAST: Final[dict[CampaignAction, str]] = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}
 
 
-def transition_refusal(action: CampaignAction, campaign_id: str, status: str) -> str | None:
-    """Why ``action`` cannot apply to a campaign in ``status``; None when it can."""
-    if status in _ALLOWED_FROM[action]:
+def transition_refusal(
+    action: CampaignAction, campaign_id: str, status: str, *, held_by_sender: bool = False
+) -> str | None:
+    """Why ``action`` cannot apply to a campaign in ``status``; None when it can.
+
+    ``held_by_sender``: paused with its sender, which ``resume-sender`` undoes; an operator's
+    pause then takes it over, so that it stays paused when the sender is resumed.
+    """
+    if status in _ALLOWED_FROM[action] or (action == "pause" and held_by_sender):
         return None
     if status == _TARGET[action]:
         return f"campaign {campaign_id} is already {status}"
@@ -154,6 +160,15 @@ class CampaignRef:
     status_reason: str | None
     sender_paused_reason: str | None
 
+    @property
+    def held_by_sender(self) -> bool:
+        """Paused with its sender: ``resume-sender`` sends it again."""
+        return (
+            self.status == "paused"
+            and self.status_reason is not None
+            and self.status_reason == self.sender_paused_reason
+        )
+
 
 async def _campaign(connection: Connection, campaign_id: str) -> CampaignRef:
     row = await connection.fetchrow(QUERIES["op_campaign"], campaign_id)
@@ -171,7 +186,7 @@ async def _campaign(connection: Connection, campaign_id: str) -> CampaignRef:
 
 async def _checked(connection: Connection, action: CampaignAction, campaign_id: str) -> CampaignRef:
     campaign = await _campaign(connection, campaign_id)
-    refusal = transition_refusal(action, campaign_id, campaign.status)
+    refusal = transition_refusal(action, campaign_id, campaign.status, held_by_sender=campaign.held_by_sender)
     if refusal is not None:
         raise OperatorError(refusal)
     return campaign
@@ -180,13 +195,17 @@ async def _checked(connection: Connection, action: CampaignAction, campaign_id: 
 async def _raced(connection: Connection, action: CampaignAction, campaign_id: str) -> OperatorError:
     """The campaign changed between our read and our write (a daemon or host moved it)."""
     now = await _campaign(connection, campaign_id)
-    refusal = transition_refusal(action, campaign_id, now.status)
+    refusal = transition_refusal(action, campaign_id, now.status, held_by_sender=now.held_by_sender)
     return OperatorError(refusal or f"campaign {campaign_id} changed while being {_PAST[action]}; try again")
 
 
 async def pause_campaign(connection: Connection, campaign_id: str) -> CampaignRef:
     campaign = await _checked(connection, "pause", campaign_id)
-    if await connection.fetchval(QUERIES["op_pause_campaign"], campaign_id, PAUSED_BY_OPERATOR) is None:
+    held_with = campaign.status_reason if campaign.held_by_sender else None
+    if (
+        await connection.fetchval(QUERIES["op_pause_campaign"], campaign_id, PAUSED_BY_OPERATOR, held_with)
+        is None
+    ):
         raise await _raced(connection, "pause", campaign_id)
     return campaign
 
@@ -220,10 +239,16 @@ async def cmd_pause(settings: Settings, campaign_id: str) -> int:
             campaign = await pause_campaign(connection, campaign_id)
     except OperatorError as exc:
         return _fail(str(exc))
-    _say(
-        f"paused campaign {campaign_id} (was {campaign.status}): no more recipients are claimed; "
-        "sends already at the provider finish and are recorded"
-    )
+    if campaign.held_by_sender:
+        _say(
+            f"paused campaign {campaign_id} (was paused with its sender {campaign.sender_id}): "
+            f"it stays paused when `campaignd resume-sender {campaign.sender_id}` resumes the sender"
+        )
+    else:
+        _say(
+            f"paused campaign {campaign_id} (was {campaign.status}): no more recipients are claimed; "
+            "sends already at the provider finish and are recorded"
+        )
     return 0
 
 

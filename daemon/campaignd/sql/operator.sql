@@ -12,10 +12,12 @@ JOIN campaignd.senders s ON s.id = c.sender_id
 WHERE c.id = $1;
 
 -- name: op_pause_campaign
--- $1 campaign id, $2 reason
+-- A campaign paused with its sender ($3: the reason it was paused with, which is the
+-- sender's) is taken over too: resume-sender resumes exactly those, and the operator's
+-- pause must outlast it. $1 campaign id, $2 reason, $3 the sender's pause reason it holds
 UPDATE campaignd.campaigns
 SET status = 'paused', status_reason = $2, updated_at = now()
-WHERE id = $1 AND status IN ('sending', 'draft')
+WHERE id = $1 AND (status IN ('sending', 'draft') OR (status = 'paused' AND status_reason = $3))
 RETURNING id;
 
 -- name: op_resume_campaign
