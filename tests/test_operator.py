@@ -27,7 +27,7 @@ from aiohttp import web
 from campaignd import operator as ops
 from campaignd.cli import build_parser
 from campaignd.config import load_settings
-from campaignd.fakeprovider import FakeProvider
+from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.operator import (
     CampaignFacts,
     ClaimGroup,
@@ -302,6 +302,51 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
 
     again = await campaignd(config, "resume-sender", "sms")
     assert again.returncode == 0 and "was not paused" in again.stdout
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_a_recipient_whose_answer_pauses_its_sender_at_every_resume_ends_failed(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A per-recipient error a provider reports as the sender's (401 here; Messenger's code 10
+    # with a subcode the tables did not know, before): the sender paused, was resumed, and
+    # paused again on the same recipient, sent first after each resume, for ever.
+    bad = "+15550000007"
+    fake.behaviour.rules[bad] = Rule(401, {"error": {"code": "blocked", "message": "user blocked the page"}})
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
+    campaign_id = await create_campaign(conn, "sms", 40)
+    daemon = daemons(config)
+
+    async def settled() -> bool:
+        row = await campaign(conn, campaign_id)
+        if row["status"] == "completed":
+            return True
+        paused = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
+        in_flight = (await state_counts(conn, campaign_id)).get("in_flight", 0)
+        return row["status"] == "paused" and paused is not None and in_flight == 0
+
+    resumes = 0
+    while True:
+        await wait_for(settled, timeout=30, what="the campaign to pause or complete")
+        if (await campaign(conn, campaign_id))["status"] == "completed":
+            break
+        assert resumes < 5, "the same recipient paused its sender at every resume"
+        resumption = await ops.resume_sender(conn, "sms")
+        assert resumption.campaigns == (campaign_id,)
+        resumes += 1
+
+    # Sent first after each resume, spending an attempt each time from the second verdict.
+    assert resumes == 3
+    row = await conn.fetchrow(
+        "SELECT state, error_code, attempts, error_message FROM campaignd.recipients WHERE address = $1", bad
+    )
+    assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "blocked", 3)
+    assert row["error_message"].startswith("gave up after 3 attempts")
+    counts = await state_counts(conn, campaign_id)
+    assert counts == {"sent": 39, "failed": 1}
+    await assert_counters_match(conn, campaign_id)
+    assert fake.duplicate_keys() == {}
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

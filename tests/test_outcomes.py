@@ -34,7 +34,12 @@ MAX_ATTEMPTS = 5
 
 
 def _decide(
-    result: SendResult, *, attempts: int = 1, seed: int = 0, resend_in_doubt: bool = True
+    result: SendResult,
+    *,
+    attempts: int = 1,
+    seed: int = 0,
+    resend_in_doubt: bool = True,
+    last_error: str | None = None,
 ) -> RecipientUpdate:
     return decide(
         42,
@@ -45,6 +50,7 @@ def _decide(
         backoff_max=CAP,
         rng=random.Random(seed),
         resend_in_doubt=resend_in_doubt,
+        last_error=last_error,
     )
 
 
@@ -65,6 +71,24 @@ def test_a_send_accepted_without_an_id_is_sent_and_keeps_its_note() -> None:
     assert update == RecipientUpdate(
         42, RecipientState.SENT, error_code="sent_without_id", error_message="HTTP 200 without an id"
     )
+
+
+@pytest.mark.parametrize("kind", [ResultKind.SENDER_FATAL, ResultKind.CAMPAIGN_FATAL])
+def test_the_same_verdict_on_a_recipient_after_a_resume_spends_its_attempts(kind: ResultKind) -> None:
+    verdict = SendResult(kind, error_code="2018108", error_message="(#10) not receiving messages")
+
+    first = _decide(verdict, attempts=1, last_error=None)
+    other = _decide(verdict, attempts=1, last_error="131000")
+    again = _decide(verdict, attempts=2, last_error="2018108")
+    last = _decide(verdict, attempts=3, last_error="2018108")
+
+    # The first time, and after another error, it was not the recipient's: unspent.
+    assert (first.state, first.attempt_adjust, first.retry_in_seconds) == (RecipientState.PENDING, -1, 0.0)
+    assert other.attempt_adjust == -1
+    # Again after a resume: spent, and after a few the recipient ends failed, not the campaign.
+    assert (again.state, again.attempt_adjust) == (RecipientState.PENDING, 0)
+    assert (last.state, last.error_code) == (RecipientState.FAILED, "2018108")
+    assert last.error_message == "gave up after 3 attempts: (#10) not receiving messages"
 
 
 def test_unknown_error_is_retried_but_only_up_to_three_attempts() -> None:

@@ -164,6 +164,8 @@ class Flight:
     run: CampaignRun
     # The lane's number of the claim that took it.
     claim: int
+    # The error code it carried when claimed (its last outcome's), or None.
+    last_error: str | None
     # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
     # with the template it was rendered from: a run revived after a pause may have another.
     delivery: Delivery | None = None
@@ -916,7 +918,9 @@ class Lane:
     def _launch(self, run: CampaignRun, row: asyncpg.Record, claim: int) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run, claim)
+        flight = Flight(
+            row["id"], row["address"], row["variables"], row["attempts"], run, claim, row["last_error"]
+        )
         if run.cap is None:
             self._queue.put(flight)
             return
@@ -1088,6 +1092,7 @@ class Lane:
             backoff_max=self._config.backoff_max_seconds,
             rng=self._rng,
             resend_in_doubt=self._provider.resend_in_doubt,
+            last_error=flight.last_error,
         )
         if result.kind is ResultKind.THROTTLED:
             self._limiter.throttled(result.retry_after_seconds)
@@ -1097,6 +1102,11 @@ class Lane:
                 retry_after=result.retry_after_seconds,
                 rate_factor=self._limiter.factor,
             )
+        # A verdict against the sender or campaign that decide() gave up on as this recipient's
+        # own pauses nothing: were it the sender's after all, the requests still in the air
+        # bring the same verdict for recipients without this history.
+        elif update.state is RecipientState.FAILED:
+            pass
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
             self._pause_reason = f"provider rejected the sender: {result.error_code}: {result.error_message}"
             self._pause_changes_seen = self.lease.pause_changes

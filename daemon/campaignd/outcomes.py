@@ -148,10 +148,12 @@ def decide(
     backoff_max: float,
     rng: random.Random,
     resend_in_doubt: bool = True,
+    last_error: str | None = None,
 ) -> RecipientUpdate:
     """The recipient's next state after one send; ``attempts`` includes this one.
 
     ``resend_in_doubt`` is the sender's: false for a provider that cannot deduplicate a resend.
+    ``last_error`` is the error code the recipient carried when it was claimed.
     """
     if result.kind is ResultKind.SENT:
         # A sent answer's code is a note about it (answers.sent_without_id), kept on the row.
@@ -166,7 +168,9 @@ def decide(
         # The request may have been delivered: retrying could deliver it twice.
         return in_doubt(recipient_id, resend=False)
     message = _clip(result.error_message)
-    update = _decide(recipient_id, result, message, attempts, max_attempts, backoff_base, backoff_max, rng)
+    update = _decide(
+        recipient_id, result, message, attempts, max_attempts, backoff_base, backoff_max, rng, last_error
+    )
     return replace(update, error_class=result.kind.value)
 
 
@@ -179,6 +183,7 @@ def _decide(
     backoff_base: float,
     backoff_max: float,
     rng: random.Random,
+    last_error: str | None,
 ) -> RecipientUpdate:
     match result.kind:
         case ResultKind.SKIPPED:
@@ -217,15 +222,21 @@ def _decide(
                 attempt_adjust=-1,
             )
         case ResultKind.SENDER_FATAL | ResultKind.CAMPAIGN_FATAL:
-            # Not this recipient's fault: it waits, unspent, for the sender or campaign to be
-            # resumed.
+            # Not this recipient's fault, the first time: it waits, unspent, for the sender or
+            # campaign to be resumed, and is sent first then. The same verdict on it again
+            # after a resume may be its own (a per-recipient error the tables take for the
+            # sender's), which would pause everything at every resume: then it spends its
+            # attempts, and after a few ends failed, so that the campaign can go on.
+            repeated = last_error is not None and result.error_code == last_error
+            if repeated and attempts >= min(max_attempts, UNKNOWN_ATTEMPTS):
+                return _gave_up(recipient_id, result, message, attempts)
             return RecipientUpdate(
                 recipient_id,
                 RecipientState.PENDING,
                 error_code=result.error_code,
                 error_message=message,
                 retry_in_seconds=0.0,
-                attempt_adjust=-1,
+                attempt_adjust=0 if repeated else -1,
             )
     raise AssertionError(f"unhandled result kind {result.kind}")
 
