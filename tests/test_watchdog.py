@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from campaignd import db, leasing, metrics
 from campaignd.config import DatabaseConfig, WatchdogConfig
@@ -17,12 +20,22 @@ from campaignd.fakeprovider import FakeProvider
 from campaignd.health import Heartbeats
 from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns
 from campaignd.sql import QUERIES
-from campaignd.watchdog import StuckFacts, Watchdog, stuck_reason
+from campaignd.watchdog import (
+    DRIFT_BATCH,
+    DriftWalk,
+    StuckFacts,
+    Watchdog,
+    advance_drift_walk,
+    begin_drift_pass,
+    drift_history_seconds,
+    stuck_reason,
+)
 from tests.conftest import (
     assert_counters_match,
     campaign,
     create_campaign,
     daemon_config,
+    register_sender,
     state_counts,
     wait_for,
     wait_status,
@@ -165,6 +178,105 @@ async def test_repairs_counters_that_drifted_from_recipient_states(
     assert (row["sent_count"], row["failed_count"], row["total_count"]) == (2, 0, 5)
     await assert_counters_match(conn, campaign_id)
     assert sample("campaignd_counter_drift_repaired_total") == repaired_before + 1
+
+
+async def add_older_candidates(conn: asyncpg.Connection, count: int) -> list[str]:
+    """Paused, prepared campaigns of one recipient each, counters right, last updated a day
+    ago: candidates of the counter check, each older than any a test creates after them."""
+    await register_sender(conn, "sms")
+    rows = await conn.fetch(
+        "WITH c AS (INSERT INTO campaignd.campaigns"
+        "  (name, sender_id, message, status, prepared_at, total_count, updated_at)"
+        "  SELECT 'older ' || g, 'sms', '{\"text\": \"x\"}', 'paused', now(), 1, now() - interval '1 day'"
+        "  FROM generate_series(1, $1) g RETURNING id),"
+        " r AS (INSERT INTO campaignd.recipients (campaign_id, address) SELECT id, '+15550000000' FROM c)"
+        " SELECT id FROM c",
+        count,
+    )
+    return [str(row["id"]) for row in rows]
+
+
+async def test_the_counter_check_reaches_every_campaign_however_many_there_are(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # More candidates than a pass checks, all older than the drifted one: a pass that picked
+    # the oldest (the counter repair leaves updated_at alone) picked these, pass after pass.
+    older = await add_older_candidates(conn, DRIFT_BATCH)
+    drifted = await create_campaign(conn, "sms", 10)
+    await mark_prepared(conn, drifted)
+    # Still sending (one recipient pending), so nothing but the counter check repairs it.
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'sent' WHERE id IN"
+        " (SELECT id FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id LIMIT 9)",
+        drifted,
+    )
+    walk_passes = math.ceil((DRIFT_BATCH + 1) / DRIFT_BATCH)
+    dog = watchdog(pool)
+
+    for _ in range(walk_passes):
+        assert await dog.run_pass()
+
+    row = await campaign(conn, drifted)
+    assert (row["status"], row["sent_count"]) == ("sending", 9), "the counter check never reached it"
+    await assert_counters_match(conn, drifted)
+
+    # The walk starts over: the first campaign it checked, drifted since, is checked again.
+    first = min(older, key=uuid.UUID)
+    await conn.execute("UPDATE campaignd.campaigns SET skipped_count = 5 WHERE id = $1", first)
+    for _ in range(walk_passes):
+        assert await dog.run_pass()
+    await assert_counters_match(conn, first)
+
+
+async def test_a_finished_campaign_whose_counters_drifted_completes_with_the_true_counts(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Beyond the first batch of the counter check: only the completion itself can repair it.
+    await add_older_candidates(conn, DRIFT_BATCH)
+    campaign_id = await create_campaign(conn, "sms", 5)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = CASE WHEN id = (SELECT min(id) FROM campaignd.recipients"
+        " WHERE campaign_id = $1) THEN 'failed' ELSE 'sent' END WHERE campaign_id = $1",
+        campaign_id,
+    )
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET sent_count = 0, failed_count = 3 WHERE id = $1", campaign_id
+    )
+    repaired_before = sample("campaignd_counter_drift_repaired_total")
+
+    with capture_logs() as events:
+        assert await watchdog(pool).run_pass()
+
+    row = await campaign(conn, campaign_id)
+    assert row["status"] == "completed"
+    assert (row["sent_count"], row["failed_count"], row["skipped_count"], row["total_count"]) == (4, 1, 0, 5)
+    await assert_counters_match(conn, campaign_id)
+    [completed] = [e for e in events if e["event"] == "campaign_completed"]
+    assert completed["campaign_id"] == campaign_id
+    assert (completed["sent"], completed["failed"], completed["skipped"], completed["total"]) == (4, 1, 0, 5)
+    [repaired] = [e for e in events if e["event"] == "counter_drift_repaired"]
+    assert repaired["campaign_id"] == campaign_id
+    assert repaired["stored"] == {"sent": 0, "failed": 3, "skipped": 0, "total": 5}
+    assert repaired["actual"] == {"sent": 4, "failed": 1, "skipped": 0, "total": 5}
+    assert sample("campaignd_counter_drift_repaired_total") == repaired_before + 1
+
+
+def test_a_campaign_finished_during_a_walk_stays_a_candidate_until_the_next_walk_ends() -> None:
+    ids = sorted(uuid.uuid4() for _ in range(3))
+    first = begin_drift_pass(DriftWalk(), now=100.0)
+    assert first == DriftWalk(after=None, started=100.0, previous_started=None)
+    assert drift_history_seconds(first, 100.0, interval_seconds=10.0) == 30.0
+
+    going = advance_drift_walk(first, ids[:2], reached_end=False)
+    assert going.after == ids[1]
+    assert begin_drift_pass(going, 110.0) == going, "a walk under way goes on"
+    assert advance_drift_walk(going, [], reached_end=False) == going, "a pass cut short resumes"
+
+    second = begin_drift_pass(advance_drift_walk(going, ids[2:], reached_end=True), 500.0)
+    assert second == DriftWalk(after=None, started=500.0, previous_started=100.0)
+    # Finished at 105, behind the first walk's cursor: the second walk, however long, reaches it.
+    assert drift_history_seconds(second, 2000.0, interval_seconds=10.0) > 2000.0 - 105.0
 
 
 async def test_flags_a_campaign_stuck_behind_a_paused_sender_with_that_reason(

@@ -2,17 +2,21 @@
 
 Every daemon runs it; an advisory lock lets one pass run at a time across all daemons. A
 pass takes back expired lanes and their orphaned claims, sweeps cancelled campaigns,
-completes campaigns whose recipients are all final, repairs counters that drifted from
-recipient states, and flags (with a reason) SENDING campaigns that make no progress. It
+completes campaigns whose recipients are all final (recounting their counters as it does),
+repairs counters that drifted from recipient states (a batch of campaigns per pass, walking
+over all of them), and flags (with a reason) SENDING campaigns that make no progress. It
 never sends anything and never completes a campaign with pending or in-flight work.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 import asyncpg
 import structlog
@@ -30,6 +34,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("campaignd.watchdog")
 
 HEARTBEAT = "watchdog"
+
+# Campaigns whose counters one pass checks: each check counts the campaign's recipients, and
+# a pass must stay cheap on a big database. More candidates take more passes (DriftWalk).
+DRIFT_BATCH = 200
+
+# sent, failed, skipped, total: a campaign's counters, stored or counted from its recipients.
+Counters = tuple[int, int, int, int]
+COUNTER_NAMES = ("sent", "failed", "skipped", "total")
 
 
 @dataclass(frozen=True)
@@ -82,12 +94,76 @@ def stuck_reason(facts: StuckFacts) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class DriftWalk:
+    """Where the counter check stands in its walk over the candidates, in campaign id order.
+
+    ``after``: the last campaign checked (None: the next pass starts from the first);
+    ``started``: when (monotonic seconds) the walk under way began; ``previous_started``: when
+    the one before it did.
+    """
+
+    after: UUID | None = None
+    started: float | None = None
+    previous_started: float | None = None
+
+
+def begin_drift_pass(walk: DriftWalk, now: float) -> DriftWalk:
+    """A pass that starts from the first candidate begins a new walk."""
+    if walk.after is not None:
+        return walk
+    return DriftWalk(after=None, started=now, previous_started=walk.started)
+
+
+def drift_history_seconds(walk: DriftWalk, now: float, interval_seconds: float) -> float:
+    """How long after it finished a campaign stays a candidate for the counter check.
+
+    A campaign that finishes behind the cursor of the walk under way is reached only by the
+    next walk: so during a walk, every campaign finished since the previous walk began must
+    still be a candidate, or long walks (many candidates) would let it drop out unchecked.
+    The first walk looks back three intervals before it began.
+    """
+    recent = 3 * interval_seconds
+    since = walk.previous_started if walk.previous_started is not None else walk.started
+    if since is None:
+        return recent
+    return recent + max(now - since, 0.0)
+
+
+def advance_drift_walk(walk: DriftWalk, checked: Sequence[UUID], reached_end: bool) -> DriftWalk:
+    """After a pass: on from the last campaign checked, or from the first once the walk has
+    checked the last candidate. A pass cut short resumes where it stopped."""
+    if reached_end:
+        return replace(walk, after=None)
+    if checked:
+        return replace(walk, after=checked[-1])
+    return walk
+
+
+def counters_dict(counters: Counters) -> dict[str, int]:
+    return dict(zip(COUNTER_NAMES, counters, strict=True))
+
+
+def report_drift(campaign_id: UUID, stored: Counters, actual: Counters, *, step: str) -> None:
+    metrics.COUNTER_DRIFT_REPAIRED.inc()
+    log.warning(
+        "counter_drift_repaired",
+        campaign_id=str(campaign_id),
+        stored=counters_dict(stored),
+        actual=counters_dict(actual),
+        step=step,
+    )
+
+
 class Watchdog:
     def __init__(self, pool: asyncpg.Pool, config: WatchdogConfig, heartbeats: Heartbeats) -> None:
         self._pool = pool
         self._config = config
         self._heartbeats = heartbeats
         heartbeats.register(HEARTBEAT, allowance_seconds=3 * config.interval_seconds + 30)
+        # In memory: each daemon's watchdog walks the candidates on the passes it runs, so
+        # each covers them all in a bounded number of its own passes.
+        self._drift_walk = DriftWalk()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -139,6 +215,21 @@ class Watchdog:
 
     async def _complete_finished(self, connection: Connection) -> None:
         for row in await connection.fetch(QUERIES["wd_complete_finished"]):
+            stored: Counters = (
+                row["stored_sent"],
+                row["stored_failed"],
+                row["stored_skipped"],
+                row["stored_total"],
+            )
+            actual: Counters = (
+                row["sent_count"],
+                row["failed_count"],
+                row["skipped_count"],
+                row["total_count"],
+            )
+            # Recounted by the completion itself: the drift check may not have reached it yet.
+            if stored != actual:
+                report_drift(row["id"], stored, actual, step="complete_finished")
             log.info(
                 "campaign_completed",
                 campaign_id=str(row["id"]),
@@ -151,36 +242,45 @@ class Watchdog:
             )
 
     async def _repair_drift(self, connection: Connection) -> None:
-        recent = 3 * self._config.interval_seconds
-        for candidate in await connection.fetch(QUERIES["wd_drift_candidates"], recent):
-            campaign_id = candidate["id"]
-            try:
-                async with connection.transaction(isolation="repeatable_read"):
-                    counters = await connection.fetchrow(QUERIES["wd_lock_campaign_counters"], campaign_id)
-                    if counters is None:
-                        continue
-                    counts = await connection.fetchrow(QUERIES["wd_count_states"], campaign_id)
-                    assert counts is not None
-                    stored = (
-                        counters["sent_count"],
-                        counters["failed_count"],
-                        counters["skipped_count"],
-                        counters["total_count"],
-                    )
-                    actual = (counts["sent"], counts["failed"], counts["skipped"], counts["total"])
-                    if stored == actual:
-                        continue
-                    await connection.execute(QUERIES["wd_set_counters"], campaign_id, *actual)
-            except (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.SerializationError):
-                # Being written right now: its counters are checked again on a later pass.
-                continue
-            metrics.COUNTER_DRIFT_REPAIRED.inc()
-            log.warning(
-                "counter_drift_repaired",
-                campaign_id=str(campaign_id),
-                stored=dict(zip(("sent", "failed", "skipped", "total"), stored, strict=True)),
-                actual=dict(zip(("sent", "failed", "skipped", "total"), actual, strict=True)),
-            )
+        now = time.monotonic()
+        walk = begin_drift_pass(self._drift_walk, now)
+        recent = drift_history_seconds(walk, now, self._config.interval_seconds)
+        candidates = [
+            row["id"]
+            for row in await connection.fetch(QUERIES["wd_drift_candidates"], recent, walk.after, DRIFT_BATCH)
+        ]
+        checked: list[UUID] = []
+        try:
+            for campaign_id in candidates:
+                await self._check_counters(connection, campaign_id)
+                checked.append(campaign_id)
+        finally:
+            # A short batch held the last candidates: once all are checked, the walk starts over.
+            reached_end = len(candidates) < DRIFT_BATCH and len(checked) == len(candidates)
+            self._drift_walk = advance_drift_walk(walk, checked, reached_end)
+
+    async def _check_counters(self, connection: Connection, campaign_id: UUID) -> None:
+        try:
+            async with connection.transaction(isolation="repeatable_read"):
+                counters = await connection.fetchrow(QUERIES["wd_lock_campaign_counters"], campaign_id)
+                if counters is None:
+                    return
+                counts = await connection.fetchrow(QUERIES["wd_count_states"], campaign_id)
+                assert counts is not None
+                stored: Counters = (
+                    counters["sent_count"],
+                    counters["failed_count"],
+                    counters["skipped_count"],
+                    counters["total_count"],
+                )
+                actual: Counters = (counts["sent"], counts["failed"], counts["skipped"], counts["total"])
+                if stored == actual:
+                    return
+                await connection.execute(QUERIES["wd_set_counters"], campaign_id, *actual)
+        except (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.SerializationError):
+            # Being written right now: its counters are checked again by the next walk.
+            return
+        report_drift(campaign_id, stored, actual, step="repair_drift")
 
     async def _flag_stuck(self, connection: Connection) -> None:
         stuck_after = self._config.stuck_after_seconds

@@ -43,25 +43,62 @@ SELECT campaign_id, n FROM per_campaign;
 
 -- name: wd_complete_finished
 -- SENDING campaigns whose recipients are all final: completed even if the lane that sent
--- them died before its own completion statement (the "test 6" report).
+-- them died before its own completion statement (the "test 6" report). Their counters are
+-- recounted in the same statement, so that a completion (and its log line) carries the true
+-- counts even when they had drifted: the drift check walks its candidates a batch per pass
+-- and may not have reached the campaign yet. Returns the counters it found too, to report
+-- drift.
+-- A campaign row locked right now is left to the next pass, like the other watchdog writes
+-- (a lane recording outcomes or completing it holds it; the watchdog never waits on a lane).
+-- Locking it before reading its counters makes them the ones this statement overwrites.
+-- The counts cannot miss an outcome committed concurrently: outcomes only land on rows in
+-- flight, and a campaign with a row pending or in flight in this statement's snapshot is
+-- not completed.
+WITH finished AS (
+    SELECT c.id, c.sent_count, c.failed_count, c.skipped_count, c.total_count
+    FROM campaignd.campaigns c
+    WHERE c.status = 'sending' AND c.prepared_at IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM campaignd.recipients r
+          WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight'))
+    FOR NO KEY UPDATE OF c SKIP LOCKED
+), counts AS (
+    SELECT r.campaign_id,
+           count(*) FILTER (WHERE r.state = 'sent') AS sent,
+           count(*) FILTER (WHERE r.state = 'failed') AS failed,
+           count(*) FILTER (WHERE r.state = 'skipped') AS skipped,
+           count(*) AS total
+    FROM campaignd.recipients r
+    WHERE r.campaign_id IN (SELECT id FROM finished)
+    GROUP BY r.campaign_id
+)
 UPDATE campaignd.campaigns c
 SET status = 'completed', completed_at = now(), updated_at = now(),
-    stuck_since = NULL, stuck_reason = NULL, lease_owner = NULL, lease_expires_at = NULL
-WHERE c.status = 'sending' AND c.prepared_at IS NOT NULL
-  AND NOT EXISTS (
-      SELECT 1 FROM campaignd.recipients r
-      WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight'))
-RETURNING c.id, c.sender_id, c.total_count, c.sent_count, c.failed_count, c.skipped_count;
+    stuck_since = NULL, stuck_reason = NULL, lease_owner = NULL, lease_expires_at = NULL,
+    sent_count = coalesce(n.sent, 0), failed_count = coalesce(n.failed, 0),
+    skipped_count = coalesce(n.skipped, 0), total_count = coalesce(n.total, 0)
+FROM finished f
+LEFT JOIN counts n ON n.campaign_id = f.id
+WHERE c.id = f.id
+RETURNING c.id, c.sender_id, c.total_count, c.sent_count, c.failed_count, c.skipped_count,
+          f.total_count AS stored_total, f.sent_count AS stored_sent,
+          f.failed_count AS stored_failed, f.skipped_count AS stored_skipped;
 
 -- name: wd_drift_candidates
--- Campaigns whose counters matter now: in progress, or finished since the last passes.
+-- Campaigns whose counters matter now: in progress, or finished in the last $1 seconds.
 -- Not before campaignd prepared them: until then total_count is legitimately 0.
--- $1 seconds of recent history
+-- Each candidate costs a count of its recipients, so a pass checks at most $3 of them: the
+-- next ones after the last campaign id checked ($2; NULL: from the first), a walk over all
+-- candidates that starts over once it reaches the last. The order must not depend on the
+-- checks themselves (wd_set_counters leaves updated_at alone), or the same campaigns would
+-- be picked pass after pass and the others never.
+-- $1 seconds of recent history, $2 the last campaign id checked, $3 how many
 SELECT id FROM campaignd.campaigns
 WHERE prepared_at IS NOT NULL
   AND (status IN ('sending', 'paused') OR updated_at > now() - make_interval(secs => $1))
-ORDER BY updated_at
-LIMIT 200;
+  AND ($2::uuid IS NULL OR id > $2::uuid)
+ORDER BY id
+LIMIT $3;
 
 -- name: wd_lock_campaign_counters
 -- Inside a REPEATABLE READ transaction: NOWAIT skips a campaign whose counters are being
@@ -82,7 +119,8 @@ FROM campaignd.recipients
 WHERE campaign_id = $1;
 
 -- name: wd_set_counters
--- $1 campaign id, $2 sent, $3 failed, $4 skipped, $5 total
+-- Leaves updated_at alone: that column means progress (wd_stuck_candidates), which a repair
+-- is not. $1 campaign id, $2 sent, $3 failed, $4 skipped, $5 total
 UPDATE campaignd.campaigns
 SET sent_count = $2, failed_count = $3, skipped_count = $4, total_count = $5
 WHERE id = $1;
