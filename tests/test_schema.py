@@ -3,17 +3,22 @@ unmigrated database."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
+import pytest
+import structlog
 
-from campaignd import db
-from campaignd.config import DatabaseConfig
+from campaignd import db, schema
+from campaignd.config import DatabaseConfig, load_settings
 from campaignd.schema import SchemaNotReady, current_version, migrate, require_current
-from campaignd.sql import SCHEMA_VERSION
+from campaignd.sql import MIGRATIONS, QUERIES, SCHEMA_VERSION
 from tests.conftest import daemon_config, with_database
 
 
@@ -25,6 +30,30 @@ async def fresh_database(pg_url: str, name: str) -> str:
     finally:
         await admin.close()
     return with_database(pg_url, name)
+
+
+async def database_at(pg_url: str, name: str, version: int, *, encoding: str = "UTF8") -> str:
+    """A new database whose schema is at an older ``version``, as a host that has not upgraded
+    yet has it: migrations 1..version applied and recorded as `campaignd migrate` does."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+        )
+    finally:
+        await admin.close()
+    url = with_database(pg_url, name)
+    connection = await asyncpg.connect(url)
+    try:
+        async with connection.transaction():
+            await connection.execute(QUERIES["migrations_bootstrap"])
+            for migration in MIGRATIONS[:version]:
+                await connection.execute(migration.sql)
+                await connection.execute(QUERIES["migrations_record"], migration.version, migration.name)
+    finally:
+        await connection.close()
+    return url
 
 
 async def schema_snapshot(connection: asyncpg.Connection) -> list[tuple[str, str]]:
@@ -95,6 +124,221 @@ async def test_cli_migrate_twice_then_run_refuses_unmigrated_database(pg_url: st
         assert await connection.fetchval("SELECT count(*) FROM campaignd.schema_migrations") == SCHEMA_VERSION
         # migrate also registers the configured senders, so a host can insert campaigns at once.
         assert await connection.fetchval("SELECT provider FROM campaignd.senders WHERE id = 'sms'") == "http"
+    finally:
+        await connection.close()
+
+
+# The body migration 009 has always created (prosrc): databases already at 9 have it, and are
+# not migrated again, so every database that can hold the non-breaking space must get it too.
+ADDRESS_KEY_WITH_NBSP = r"""
+    SELECT CASE
+        WHEN phone AND char_length(address) <= 64
+             AND address ~ '^[[:space:]]*\+?[0-9 \u00a0.()/-]*[[:space:]]*$'
+        -- E'' strings know no \v: the vertical tab is \013.
+        THEN translate(address, E'+ \t\n\r\f\013\u00a0.()/-', '')
+        ELSE btrim(address)
+    END
+"""
+
+
+async def test_migration_9_upgrades_every_server_encoding(pg_url: str) -> None:
+    """An encoding without the non-breaking space (SQL_ASCII, EUC_JP) could not parse its
+    escape, and such a database could never upgrade past 8."""
+    for encoding, has_nbsp in (("UTF8", True), ("LATIN1", True), ("SQL_ASCII", False), ("EUC_JP", False)):
+        url = await database_at(pg_url, f"migrate_9_{encoding.lower()}", 8, encoding=encoding)
+        connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+        try:
+            assert await migrate(connection) == list(range(9, SCHEMA_VERSION + 1)), encoding
+            key = "SELECT campaignd.address_key($1, $2)"
+            assert await connection.fetchval(key, " +1 (555) 000-1111 ", True) == "15550001111"
+            assert await connection.fetchval(key, " a b ", False) == "a b"
+            body = await connection.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'address_key'")
+            if has_nbsp:
+                assert body == ADDRESS_KEY_WITH_NBSP, encoding
+                assert await connection.fetchval(key, "+1\u00a0555", True) == "1555"
+            else:
+                assert "u00a0" not in body, encoding
+            # Inlined (one expression, no SET): a plan shows the expression, not a function call.
+            plan = await connection.fetchval(
+                "EXPLAIN (VERBOSE, FORMAT JSON)"
+                " SELECT campaignd.address_key(address, true) FROM campaignd.recipients"
+            )
+            assert "address_key" not in str(plan), encoding
+        finally:
+            await connection.close()
+
+
+# Migrations that wait for a lock, scaled down: a test holds a table, the migration waits for
+# it this long at a time and gives up after the bound.
+LOCK_TIMEOUT = 0.2
+
+
+def quick_backoff() -> db.Backoff:
+    return db.Backoff(first=0.05, cap=0.2)
+
+
+async def hold_recipients(url: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    """A host's transaction that has read campaignd.recipients and stays open: migration 10
+    (ALTER TABLE recipients) cannot take its lock until it ends."""
+    holder = await asyncpg.connect(url)
+    transaction = holder.transaction()
+    await transaction.start()
+    await holder.execute("LOCK TABLE campaignd.recipients IN ACCESS SHARE MODE")
+    return holder, transaction
+
+
+async def test_a_migration_waiting_for_a_table_lets_its_readers_through_then_completes(
+    pg_url: str,
+) -> None:
+    url = await database_at(pg_url, "migrate_waits", SCHEMA_VERSION - 1)
+    holder, held = await hold_recipients(url)
+    reader = await asyncpg.connect(url)  # no lock_timeout: it waits as long as it is made to
+    migrator = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    session_lock_timeout = await migrator.fetchval("SHOW lock_timeout")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            migration = asyncio.create_task(
+                migrate(
+                    migrator,
+                    lock_timeout_seconds=LOCK_TIMEOUT,
+                    give_up_after_seconds=60,
+                    backoff=quick_backoff(),
+                )
+            )
+            # The reads a daemon and a host make while the migration waits: each is held at most
+            # about one lock_timeout (the migration's request queued ahead of it), never the
+            # session's 5 s.
+            slowest = 0.0
+            started = time.monotonic()
+            while time.monotonic() - started < 1.5:
+                before = time.monotonic()
+                await reader.fetchval("SELECT count(*) FROM campaignd.recipients")
+                slowest = max(slowest, time.monotonic() - before)
+                await asyncio.sleep(0.01)
+            assert slowest < LOCK_TIMEOUT + 0.6, slowest
+            assert not migration.done(), migration
+            assert await reader.fetchval(QUERIES["schema_version"]) == SCHEMA_VERSION - 1
+
+            await held.commit()
+            assert await asyncio.wait_for(migration, 10) == [SCHEMA_VERSION]
+        waits = [entry for entry in logs if entry["event"] == "migration_waiting_for_lock"]
+        assert waits and all(entry["version"] == SCHEMA_VERSION for entry in waits)
+        assert [entry["attempt"] for entry in waits] == list(range(1, len(waits) + 1))
+        assert await current_version(reader) == SCHEMA_VERSION
+        # The session's own lock_timeout is back once the migration has committed.
+        assert await migrator.fetchval("SHOW lock_timeout") == session_lock_timeout
+    finally:
+        for connection in (migrator, reader, holder):
+            await connection.close()
+
+
+async def test_a_migration_that_cannot_take_its_lock_gives_up_with_nothing_applied(pg_url: str) -> None:
+    url = await database_at(pg_url, "migrate_gives_up", SCHEMA_VERSION - 1)
+    holder, _held = await hold_recipients(url)
+    migrator = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    try:
+        started = time.monotonic()
+        with pytest.raises(schema.MigrationLockTimeout) as raised:
+            await migrate(
+                migrator,
+                lock_timeout_seconds=LOCK_TIMEOUT,
+                give_up_after_seconds=1.0,
+                backoff=quick_backoff(),
+            )
+        assert time.monotonic() - started < 5
+        message = str(raised.value)
+        assert message.startswith(f"could not take a lock for migration {SCHEMA_VERSION} (")
+        assert f"nothing was applied, the schema is still at version {SCHEMA_VERSION - 1}" in message
+        assert await current_version(migrator) == SCHEMA_VERSION - 1
+        assert not await migrator.fetchval(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'campaignd.recipients'::regclass"
+            " AND conname = 'recipients_id_claimable'"
+        )
+    finally:
+        await migrator.close()
+        await holder.close()
+
+
+async def test_cli_migrate_says_in_one_line_that_a_lock_could_not_be_taken(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "the database is unreachable (LockNotAvailableError ...)": the database answered."""
+    from campaignd.cli import EXIT_FAILURE, _cmd_migrate
+
+    url = await database_at(pg_url, "migrate_cli_gives_up", SCHEMA_VERSION - 1)
+    holder, _held = await hold_recipients(url)
+    config = daemon_config(tmp_path, url, {"sms": {"url": "http://127.0.0.1:9/send"}})
+    # The command's own bound is a minute; the same command, with the test's bound.
+    monkeypatch.setattr(
+        schema,
+        "migrate",
+        functools.partial(
+            schema.migrate,
+            lock_timeout_seconds=LOCK_TIMEOUT,
+            give_up_after_seconds=0.5,
+            backoff=quick_backoff(),
+        ),
+    )
+    try:
+        with structlog.testing.capture_logs():
+            exit_code = await _cmd_migrate(load_settings(config), argparse.Namespace())
+    finally:
+        await holder.close()
+    assert exit_code == EXIT_FAILURE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"campaignd: could not take a lock for migration {SCHEMA_VERSION} (")
+    assert "nothing was applied" in lines[0]
+
+
+async def test_migration_10_refuses_recipient_ids_the_claims_cannot_reach(pg_url: str) -> None:
+    """Claims walk ids from 0 up to below the bigint maximum: a recipient a host wrote at 0, below
+    it or at the maximum was never claimed, and its campaign stayed 'sending' forever."""
+    from tests.conftest import create_campaign
+
+    url = await database_at(pg_url, "migrate_10", 9)
+    connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", 3, start=False)
+        insert = "INSERT INTO campaignd.recipients (id, campaign_id, address) VALUES ($1, $2, '+15550001111')"
+        # Written before the upgrade: renumbered above every id in use (the host's own 5,000
+        # included), so that they are claimed and can be updated under the new rule.
+        for unreachable in (0, -5, 9223372036854775807, 5000):
+            await connection.execute(insert, unreachable, campaign_id)
+
+        assert await migrate(connection) == [10]
+        assert await current_version(connection) == SCHEMA_VERSION == 10
+        ids = [r["id"] for r in await connection.fetch("SELECT id FROM campaignd.recipients ORDER BY id")]
+        assert ids == [1, 2, 3, 5000, 5001, 5002, 5003]
+        # The identity sequence goes on above them.
+        fresh = await connection.fetchval(
+            "INSERT INTO campaignd.recipients (campaign_id, address)"
+            " VALUES ($1, '+15550003333') RETURNING id",
+            campaign_id,
+        )
+        assert fresh == 5004
+        # Every row now satisfies the rule: it can be validated, and any row updated.
+        await connection.execute(
+            "ALTER TABLE campaignd.recipients VALIDATE CONSTRAINT recipients_id_claimable"
+        )
+        await connection.execute("UPDATE campaignd.recipients SET state = 'skipped'")
+
+        for unreachable in (0, -5, -9223372036854775808, 9223372036854775807):
+            with pytest.raises(asyncpg.CheckViolationError, match="recipients_id_claimable"):
+                await connection.execute(insert, unreachable, campaign_id)
+            with pytest.raises(asyncpg.CheckViolationError, match="recipients_id_claimable"):
+                await connection.copy_records_to_table(
+                    "recipients",
+                    schema_name="campaignd",
+                    columns=["id", "campaign_id", "address"],
+                    records=[(unreachable, campaign_id, "+15550001111")],
+                )
+        # The ids campaignd numbers itself, and any other a host writes between the bounds.
+        await connection.execute(
+            "INSERT INTO campaignd.recipients (campaign_id, address) VALUES ($1, '+15550002222')", campaign_id
+        )
+        for reachable in (1000, 9223372036854775806):
+            await connection.execute(insert, reachable, campaign_id)
     finally:
         await connection.close()
 

@@ -328,13 +328,17 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 async def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from campaignd import db
     from campaignd.daemon import sync_senders
-    from campaignd.schema import migrate
+    from campaignd.schema import MigrationLockTimeout, migrate
 
     log = structlog.get_logger("campaignd")
     connection = await db.connect(settings.database)
     try:
         applied = await migrate(connection)
         await sync_senders(connection, settings)
+    except MigrationLockTimeout as exc:
+        # Not "the database is unreachable": it answered, a transaction holds what we need.
+        print(f"campaignd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         await connection.close()
     log.info("migrated", applied=applied, senders=sorted(settings.senders))

@@ -7,6 +7,11 @@
 -- starts after the takeover finds no lane row and changes nothing. A daemon that stalled
 -- past its lease therefore cannot overwrite what the new owner did.
 
+-- name: migrations_lock_timeout
+-- For the migration's transaction only (is_local): the session's own lock_timeout is back
+-- after it. A parameter, which SET LOCAL cannot take. $1 e.g. '500ms'
+SELECT set_config('lock_timeout', $1, true);
+
 -- name: migrations_lock
 -- One migrator at a time; the lock is released at the end of the transaction.
 SELECT pg_advisory_xact_lock(hashtext('campaignd.migrate'));
