@@ -695,6 +695,19 @@ def test_claims_in_flight_under_an_expired_lease() -> None:
     )
 
 
+def test_claims_whose_reply_was_lost_under_a_live_lane_are_not_called_abandoned() -> None:
+    # The lane renews only the claims it knows of: the rows of a claim whose reply it lost
+    # expire while the lane lives. Its daemon did not stop, and the watchdog leaves them alone.
+    lost = ClaimGroup("host-a:41", 7, 12, NOW - timedelta(seconds=50), NOW - timedelta(seconds=40))
+    findings = diagnose(sending(claims=(lost,)))
+    assert problems(findings) == []
+    assert (
+        "12 recipients are in flight under a claim of host-a:41 (epoch 7, expired 2025-03-01 11:59:20 UTC"
+        " (40 s ago)) whose lane is still live: claims whose reply the lane never got, given back unsent"
+        " when it has nothing of this campaign left to send or leaves the lane"
+    ) in infos(findings)
+
+
 def test_the_watchdogs_stuck_flag_is_a_problem() -> None:
     facts = sending(stuck_since=NOW - timedelta(minutes=20), stuck_reason="rate limit too low")
     assert problems(diagnose(facts)) == [

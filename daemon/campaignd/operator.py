@@ -704,8 +704,20 @@ def _claim_findings(facts: CampaignFacts) -> list[Finding]:
     lane = facts.sender
     for claim in facts.claims:
         owner = claim.owner or "an unknown owner"
+        current = lane.lease_live and claim.owner == lane.lease_owner and claim.epoch == lane.lease_epoch
         if claim.last_expiry is None or claim.last_expiry < facts.now:
             expired = "never set" if claim.last_expiry is None else _when(claim.last_expiry, facts.now)
+            if current:
+                # The lane renews the claims it knows of; these it never heard back about.
+                findings.append(
+                    _info(
+                        f"{_recipients(claim.n, 'are', 'is')} in flight under a claim of {owner} (epoch "
+                        f"{claim.epoch}, expired {expired}) whose lane is still live: claims whose reply "
+                        "the lane never got, given back unsent when it has nothing of this campaign "
+                        "left to send or leaves the lane"
+                    )
+                )
+                continue
             findings.append(
                 _problem(
                     f"{_recipients(claim.n, 'are', 'is')} in flight under an expired claim of {owner} (epoch "
@@ -714,7 +726,6 @@ def _claim_findings(facts: CampaignFacts) -> list[Finding]:
                 )
             )
             continue
-        current = lane.lease_live and claim.owner == lane.lease_owner and claim.epoch == lane.lease_epoch
         note = "" if current else f"; that claim no longer holds sender {lane.sender_id}'s lane"
         findings.append(
             _info(
