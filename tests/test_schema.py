@@ -300,23 +300,45 @@ async def test_migration_10_refuses_recipient_ids_the_claims_cannot_reach(pg_url
     connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
     try:
         campaign_id = await create_campaign(connection, "sms", 3, start=False)
+        prepared = await create_campaign(connection, "sms", 0, start=False, name="prepared")
+        await connection.execute(
+            "UPDATE campaignd.campaigns SET prepared_at = now(), total_count = 2, skipped_count = 0"
+            " WHERE id = $1",
+            prepared,
+        )
         insert = "INSERT INTO campaignd.recipients (id, campaign_id, address) VALUES ($1, $2, '+15550001111')"
         # Written before the upgrade: renumbered above every id in use (the host's own 5,000
         # included), so that they are claimed and can be updated under the new rule.
         for unreachable in (0, -5, 9223372036854775807, 5000):
             await connection.execute(insert, unreachable, campaign_id)
+        for unreachable in (-9, -7):
+            await connection.execute(insert, unreachable, prepared)
 
         assert await migrate(connection) == [10]
         assert await current_version(connection) == SCHEMA_VERSION == 10
-        ids = [r["id"] for r in await connection.fetch("SELECT id FROM campaignd.recipients ORDER BY id")]
-        assert ids == [1, 2, 3, 5000, 5001, 5002, 5003]
+        rows = await connection.fetch(
+            "SELECT id, campaign_id, state, error_code, error_message FROM campaignd.recipients ORDER BY id"
+        )
+        assert [r["id"] for r in rows] == [1, 2, 3, 5000, 5001, 5002, 5003, 5004, 5005]
+        # Not yet prepared: checked by the preparation with the rest, then sent.
+        draft = [(r["state"], r["error_code"]) for r in rows if str(r["campaign_id"]) == campaign_id]
+        assert draft == [("pending", None)] * 7
+        # Prepared without them: never checked against the rest (a duplicate address, say), so
+        # never sent; skipped and counted, saying why.
+        skipped = [r for r in rows if str(r["campaign_id"]) == prepared]
+        assert [(r["state"], r["error_code"]) for r in skipped] == [("skipped", "unreachable_id")] * 2
+        assert skipped[0]["error_message"].startswith("written with id -9, which claims cannot reach")
+        assert (
+            await connection.fetchval("SELECT skipped_count FROM campaignd.campaigns WHERE id = $1", prepared)
+            == 2
+        )
         # The identity sequence goes on above them.
         fresh = await connection.fetchval(
             "INSERT INTO campaignd.recipients (campaign_id, address)"
             " VALUES ($1, '+15550003333') RETURNING id",
             campaign_id,
         )
-        assert fresh == 5004
+        assert fresh == 5006
         # Every row now satisfies the rule: it can be validated, and any row updated.
         await connection.execute(
             "ALTER TABLE campaignd.recipients VALIDATE CONSTRAINT recipients_id_claimable"
@@ -341,6 +363,56 @@ async def test_migration_10_refuses_recipient_ids_the_claims_cannot_reach(pg_url
             await connection.execute(insert, reachable, campaign_id)
     finally:
         await connection.close()
+
+
+async def test_migration_10_with_no_room_to_renumber_says_so_and_applies_nothing(pg_url: str) -> None:
+    from tests.conftest import create_campaign
+
+    url = await database_at(pg_url, "migrate_10_full", 9)
+    connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", 0, start=False)
+        insert = "INSERT INTO campaignd.recipients (id, campaign_id, address) VALUES ($1, $2, '+15550001111')"
+        for id_ in (9223372036854775806, 0, -1):
+            await connection.execute(insert, id_, campaign_id)
+
+        with pytest.raises(asyncpg.RaiseError, match="no room above the highest id in use"):
+            await migrate(connection)
+        assert await current_version(connection) == 9
+        ids = [r["id"] for r in await connection.fetch("SELECT id FROM campaignd.recipients ORDER BY id")]
+        assert ids == [-1, 0, 9223372036854775806]
+    finally:
+        await connection.close()
+
+
+async def test_cli_migrate_says_in_one_line_why_a_migration_refused_the_data(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from campaignd.cli import EXIT_FAILURE, _cmd_migrate
+    from tests.conftest import create_campaign
+
+    url = await database_at(pg_url, "migrate_cli_refused", 9)
+    connection = await db.connect(DatabaseConfig(url=url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", 0, start=False)
+        for id_ in (9223372036854775806, 0):
+            await connection.execute(
+                "INSERT INTO campaignd.recipients (id, campaign_id, address) VALUES ($1, $2, 'x')",
+                id_,
+                campaign_id,
+            )
+    finally:
+        await connection.close()
+    config = daemon_config(tmp_path, url, {"sms": {"url": "http://127.0.0.1:9/send"}})
+
+    with structlog.testing.capture_logs():
+        exit_code = await _cmd_migrate(load_settings(config), argparse.Namespace())
+
+    assert exit_code == EXIT_FAILURE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("campaignd: migration 10: 1 recipients have ids the claims cannot reach")
+    assert "nothing was applied. Give those recipients ids between 1 and" in lines[0]
 
 
 async def test_completion_refuses_while_a_retry_is_scheduled(conn: asyncpg.Connection) -> None:

@@ -326,6 +326,8 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 async def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    import asyncpg
+
     from campaignd import db
     from campaignd.daemon import sync_senders
     from campaignd.schema import MigrationLockTimeout, migrate
@@ -338,6 +340,11 @@ async def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     except MigrationLockTimeout as exc:
         # Not "the database is unreachable": it answered, a transaction holds what we need.
         print(f"campaignd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except asyncpg.RaiseError as exc:
+        # A migration refusing the data it found, in its own words (RAISE EXCEPTION ... HINT).
+        hint = f" {exc.hint}" if exc.hint else ""
+        print(f"campaignd: {exc.message}; nothing was applied.{hint}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         await connection.close()

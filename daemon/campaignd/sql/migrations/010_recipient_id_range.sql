@@ -11,19 +11,60 @@
 -- they were, every later UPDATE of them would break the new rule and fail: a cancel of their
 -- campaign, the watchdog's sweep of cancelled campaigns, the preparation's skips. Found
 -- through the primary key's index, not by a scan of the table.
+DO $migration$
+DECLARE
+    unreachable bigint;
+    highest bigint;
+BEGIN
+    SELECT count(*) INTO unreachable
+    FROM campaignd.recipients WHERE id <= 0 OR id = 9223372036854775807;
+    SELECT coalesce(max(id), 0) INTO highest
+    FROM campaignd.recipients WHERE id > 0 AND id < 9223372036854775807;
+    -- Written as a subtraction: highest + unreachable could overflow.
+    IF unreachable > 9223372036854775806 - highest THEN
+        RAISE EXCEPTION 'migration 10: % recipients have ids the claims cannot reach (0 or below, or 9223372036854775807), and there is no room above the highest id in use (%) to renumber them', unreachable, highest
+            USING HINT = 'Give those recipients ids between 1 and 9223372036854775806 (or delete them), then run campaignd migrate again.';
+    END IF;
+END
+$migration$;
+
+-- In a campaign already prepared, a renumbered recipient would be claimed without the checks
+-- its campaign's preparation made over every other recipient (no address, missing variables,
+-- a duplicate of another's address): a person could be sent the message twice. It ends
+-- skipped, counted, with the reason. In a campaign not yet prepared, the preparation checks it
+-- with the rest.
 WITH unreachable AS (
-    SELECT id, row_number() OVER (ORDER BY id) AS n
-    FROM campaignd.recipients
-    WHERE id <= 0 OR id = 9223372036854775807
+    SELECT r.id, row_number() OVER (ORDER BY r.id) AS n,
+           r.state = 'pending' AND c.prepared_at IS NOT NULL AS skip
+    FROM campaignd.recipients r
+    JOIN campaignd.campaigns c ON c.id = r.campaign_id
+    WHERE r.id <= 0 OR r.id = 9223372036854775807
 ), highest AS (
     SELECT coalesce(max(id), 0) AS id
     FROM campaignd.recipients
     WHERE id > 0 AND id < 9223372036854775807
+), renumbered AS (
+    -- SET reads the row as it was: r.id below is the id the host wrote.
+    UPDATE campaignd.recipients r
+    SET id = highest.id + u.n,
+        state = CASE WHEN u.skip THEN 'skipped' ELSE r.state END,
+        error_code = CASE WHEN u.skip THEN 'unreachable_id' ELSE r.error_code END,
+        error_message = CASE
+            WHEN u.skip THEN format('written with id %s, which claims cannot reach; renumbered by'
+                                    ' schema 10 after its campaign was prepared', r.id)
+            ELSE r.error_message END,
+        next_attempt_at = CASE WHEN u.skip THEN NULL ELSE r.next_attempt_at END,
+        updated_at = now()
+    FROM unreachable u, highest
+    WHERE r.id = u.id
+    RETURNING r.campaign_id, u.skip
+), per_campaign AS (
+    SELECT campaign_id, count(*) AS n FROM renumbered WHERE skip GROUP BY campaign_id
 )
-UPDATE campaignd.recipients r
-SET id = highest.id + unreachable.n, updated_at = now()
-FROM unreachable, highest
-WHERE r.id = unreachable.id;
+UPDATE campaignd.campaigns c
+SET skipped_count = c.skipped_count + p.n, updated_at = now()
+FROM per_campaign p
+WHERE c.id = p.campaign_id;
 
 -- The identity sequence must not hand those numbers out again.
 SELECT setval(pg_get_serial_sequence('campaignd.recipients', 'id'), max(id))
