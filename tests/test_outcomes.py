@@ -40,6 +40,7 @@ def _decide(
     seed: int = 0,
     resend_in_doubt: bool = True,
     last_error: str | None = None,
+    last_message: str | None = None,
 ) -> RecipientUpdate:
     return decide(
         42,
@@ -51,6 +52,7 @@ def _decide(
         rng=random.Random(seed),
         resend_in_doubt=resend_in_doubt,
         last_error=last_error,
+        last_message=last_message,
     )
 
 
@@ -77,14 +79,18 @@ def test_a_send_accepted_without_an_id_is_sent_and_keeps_its_note() -> None:
 def test_the_same_verdict_on_a_recipient_after_a_resume_spends_its_attempts(kind: ResultKind) -> None:
     verdict = SendResult(kind, error_code="2018108", error_message="(#10) not receiving messages")
 
+    said = "(#10) not receiving messages"
     first = _decide(verdict, attempts=1, last_error=None)
-    other = _decide(verdict, attempts=1, last_error="131000")
-    again = _decide(verdict, attempts=2, last_error="2018108")
-    last = _decide(verdict, attempts=3, last_error="2018108")
+    other = _decide(verdict, attempts=1, last_error="131000", last_message=said)
+    # A provider that gives every error one code: a transient failure before is not this verdict.
+    transient = _decide(verdict, attempts=2, last_error="2018108", last_message="HTTP 503: busy")
+    again = _decide(verdict, attempts=2, last_error="2018108", last_message=said)
+    last = _decide(verdict, attempts=3, last_error="2018108", last_message=said)
 
     # The first time, and after another error, it was not the recipient's: unspent.
     assert (first.state, first.attempt_adjust, first.retry_in_seconds) == (RecipientState.PENDING, -1, 0.0)
     assert other.attempt_adjust == -1
+    assert (transient.state, transient.attempt_adjust) == (RecipientState.PENDING, -1)
     # Again after a resume: spent, and after a few the recipient ends failed, not the campaign.
     assert (again.state, again.attempt_adjust) == (RecipientState.PENDING, 0)
     assert (last.state, last.error_code) == (RecipientState.FAILED, "2018108")

@@ -164,8 +164,9 @@ class Flight:
     run: CampaignRun
     # The lane's number of the claim that took it.
     claim: int
-    # The error code it carried when claimed (its last outcome's), or None.
+    # The error code and message it carried when claimed (its last outcome's), or None.
     last_error: str | None
+    last_message: str | None
     # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
     # with the template it was rendered from: a run revived after a pause may have another.
     delivery: Delivery | None = None
@@ -233,6 +234,9 @@ class Lane:
         # it has claimed in.
         self._claim_failed = False
         self._claimed_in: set[str] = set()
+        # Campaigns dropped (paused, cancelled) whose lost claims are still to be given back:
+        # kept until that succeeds, so that a failed attempt is tried again.
+        self._release_due: set[str] = set()
         self._claims_made = 0
         self._flush_wanted = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -493,11 +497,17 @@ class Lane:
                 if run.outstanding == 0:
                     del self._runs[campaign_id]
                     left.append(campaign_id)
-        if self._claim_failed and (lost_in := [c for c in left if c in self._claimed_in]):
-            # Paused or cancelled with this lane's lost claims in it, and nothing of it
-            # outstanding here: given back now (a cancelled campaign's then end skipped by the
-            # watchdog), not when the lane leaves, which a busy sender may not do for days.
-            await self._release_lost_claims(lost_in)
+        if self._claim_failed:
+            # Paused or cancelled with this lane's lost claims in it: given back now (a
+            # cancelled campaign's then end skipped by the watchdog), not when the lane leaves,
+            # which a busy sender may not do for days. Only while nothing of it is outstanding
+            # here (it may have been resumed since): then every claim of the lane still in
+            # flight there is a lost one.
+            self._release_due.update(c for c in left if c in self._claimed_in)
+            due = sorted(c for c in self._release_due if c not in self._runs or not self._runs[c].outstanding)
+            if due:
+                await self._release_lost_claims(due)
+                self._release_due.difference_update(due)
         for campaign_id, row in sending.items():
             known = self._runs.get(campaign_id)
             if known is not None and known.active:
@@ -919,7 +929,14 @@ class Lane:
         run.outstanding += 1
         self._outstanding += 1
         flight = Flight(
-            row["id"], row["address"], row["variables"], row["attempts"], run, claim, row["last_error"]
+            row["id"],
+            row["address"],
+            row["variables"],
+            row["attempts"],
+            run,
+            claim,
+            row["last_error"],
+            row["last_message"],
         )
         if run.cap is None:
             self._queue.put(flight)
@@ -1093,6 +1110,7 @@ class Lane:
             rng=self._rng,
             resend_in_doubt=self._provider.resend_in_doubt,
             last_error=flight.last_error,
+            last_message=flight.last_message,
         )
         if result.kind is ResultKind.THROTTLED:
             self._limiter.throttled(result.retry_after_seconds)

@@ -149,11 +149,12 @@ def decide(
     rng: random.Random,
     resend_in_doubt: bool = True,
     last_error: str | None = None,
+    last_message: str | None = None,
 ) -> RecipientUpdate:
     """The recipient's next state after one send; ``attempts`` includes this one.
 
     ``resend_in_doubt`` is the sender's: false for a provider that cannot deduplicate a resend.
-    ``last_error`` is the error code the recipient carried when it was claimed.
+    ``last_error`` and ``last_message``: the error the recipient carried when it was claimed.
     """
     if result.kind is ResultKind.SENT:
         # A sent answer's code is a note about it (answers.sent_without_id), kept on the row.
@@ -169,7 +170,15 @@ def decide(
         return in_doubt(recipient_id, resend=False)
     message = _clip(result.error_message)
     update = _decide(
-        recipient_id, result, message, attempts, max_attempts, backoff_base, backoff_max, rng, last_error
+        recipient_id,
+        result,
+        message,
+        attempts,
+        max_attempts,
+        backoff_base,
+        backoff_max,
+        rng,
+        (last_error, last_message),
     )
     return replace(update, error_class=result.kind.value)
 
@@ -183,7 +192,7 @@ def _decide(
     backoff_base: float,
     backoff_max: float,
     rng: random.Random,
-    last_error: str | None,
+    last_error: tuple[str | None, str | None],
 ) -> RecipientUpdate:
     match result.kind:
         case ResultKind.SKIPPED:
@@ -227,7 +236,9 @@ def _decide(
             # after a resume may be its own (a per-recipient error the tables take for the
             # sender's), which would pause everything at every resume: then it spends its
             # attempts, and after a few ends failed, so that the campaign can go on.
-            repeated = last_error is not None and result.error_code == last_error
+            # Code and message alike: a provider that gives every error one code (the generic
+            # http provider's) must not make a transient failure look like this verdict.
+            repeated = last_error[0] is not None and last_error == (result.error_code, message)
             if repeated and attempts >= min(max_attempts, UNKNOWN_ATTEMPTS):
                 return _gave_up(recipient_id, result, message, attempts)
             return RecipientUpdate(

@@ -517,7 +517,7 @@ WHERE r.id = picked.id
 -- variables as json, not jsonb: json's wire format is the bare text, which the client decodes
 -- in one call, where jsonb's carries a version byte to strip first (one more per message).
 RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, r.error_code AS last_error,
-          picked.fresh;
+          r.error_message AS last_message, picked.fresh;
 
 -- name: record_outcomes
 -- One statement per batch: recipient states and campaign counters change together, and
