@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaignd import db, leasing, metrics
+from campaignd import watchdog as watchdog_module
 from campaignd.config import DatabaseConfig, WatchdogConfig
 from campaignd.fakeprovider import FakeProvider
 from campaignd.health import Heartbeats
@@ -226,6 +227,28 @@ async def test_the_counter_check_reaches_every_campaign_however_many_there_are(
     for _ in range(walk_passes):
         assert await dog.run_pass()
     await assert_counters_match(conn, first)
+
+
+async def test_a_counter_check_that_times_out_does_not_stop_the_walk(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A count that outlasts statement_timeout (cancelled here on purpose, for one campaign):
+    # the walk used to stop at it, pass after pass, and nothing after it was ever checked.
+    slow, drifted = sorted([await create_campaign(conn, "sms", 3) for _ in range(2)], key=uuid.UUID)
+    for campaign_id in (slow, drifted):
+        await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.campaigns SET skipped_count = 7 WHERE id = $1", drifted)
+    cancelled_for_slow = QUERIES["wd_count_states"].replace(
+        "WHERE campaign_id = $1",
+        f"WHERE campaign_id = $1 AND (campaign_id <> '{slow}' OR pg_cancel_backend(pg_backend_pid()))",
+    )
+    monkeypatch.setattr(watchdog_module, "QUERIES", {**QUERIES, "wd_count_states": cancelled_for_slow})
+
+    with capture_logs() as events:
+        assert await watchdog(pool).run_pass()
+
+    await assert_counters_match(conn, drifted)
+    assert [e["campaign_id"] for e in events if e["event"] == "counter_check_timed_out"] == [slow]
 
 
 async def test_a_finished_campaign_whose_counters_drifted_completes_with_the_true_counts(
