@@ -164,9 +164,9 @@ class Flight:
     run: CampaignRun
     # The lane's number of the claim that took it.
     claim: int
-    # The error code and message it carried when claimed (its last outcome's), or None.
-    last_error: str | None
-    last_message: str | None
+    # The error code and message a retry carried when claimed (its last outcome's).
+    last_error: str | None = None
+    last_message: str | None = None
     # Filled in ahead of the send when a capped campaign's pacer looked at it (Lane._pace),
     # with the template it was rendered from: a run revived after a pause may have another.
     delivery: Delivery | None = None
@@ -762,16 +762,18 @@ class Lane:
                 outstanding=self._outstanding,
                 workers=self._worker_count,
             )
-            claim, claims = await self._claim(run, limit)
+            claim, claims, last_errors = await self._claim(run, limit)
             claimed_total += len(claims)
             for row in claims:
-                self._launch(run, row, claim)
+                self._launch(run, row, claim, last_errors.get(row["id"]) if last_errors else None)
             if not claims and run.outstanding == 0 and run.campaign_id not in self._tails:
                 await self._try_complete(run)
         return claimed_total
 
-    async def _claim(self, run: CampaignRun, limit: int) -> tuple[int, list[asyncpg.Record]]:
-        """The claim's number and the rows it took."""
+    async def _claim(
+        self, run: CampaignRun, limit: int
+    ) -> tuple[int, list[asyncpg.Record], dict[int, tuple[str, str | None]]]:
+        """The claim's number, the rows it took, and the last error of each retry among them."""
         self._claimed_in.add(run.campaign_id)
         self._claims_made += 1
         claim = self._claims_made
@@ -786,6 +788,15 @@ class Lane:
                     self.lease.lease_seconds,
                     claim,
                 )
+                retries = [row["id"] for row in rows if not row["fresh"]]
+                last_errors = (
+                    {
+                        row["id"]: (row["error_code"], row["error_message"])
+                        for row in await connection.fetch(QUERIES["claimed_last_errors"], retries)
+                    }
+                    if retries
+                    else {}
+                )
         except BaseException:
             # For the rest of the lane's life: the server may commit it later still.
             self._claim_failed = True
@@ -797,7 +808,7 @@ class Lane:
             # Nothing fresh after the cursor: rows skipped while locked by someone else would
             # otherwise hide below it, so the next round looks from the start again.
             run.cursor = 0
-        return claim, rows
+        return claim, rows, last_errors
 
     async def _try_complete(self, run: CampaignRun) -> None:
         await self._flush()
@@ -925,19 +936,14 @@ class Lane:
 
     # ---------------------------------------------------------------- sending
 
-    def _launch(self, run: CampaignRun, row: asyncpg.Record, claim: int) -> None:
+    def _launch(
+        self, run: CampaignRun, row: asyncpg.Record, claim: int, last_error: tuple[str, str | None] | None
+    ) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(
-            row["id"],
-            row["address"],
-            row["variables"],
-            row["attempts"],
-            run,
-            claim,
-            row["last_error"],
-            row["last_message"],
-        )
+        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run, claim)
+        if last_error is not None:
+            flight.last_error, flight.last_message = last_error
         if run.cap is None:
             self._queue.put(flight)
             return

@@ -157,6 +157,11 @@ def decide(
     ``last_error`` and ``last_message``: the error the recipient carried when it was claimed.
     """
     if result.kind is ResultKind.SENT:
+        if result.error_code is None:
+            # Every accepted message: kept as short as it was (decide runs for each).
+            return RecipientUpdate(
+                recipient_id, RecipientState.SENT, provider_message_id=result.provider_message_id
+            )
         # A sent answer's code is a note about it (answers.sent_without_id), kept on the row.
         return RecipientUpdate(
             recipient_id,
