@@ -137,6 +137,15 @@ async def test_in_doubt_claims_fail_instead_of_resending_when_resend_is_off(
     await assert_counters_match(conn, campaign_id)
 
 
+def campaignd_status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "campaignd", "status", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_status_command_reports_progress_as_json(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
@@ -146,12 +155,7 @@ async def test_status_command_reports_progress_as_json(
     await wait_status(conn, campaign_id, "completed", timeout=30)
 
     def status(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "campaignd", "status", "--config", str(config), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return campaignd_status(config, *extra)
 
     listing = status("--json")
     assert listing.returncode == 0, listing.stderr
@@ -189,12 +193,7 @@ async def test_status_shows_names_and_reasons_as_written_never_as_markup(
     )
 
     def status(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "campaignd", "status", "--config", str(config), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return campaignd_status(config, *extra)
 
     listing = status()
     assert listing.returncode == 0, listing.stderr
@@ -214,26 +213,12 @@ async def test_status_of_a_database_without_the_schema_is_one_plain_line(tmp_pat
             "no database": with_database(pg_url, name + "_missing"),
         }
         for case, url in cases.items():
-            config = write_config(tmp_path / f"{case}.toml", {"database": {"url": url}})
-            result = subprocess.run(
-                [sys.executable, "-m", "campaignd", "status", "--config", str(config)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = campaignd_status(write_config(tmp_path / f"{case}.toml", {"database": {"url": url}}))
             assert result.returncode == 1, (case, result.stderr)
             assert "Traceback" not in result.stderr, (case, result.stderr)
             assert result.stderr.startswith("campaignd: "), (case, result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
-        assert (
-            "run `campaignd migrate`"
-            in subprocess.run(
-                [sys.executable, "-m", "campaignd", "status", "--config", str(tmp_path / "no schema.toml")],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            ).stderr
-        )
+        assert "run `campaignd migrate`" in campaignd_status(tmp_path / "no schema.toml").stderr
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name}")
         await admin.close()
