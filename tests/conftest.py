@@ -395,8 +395,18 @@ async def state_counts(connection: asyncpg.Connection, campaign_id: str) -> dict
 
 
 async def assert_counters_match(connection: asyncpg.Connection, campaign_id: str) -> None:
-    row = await campaign(connection, campaign_id)
-    counts = await state_counts(connection, campaign_id)
+    """Counters against recipient states in one snapshot (one statement): both change in one
+    statement, so they match at every instant, even while a lane is still writing outcomes;
+    two reads could straddle such a write and see a difference that never existed."""
+    row = await connection.fetchrow(
+        "SELECT c.sent_count, c.failed_count, c.skipped_count, c.total_count,"
+        " array(SELECT r.state || '=' || count(*) FROM campaignd.recipients r"
+        "       WHERE r.campaign_id = c.id GROUP BY r.state) AS states"
+        " FROM campaignd.campaigns c WHERE c.id = $1",
+        campaign_id,
+    )
+    assert row is not None
+    counts = {state: int(n) for state, n in (item.split("=") for item in row["states"])}
     assert (row["sent_count"], row["failed_count"], row["skipped_count"], row["total_count"]) == (
         counts.get("sent", 0),
         counts.get("failed", 0),
