@@ -236,6 +236,9 @@ async def test_demo_without_the_embedded_postgresql_names_the_extra_to_install(
         raise EmbeddedUnavailable(f"the embedded PostgreSQL is not installed: {INSTALL_HINT}")
 
     monkeypatch.setattr(demo, "start_embedded", unavailable)
+    # The demo configures logging for the whole process, to the stream capsys replaces and then
+    # closes: every later test that logs would write to a closed file.
+    monkeypatch.setattr(demo, "configure_logging", lambda *_args: None)
     args = build_parser().parse_args(["demo", "--data-dir", str(tmp_path / "pgdata")])
 
     assert await demo.run_demo(args) == 1
