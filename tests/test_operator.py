@@ -241,8 +241,9 @@ async def test_resume_sender_resumes_only_the_campaigns_paused_with_it(
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 200.0}})
     with_sender = await create_campaign(conn, "sms", 100, name="paused with its sender")
     held = await create_campaign(conn, "sms", 100, name="paused with its sender, then by the operator")
-    by_operator = await create_campaign(conn, "sms", 30, name="paused by the operator", start=False)
-    resumed_early = await create_campaign(conn, "sms", 30, name="resumed before the sender", start=False)
+    # Sending, but paused before any daemon runs: none of their recipients is sent.
+    by_operator = await create_campaign(conn, "sms", 30, name="paused by the operator")
+    resumed_early = await create_campaign(conn, "sms", 30, name="resumed before the sender")
     pauses = [campaignd(config, "pause", campaign_id) for campaign_id in (by_operator, resumed_early)]
     for paused in await asyncio.gather(*pauses):
         assert paused.returncode == 0, paused.stderr
@@ -402,8 +403,10 @@ async def test_commands_refuse_what_they_cannot_do(
 
     cases: list[tuple[Coroutine[Any, Any, int], str]] = [
         (ops.cmd_pause(settings, unknown), f"no campaign {unknown}"),
-        (ops.cmd_resume(settings, draft), "is a draft: the host starts it"),
-        (ops.cmd_pause(settings, done), "is completed: only a sending or draft campaign can be paused"),
+        (ops.cmd_resume(settings, draft), "is a draft: nothing is sent until the host sets its status"),
+        # A paused draft would be started by the next resume, which the host never asked for.
+        (ops.cmd_pause(settings, draft), "is a draft: nothing is sent until the host sets its status"),
+        (ops.cmd_pause(settings, done), "is completed: only a sending campaign can be paused"),
         (ops.cmd_cancel(settings, done), "is completed: only a draft or sending or paused campaign"),
         (ops.cmd_resume(settings, done), "is completed: only a paused campaign can be resumed"),
         (ops.cmd_resume_sender(settings, "nosuch"), "no sender nosuch"),
@@ -481,7 +484,7 @@ async def test_healthcheck_exit_codes_follow_the_answer(
 
 def test_transition_refusals_name_the_reason() -> None:
     assert transition_refusal("pause", "c", "sending") is None
-    assert transition_refusal("pause", "c", "draft") is None
+    assert "is a draft" in (transition_refusal("pause", "c", "draft") or "")
     assert transition_refusal("resume", "c", "paused") is None
     for status in ("draft", "sending", "paused"):
         assert transition_refusal("cancel", "c", status) is None

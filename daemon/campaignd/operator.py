@@ -125,7 +125,8 @@ async def connected(settings: Settings) -> AsyncIterator[Connection]:
 CampaignAction = Literal["pause", "resume", "cancel"]
 
 _ALLOWED_FROM: Final[dict[CampaignAction, tuple[str, ...]]] = {
-    "pause": ("sending", "draft"),
+    # Not a draft: nothing is being sent, and a resume would start what the host never started.
+    "pause": ("sending",),
     "resume": ("paused",),
     "cancel": ("draft", "sending", "paused"),
 }
@@ -145,8 +146,11 @@ def transition_refusal(
         return None
     if status == _TARGET[action]:
         return f"campaign {campaign_id} is already {status}"
-    if action == "resume" and status == "draft":
-        return f"campaign {campaign_id} is a draft: the host starts it by setting its status to 'sending'"
+    if action in ("pause", "resume") and status == "draft":
+        return (
+            f"campaign {campaign_id} is a draft: nothing is sent until the host sets its status to"
+            " 'sending'; `campaignd cancel` keeps it from ever being sent"
+        )
     allowed = " or ".join(_ALLOWED_FROM[action])
     return f"campaign {campaign_id} is {status}: only a {allowed} campaign can be {_PAST[action]}"
 

@@ -17,7 +17,7 @@ WHERE c.id = $1;
 -- pause must outlast it. $1 campaign id, $2 reason, $3 the sender's pause reason it holds
 UPDATE campaignd.campaigns
 SET status = 'paused', status_reason = $2, updated_at = now()
-WHERE id = $1 AND (status IN ('sending', 'draft') OR (status = 'paused' AND status_reason = $3))
+WHERE id = $1 AND (status = 'sending' OR (status = 'paused' AND status_reason = $3))
 RETURNING id;
 
 -- name: op_resume_campaign
