@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from campaignd import db
+from campaignd import db, leasing
 from campaignd import operator as campaignd_operator
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider
@@ -231,6 +231,57 @@ async def test_an_outcome_written_again_does_not_land_on_a_later_claim(conn: asy
     assert tuple(state) == ("in_flight", 2)
     assert await record(RecipientUpdate(first["id"], RecipientState.SENT)) == 1
     assert (await campaign(conn, campaign_id))["sent_count"] == 1
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_a_renewal_does_not_queue_behind_a_batch_write_that_waits_for_the_host(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A host transaction holding a campaign row (an edit, a cascading DELETE) holds up the
+    lane's outcome write, which locks the lane row first. The renewal must not wait for that
+    write: held up past the lease, it lost the lane to another daemon, which then recovered
+    the lane's claims as in doubt."""
+    campaign_id = await create_campaign(conn, "sms", 5)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET prepared_at = now(), total_count = 5 WHERE id = $1", campaign_id
+    )
+    [lease] = await leasing.acquire_lanes(conn, ["sms"], "host:1", 30.0)
+    claimed = await conn.fetch(QUERIES["claim_recipients"], *lease.token, campaign_id, 0, 10, 30.0, 1)
+    assert len(claimed) == 5
+
+    config = DatabaseConfig(url=database_url)  # type: ignore[arg-type]
+    host, writer, renewer = [await db.connect(config) for _ in range(3)]
+    # The write waits for as long as the host holds the row, not for the session's lock_timeout.
+    await writer.execute("SET lock_timeout = 0")
+    try:
+        async with host.transaction():
+            await host.execute("UPDATE campaignd.campaigns SET name = 'edited' WHERE id = $1", campaign_id)
+            batch = [RecipientUpdate(row["id"], RecipientState.SENT) for row in claimed]
+            write = asyncio.create_task(
+                writer.fetchrow(QUERIES["record_outcomes"], *lease.token, *outcome_columns(batch))
+            )
+
+            async def write_waits_for_the_host() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND query LIKE '%unnest%'"
+                    )
+                )
+
+            await wait_for(
+                write_waits_for_the_host, timeout=30, what="the outcome write to wait for the host"
+            )
+            renewal = await asyncio.wait_for(leasing.renew(renewer, lease, [campaign_id]), timeout=30)
+            assert renewal.held
+            # The write still fences the lane: no other daemon can take it meanwhile.
+            assert await leasing.acquire_lanes(conn, ["sms"], "host:2", 30.0) == []
+            assert not write.done()
+        row = await write
+        assert row is not None and (row["lane_held"], row["applied"]) == (1, 5)
+    finally:
+        for connection in (host, writer, renewer):
+            await connection.close()
     await assert_counters_match(conn, campaign_id)
 
 

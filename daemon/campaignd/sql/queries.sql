@@ -2,10 +2,14 @@
 --
 -- Fencing: a daemon serves a sender's campaigns only while it holds the sender lane
 -- (senders.lease_owner, senders.lease_epoch). Every write made on behalf of a lane locks
--- the lane row FOR SHARE with the writer's (owner, epoch): a takeover must UPDATE that row
--- (bumping the epoch), so it waits for in-progress fenced writes, and any fenced write that
--- starts after the takeover finds no lane row and changes nothing. A daemon that stalled
--- past its lease therefore cannot overwrite what the new owner did.
+-- the lane row FOR KEY SHARE with the writer's (owner, epoch): a takeover locks that row
+-- FOR UPDATE (SKIP LOCKED) before bumping the epoch, so it cannot take a lane while a fenced
+-- write is in progress, and any fenced write that starts after the takeover finds no lane
+-- row and changes nothing. A daemon that stalled past its lease therefore cannot overwrite
+-- what the new owner did. Every statement that changes a lane's owner or epoch must take
+-- that FOR UPDATE lock first: a plain UPDATE of those columns would not wait for KEY SHARE.
+-- KEY SHARE and not SHARE so that the renewal, a plain UPDATE of lease_expires_at, never
+-- waits for a write, which itself may wait for a host holding a campaign row.
 
 -- name: migrations_lock_timeout
 -- For the migration's transaction only (is_local): the session's own lock_timeout is back
@@ -138,7 +142,7 @@ FROM per_campaign p JOIN campaignd.campaigns c ON c.id = p.campaign_id;
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 ), lost AS (
     SELECT r.id FROM campaignd.recipients r
     WHERE r.campaign_id = ANY($4::uuid[]) AND r.state = 'in_flight'
@@ -164,7 +168,8 @@ SELECT campaign_id, count(*) AS released FROM released GROUP BY campaign_id;
 -- Extends the lane and, for operators, the leases shown on its in-flight claims and its
 -- campaigns. No row back: the lane was taken over (or released), and the caller must stop
 -- sending at once. A renewal must never queue behind a batch write, or a slow batch would
--- let the lease lapse: rows locked right now are skipped (they are being settled, or are
+-- let the lease lapse: the lane row's writers hold it FOR KEY SHARE, which this UPDATE does
+-- not wait for, and claim rows locked right now are skipped (they are being settled, or are
 -- refreshed on the next renewal).
 -- $1 sender id, $2 owner, $3 epoch, $4 lease seconds, $5 campaign ids with claims in flight
 WITH lane AS (
@@ -246,7 +251,7 @@ ORDER BY created_at, id;
 -- First statement of a fenced multi-statement transaction. $1 sender id, $2 owner, $3 epoch
 SELECT id FROM campaignd.senders
 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-FOR SHARE;
+FOR KEY SHARE;
 
 -- name: prepare_hold_campaign
 -- First statement of a preparation (after the lane's lock): a cancel, which locks the
@@ -427,7 +432,7 @@ RETURNING c.status, c.status_reason, v.total, v.skipped, v.open;
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 )
 UPDATE campaignd.campaigns
 SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = now()
@@ -444,7 +449,7 @@ RETURNING id;
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 ), paused AS (
     UPDATE campaignd.campaigns
     SET status = 'paused', status_reason = $5, updated_at = now()
@@ -475,7 +480,7 @@ LIMIT $4;
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 ), campaign AS (
     -- Fresh recipients are claimed only once prepared: all of them, or the head while the
     -- rest is prepared (nothing before the campaign is prepared at all).
@@ -544,7 +549,7 @@ WHERE id = ANY($1::bigint[]) AND error_code IS NOT NULL;
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 ), campaign_locks AS (
     -- The campaign rows are locked before their recipients, the order in which a host's
     -- DELETE of a campaign (cascading to its recipients) takes them: a host deleting a
@@ -602,7 +607,7 @@ SELECT (SELECT count(*) FROM lane) AS lane_held,
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
-    FOR SHARE
+    FOR KEY SHARE
 )
 UPDATE campaignd.campaigns c
 SET status = 'completed', completed_at = now(), updated_at = now(),
