@@ -46,6 +46,7 @@ from campaignd.bulkload import (
 from campaignd.fakeprovider import FakeProvider
 from campaignd.providers.http import MAX_ADDRESS_LENGTH
 from campaignd.render import MAX_VARIABLE_LENGTH, Template
+from campaignd.sql import QUERIES
 from tests.conftest import (
     assert_counters_match,
     daemon_config,
@@ -269,6 +270,36 @@ def test_recipients_count_blank_lines_and_bad_rows_and_stop_yielding_when_reject
             (2, 5),
             "4 fields, the header has 3",
         ),
+        # Phone numbers written with the separators the providers accept are phone numbers too.
+        (
+            'address,name\n+44 20 7946 0001,"Ann\n+44 20 7946 0002,Bob\n+44 20 7946 0003,Cy"\n',
+            (2, 4),
+            "line 3 inside column 'name' reads like a row of its own ('+44 20 7946 0002,Bob')",
+        ),
+        (
+            'address,name\n+1 (555) 000-0001,"Ann\n+1 (555) 000-0002,Bob\n+1 (555) 000-0003,Cy"\n',
+            (2, 4),
+            "line 3 inside column 'name'",
+        ),
+        (
+            'address,name\n+44\u00a020\u00a07946,"Ann\n+44\u00a020\u00a07947,Bob"\n',
+            (2, 3),
+            "line 3 inside column 'name'",
+        ),
+        # No address of its own to compare with: a swallowed line of the header's width with a
+        # phone number or an email where the address goes is a row all the same.
+        ('address,name\n,"Ann\n+15550002,Bob\n+15550003,Cy"\n', (2, 4), "line 3 inside column 'name'"),
+        (
+            'address,first_name,offer\n,"Ann\n+44 20 7946 0002,Bob,x\n+44 20 7946 0003",y\n',
+            (2, 4),
+            "line 3 inside column 'first_name'",
+        ),
+        (
+            'address,first_name,offer\nnot known,"Ann\nbob@y.org,Bob",z\n',
+            (2, 3),
+            "line 3 inside column 'first_name'",
+        ),
+        ('first_name,address,offer\n"Ada,+2,x\nBob",,y\n', (2, 3), "line 2 inside column 'first_name'"),
     ],
 )
 def test_a_record_over_several_lines_that_swallowed_rows_is_bad_over_all_of_them(
@@ -294,6 +325,14 @@ def test_a_record_over_several_lines_that_swallowed_rows_is_bad_over_all_of_them
         ("+15550001", "Dear Ada,\nThanks, see you\nBob"),
         ("+15550001", "12 Main St, Apt 4\nSpringfield, IL 62701"),
         ("ada@example.org", "Call us,\n+1 555 0100, any day"),
+        ("+44 20 7946 0001", "Dear Ada,\nThanks, see you\nBob"),
+        ("+1 (555) 000-0001", "12 Main St, Apt 4\nSpringfield, IL 62701"),
+        ("+1 (555) 000-0001", "Prices,\n1 200, 3 400 or 5 600"),
+        # Without an address to compare with, only a line as wide as the header is a row.
+        ("", "Dear Ada,\nThanks, see you\nBob"),
+        ("", "Call us,\n+1 555 0100, any day"),
+        ("", "Best, regards,\nthe team"),
+        ("  ", "12 Main St, Apt 4\nSpringfield, IL 62701"),
     ],
 )
 def test_variables_over_several_lines_that_read_as_text_are_one_recipient(address: str, value: str) -> None:
@@ -375,6 +414,45 @@ def test_every_placeholder_needs_a_column() -> None:
     check_placeholders(Template({"text": "Hi {{first_name}}"}), HEADER, Path("r.csv"))
 
 
+def test_an_address_placeholder_is_refused_as_one_the_daemon_cannot_fill() -> None:
+    header = parse_header(["first_name", "Address", "offer"])
+
+    for text in ("Hi {{first_name}}, your number is {{address}}", "{{Address}} {{offer}}"):
+        with pytest.raises(InputError) as raised:
+            check_placeholders(Template({"text": text}), header, Path("r.csv"))
+        said = str(raised.value)
+        assert said.startswith("r.csv: the message uses {{")
+        assert "which the daemon cannot fill: the 'Address' column is where each message is sent" in said
+        assert "skipped as missing_variable" in said and "no such column" not in said
+    # The renderer fills placeholders from the variables alone: the address is not among them.
+    assert recipient(["Ada", "+15550001", "x"], header)[1] == {"first_name": "Ada", "offer": "x"}
+
+    with pytest.raises(InputError, match=r"cannot fill.*; the message uses \{\{zip\}\} but the CSV has no"):
+        check_placeholders(Template({"text": "{{address}} {{zip}}"}), header, Path("r.csv"))
+
+
+def test_an_integer_beyond_64_bits_is_refused_naming_where_it_is_not_rounded() -> None:
+    wide = b'{"text": "hi", "meta": {"ids": [1, 123456789012345678901234567890]}}'
+
+    with pytest.raises(InputError) as raised:
+        parse_message(wide, Path("m.json"))
+    said = str(raised.value)
+    assert said.startswith("m.json: the value of 'meta.ids[1]' is an integer beyond 64 bits")
+    assert "123456789012345678901234567890" in said and "write it as a string" in said
+    with pytest.raises(
+        InputError, match=re.escape("'n' is an integer beyond 64 bits (-9223372036854775809)")
+    ):
+        parse_message(b'{"text": "hi", "n": -9223372036854775809}', Path("m.json"))
+
+    # What orjson keeps exactly is kept, and digits in text or a float are not integers.
+    edges = (
+        b'{"text": "1234567890123456789012", "u": 18446744073709551615, "i": -9223372036854775808,'
+        b' "f": 1.5e30}'
+    )
+    message = parse_message(edges, Path("m.json"))
+    assert (message["u"], message["i"], message["f"]) == (2**64 - 1, -(2**63), 1.5e30)
+
+
 def test_a_file_without_a_header_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("\n\n")
@@ -452,6 +530,48 @@ async def test_bad_rows_are_skipped_or_reject_the_whole_file(
         "SELECT address FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
     )
     assert [r["address"] for r in addresses] == ["+1", "+4"]
+
+
+async def test_spaced_phone_numbers_do_not_hide_the_rows_a_stray_quote_swallowed(
+    tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    await register_sender(conn, "sms")
+    path = tmp_path / "spaced.csv"
+    path.write_text(
+        "address,first_name,offer\n"
+        '+44 20 7946 0001,"Ann,x\n+44 20 7946 0002,Bob,y\n+44 20 7946 0003,Cy",z\n'
+        "+44 20 7946 0004,Dee,w\n"
+    )
+
+    with pytest.raises(Rejected, match="1 bad row"):
+        await load(conn, path, on_bad_row="reject")
+    assert await counts(conn) == (0, 0)
+
+    campaign_id, tally = await load(conn, path)
+
+    assert (tally.loaded, tally.bad_rows, tally.bad_lines) == (1, 1, 3)
+    assert (
+        tally.examples[0].where == "lines 2-4"
+        and "line 3 inside column 'first_name'" in tally.examples[0].reason
+    )
+    stored = await conn.fetch("SELECT address FROM campaignd.recipients WHERE campaign_id = $1", campaign_id)
+    assert [r["address"] for r in stored] == ["+44 20 7946 0004"]
+
+
+async def test_addresses_counted_without_address_are_those_preparation_skips_as_no_address(
+    tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    await register_sender(conn, "sms")
+    addresses = ["", "   ", "\t", " \t ", "\u00a0", "\u2003", "+15550001"]
+    path = write_csv(
+        tmp_path / "blank.csv", [["address", "first_name", "offer"]] + [[a, "Ada", "x"] for a in addresses]
+    )
+
+    campaign_id, tally = await load(conn, path)
+
+    assert tally.loaded == len(addresses)
+    skipped = await conn.execute(QUERIES["prepare_skip_no_address"], campaign_id, 0, 2**63 - 1)
+    assert (tally.no_address, skipped) == (2, "UPDATE 2")
 
 
 async def test_an_error_mid_load_leaves_no_campaign(tmp_path: Path, conn: asyncpg.Connection) -> None:
@@ -682,6 +802,8 @@ async def test_console_command_refuses_what_the_database_cannot_store_without_a_
     nul_value.write_bytes(b'{"text": "hi {{first_name}} {{offer}} \\u0000"}')
     nul_key = tmp_path / "nul-key.json"
     nul_key.write_bytes(b'{"text": "hi {{first_name}}", "\\u0000": "x"}')
+    wide = tmp_path / "wide.json"
+    wide.write_bytes(b'{"text": "hi {{first_name}}", "n": 123456789012345678901234567890}')
     undecodable = os.fsdecode(b"caf\xe9")
 
     def create(*args: str, message: Path = message, recipients: Path = csv_path) -> list[str]:
@@ -693,6 +815,7 @@ async def test_console_command_refuses_what_the_database_cannot_store_without_a_
     for argv, said in [
         (create(message=nul_value), f"{nul_value}: the value of 'text' holds a NUL character (\\u0000)"),
         (create(message=nul_key), f"{nul_key}: the key '\\x00' holds a NUL character"),
+        (create(message=wide), f"{wide}: the value of 'n' is an integer beyond 64 bits"),
         (create("--name", undecodable), "--name b'caf\\xe9': not valid UTF-8"),
         (create("--sender", undecodable), "--sender b'caf\\xe9': not valid UTF-8"),
     ]:

@@ -24,6 +24,7 @@ reject``, no recipient at all, a ``--name`` or ``--sender`` that is not UTF-8).
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sys
 import uuid
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
+from campaignd.providers.addresses import E164_MIN_DIGITS
 from campaignd.providers.http import MAX_ADDRESS_LENGTH
 from campaignd.render import MAX_VARIABLE_LENGTH, Template, TemplateError
 from campaignd.sql import QUERIES
@@ -61,8 +63,16 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # The line ends the csv module counts (the file is read with newline=""): an embedded one in a
 # quoted field is a physical line of the file.
 _LINE_BREAK = re.compile("\r\n|\r|\n")
-# A phone number as people write it: digits and the punctuation that groups them.
-_PHONE_LIKE = re.compile(r"\+?[0-9][0-9().-]*")
+# A phone number as people write it: digits and the separators that group them, the ones the
+# providers strip (providers/addresses.py, normalize_e164): "+44 20 7946 0018", "+1 (555) 000-1111".
+_PHONE_LIKE = re.compile(r"\+?[ \u00a0().\-/]*[0-9][0-9 \u00a0().\-/]*")
+# The integers orjson reads as integers (int64 and uint64): it reads a wider one as the nearest
+# double, and the database codecs and the provider requests go through orjson too, so a wider
+# integer cannot be kept exactly anywhere.
+_EXACT_INTEGERS: Final = range(-(2**63), 2**64)
+# Every integer outside _EXACT_INTEGERS has 19 digits or more; a message without such a run of
+# digits is not parsed a second time.
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
 # How much of a suspicious line a bad-row reason quotes.
 _QUOTED_TEXT_LIMIT: Final = 60
 
@@ -117,8 +127,8 @@ def parse_header(fields: Sequence[str]) -> Header:
 def row_problem(fields: Sequence[str], header: Header) -> str | None:
     """Why a record cannot become a recipient; None when it can.
 
-    An empty address is not a problem here: the daemon skips such a recipient as
-    ``no_address``, which is where the campaign's report shows it.
+    An empty address (or one of spaces) is not a problem here: the daemon skips such a
+    recipient as ``no_address``, which is where the campaign's report shows it.
     """
     if len(fields) != header.width:
         return f"{len(fields)} fields, the header has {header.width}"
@@ -142,10 +152,16 @@ def row_problem(fields: Sequence[str], header: Header) -> str | None:
 
 def address_kind(text: str) -> str | None:
     """A coarse class of what an address looks like (email, phone, other token), or None when
-    ``text`` cannot be an address at all (empty, too long, or with whitespace inside)."""
+    ``text`` cannot be an address at all (empty, too long, or with whitespace inside that is not
+    a phone number's grouping)."""
     cell = text.strip()
-    if not cell or len(cell) > MAX_ADDRESS_LENGTH or len(cell.split()) != 1:
+    if not cell or len(cell) > MAX_ADDRESS_LENGTH:
         return None
+    if len(cell.split()) != 1:
+        # Numbers in prose are spaced too ("1 200, 3 400"): only as many digits as the shortest
+        # phone number has make spaced digits an address rather than text.
+        phone = _PHONE_LIKE.fullmatch(cell) and sum(c.isdigit() for c in cell) >= E164_MIN_DIGITS
+        return "phone" if phone else None
     if "@" in cell:
         return "email"
     return "phone" if _PHONE_LIKE.fullmatch(cell) else "token"
@@ -161,8 +177,11 @@ def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str 
     it, and the record can still have the header's number of fields. Those swallowed lines are
     rows of the file: they start with cells up to an address like this record's own (same kind:
     phone, email or token). A line inside a field that reads like that is taken as a swallowed
-    row. The test errs towards reporting: a false alarm is a row the operator is told about,
-    while a miss would load several recipients as one and lose the others silently.
+    row. When this record's own address is no guide (empty, or not like any address), a line
+    is taken as a row when it has exactly the header's number of cells with a phone number or
+    an email in the address column. The test errs towards reporting: a false alarm is a row
+    the operator is told about, while a miss would load several recipients as one and lose the
+    others silently.
     """
     address = fields[header.address_index]
     if _LINE_BREAK.search(address) is not None:
@@ -170,18 +189,24 @@ def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str 
         # took the address over several lines was not closed on its line.
         return "the address runs over several lines: a quote in this record is not closed on its line"
     kind = address_kind(address)
-    if kind is None:
-        return None
     line = first_line
     for column, value in enumerate(fields):
         pieces = _LINE_BREAK.split(value)
         if len(pieces) == 1:
             continue
+        last = len(pieces) - 1
         for index, piece in enumerate(pieces):
             # A field's first piece is the rest of the line its quote opened on, from its own
             # column (a quote opened before the address column swallows that line's address);
-            # every later piece is a whole line.
-            if _reads_like_a_row(piece, column if index == 0 else 0, header, kind):
+            # every later piece is a whole line, the last one followed on its line by the
+            # record's fields after this one.
+            start = column if index == 0 else 0
+            after = len(fields) - column - 1 if index == last else 0
+            if kind is not None:
+                swallowed = _reads_like_a_row(piece, start, header, kind)
+            else:
+                swallowed = _reads_like_a_whole_row(piece, start, after, header)
+            if swallowed:
                 shown = piece if len(piece) <= _QUOTED_TEXT_LIMIT else piece[:_QUOTED_TEXT_LIMIT] + "…"
                 return (
                     f"line {line + index} inside column {header.names[column]!r} reads like a row of its "
@@ -205,6 +230,18 @@ def _reads_like_a_row(text: str, start: int, header: Header, kind: str) -> bool:
     return address_kind(cells[position]) == kind
 
 
+def _reads_like_a_whole_row(text: str, start: int, after: int, header: Header) -> bool:
+    """Whether ``text``, cut at commas, begun at column ``start`` and followed on its line by
+    ``after`` more fields, is a row of the header's width with a phone number or an email in
+    the address column. Without a kind to match, the stricter width keeps text with a comma or
+    two from passing for a row."""
+    cells = text.split(",")
+    position = header.address_index - start
+    if start + len(cells) + after != header.width or not 0 <= position < len(cells):
+        return False
+    return address_kind(cells[position]) in ("phone", "email")
+
+
 def recipient(fields: Sequence[str], header: Header) -> tuple[str | None, dict[str, str]]:
     """(address, variables) of a valid record. CSV cannot tell an empty cell from a missing
     one: an empty address is stored as NULL, an empty variable as the empty string."""
@@ -215,18 +252,47 @@ def recipient(fields: Sequence[str], header: Header) -> tuple[str | None, dict[s
 
 
 def check_placeholders(template: Template, header: Header, recipients_file: Path) -> None:
-    """Every placeholder needs a column, or every recipient would be skipped as missing_variable."""
+    """Every placeholder needs a variable column, or every recipient would be skipped as
+    missing_variable.
+
+    The address column is not one: the daemon fills placeholders from ``recipients.variables``
+    alone, and the address is stored apart from them, so ``{{address}}`` would skip them all too.
+    """
     missing = sorted(template.variables - set(header.variable_names))
-    if missing:
-        raise InputError(
-            f"{recipients_file}: the message uses {', '.join('{{' + m + '}}' for m in missing)} but the "
-            f"CSV has no such column (variable columns: {', '.join(header.variable_names) or 'none'})"
+    if not missing:
+        return
+    problems = []
+    # The address column is found case-insensitively, so {{Address}} means it as much.
+    addresses = [m for m in missing if m.lower() == ADDRESS_COLUMN]
+    if addresses:
+        problems.append(
+            f"the message uses {', '.join('{{' + m + '}}' for m in addresses)}, which the daemon cannot "
+            f"fill: the {header.names[header.address_index]!r} column is where each message is sent, not "
+            "a variable of the message, and every recipient would be skipped as missing_variable (to "
+            "show the address in the message, copy it into a column of another name)"
         )
+    others = [m for m in missing if m.lower() != ADDRESS_COLUMN]
+    if others:
+        problems.append(
+            f"the message uses {', '.join('{{' + m + '}}' for m in others)} but the CSV has no such "
+            f"column (variable columns: {', '.join(header.variable_names) or 'none'})"
+        )
+    raise InputError(f"{recipients_file}: {'; '.join(problems)}")
+
+
+class _InexactInteger(int):
+    """An integer of the message that orjson would not keep exactly (see _EXACT_INTEGERS)."""
+
+
+def _exact_integer(literal: str) -> int:
+    value = int(literal)
+    return value if value in _EXACT_INTEGERS else _InexactInteger(value)
 
 
 def message_problem(message: Any) -> str | None:
     """What in a parsed JSON message the database cannot store (jsonb refuses \\u0000 in keys
-    and values alike), naming where it is; None when it can all be stored."""
+    and values alike) or cannot keep as written (an integer parsed as an _InexactInteger),
+    naming where it is; None when it can all be stored."""
     # A stack, not recursion: JSON nests deeper than Python's recursion limit.
     pending: list[tuple[str, Any]] = [("", message)]
     while pending:
@@ -241,6 +307,13 @@ def message_problem(message: Any) -> str | None:
             pending.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
         elif isinstance(value, str) and _UNSTORABLE.search(value) is not None:
             return f"the value of {where or 'the message'!r} {_unstorable_what(value)}"
+        elif isinstance(value, _InexactInteger):
+            digits = str(int(value))
+            shown = digits if len(digits) <= _QUOTED_TEXT_LIMIT else digits[:_QUOTED_TEXT_LIMIT] + "…"
+            return (
+                f"the value of {where or 'the message'!r} is an integer beyond 64 bits ({shown}), which "
+                "would be stored rounded to the nearest floating-point number: write it as a string"
+            )
     return None
 
 
@@ -266,6 +339,13 @@ def parse_message(text: bytes, source: Path) -> dict[str, Any]:
         Template(message)
     except TemplateError as exc:
         raise InputError(f"{source}: {exc}") from None
+    if _LONG_DIGIT_RUN.search(text) is not None:
+        # orjson has already turned a wide integer into a float, like a float literal: only the
+        # text tells them apart. After Template, which refuses nesting deeper than the json
+        # module's recursion can take.
+        problem = message_problem(json.loads(text, parse_int=_exact_integer))
+        if problem is not None:
+            raise InputError(f"{source}: {problem}")
     return message
 
 
@@ -426,7 +506,9 @@ def recipients(
             continue
         address, variables = recipient(fields, header)
         tally.loaded += 1
-        if address is None or not address.strip():
+        # Preparation's rule (prepare_skip_no_address): NULL or btrim(address) = '', and btrim
+        # trims spaces only; an address of tabs or other blanks ends invalid_address instead.
+        if address is None or not address.strip(" "):
             tally.no_address += 1
         yield address, variables
 
