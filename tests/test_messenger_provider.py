@@ -194,9 +194,17 @@ async def test_invalid_message_is_skipped_without_a_request(
 # ----------------------------------------------------------------- addresses
 
 
-@pytest.mark.parametrize(("raw", "expected"), [(PSID, PSID), (f"  {PSID}\n", PSID), ("1", "1")])
+@pytest.mark.parametrize(("raw", "expected"), [(PSID, PSID), (f"  {PSID} ", PSID), ("1", "1")])
 def test_scoped_ids_are_digits(raw: str, expected: str) -> None:
     assert _unbound("messenger").normalize_address(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [f"{PSID}\n", f"\t{PSID}", f"{PSID}\u00a0", f"\u2003{PSID}"])
+def test_scoped_ids_with_blanks_the_duplicate_check_keeps_are_invalid(raw: str) -> None:
+    # address_key keys a PSID as btrim(address), spaces only: stripped of these too, the id
+    # would be sent once for each spelling beside the plain one.
+    with pytest.raises(InvalidAddress):
+        _unbound("messenger").normalize_address(raw)
 
 
 @pytest.mark.parametrize(

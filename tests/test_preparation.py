@@ -479,7 +479,7 @@ def _phone_like(rng: random.Random, number: str) -> str:
         pieces.insert(rng.randrange(len(pieces) + 1), " " * rng.randint(40, 60))
     text = ("+" if rng.random() < 0.6 else "") + "".join(pieces)
     if rng.random() < 0.2:
-        blanks = [" ", "\t", "\u3000", "\n", "\v"]
+        blanks = [" ", "\t", "\u3000", "\n", "\v", "\u2003", "\x1c", "\x85", "\u00a0"]
         text = rng.choice(blanks) + text + rng.choice(["", "\r\n", *blanks])
     return text
 
@@ -511,13 +511,16 @@ async def test_phone_keys_join_the_numbers_the_send_path_joins_and_never_a_senda
     assert all(len(sent_as) == 1 for sent_as in by_key.values()), [
         (key, sent_as) for key, sent_as in by_key.items() if len(sent_as) > 1
     ][:5]
-    # Complete: a number written several ways (within 64 characters, the send path's limit,
-    # and with blanks PostgreSQL and Python both know) has one key.
+    # Complete: a number the send path sends, however it was written, has one key; else the
+    # number is sent once for each key. Blanks only Python's str.strip() knew (U+3000, U+2003,
+    # U+001C, U+0085) used to give it a second key. Still excepted: an address over 64
+    # characters with its blanks and within 64 without them, which address_key measures with
+    # them (a new migration would fix that).
     keys_by_number: dict[str, set[str]] = {}
     spellings_by_number: dict[str, set[str]] = {}
     for row in rows:
         number = _sendable_as(row["a"])
-        if number is not None and "\u3000" not in row["a"] and len(row["a"]) <= 64:
+        if number is not None and len(row["a"]) <= 64:
             keys_by_number.setdefault(number, set()).add(row["key"])
             spellings_by_number.setdefault(number, set()).add(row["a"])
     assert [keys for keys in keys_by_number.values() if len(keys) > 1] == []

@@ -12,6 +12,11 @@ from campaignd.providers.base import InvalidAddress
 
 # What people and spreadsheets put between digits: "+1 (555) 000-1111", "+44 20.7946.0018".
 _SEPARATORS = re.compile(r"[ \u00a0\-.()/]")
+# The blanks around an address that campaignd.address_key (migration 009) removes too: the
+# send path must join no two addresses that the duplicate check keeps apart, or one person is
+# sent a message for each. str.strip() would also drop Unicode blanks (U+2003, U+3000, U+001C,
+# ...), which the key keeps: "+15550001111\u2003" was sent to the number of "+15550001111".
+ASCII_BLANKS = " \t\n\r\f\v"
 _DIGITS = re.compile(r"[0-9]+")
 # E.164 allows 15 digits at most, country code included; the shortest numbers in use
 # (small countries' subscriber numbers with their code) have 7.
@@ -27,7 +32,7 @@ def normalize_e164(address: str) -> str:
     number must then still start with its country code: a national number ("020 7946 0018")
     cannot be told apart from a foreign one, so a leading 0 is refused rather than guessed.
     """
-    text = address.strip()
+    text = address.strip(ASCII_BLANKS)
     if not text:
         raise InvalidAddress("phone number is empty")
     if len(text) > 64:
@@ -51,7 +56,8 @@ def normalize_e164(address: str) -> str:
 
 def normalize_scoped_id(address: str, what: str) -> str:
     """A page-scoped id (PSID, IGSID): digits only, as Meta issues them."""
-    text = address.strip()
+    # Spaces only: address_key keys these as btrim(address), which trims nothing else.
+    text = address.strip(" ")
     if not text:
         raise InvalidAddress(f"{what} is empty")
     if not _DIGITS.fullmatch(text):

@@ -81,7 +81,9 @@ _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 def normalize_generic_address(address: str) -> str:
-    cleaned = address.strip()
+    # Spaces only: the duplicate check keys this provider's addresses as btrim(address), which
+    # trims nothing else; any other blank left around it makes the address invalid below.
+    cleaned = address.strip(" ")
     if not cleaned:
         raise InvalidAddress("address is empty")
     if len(cleaned) > MAX_ADDRESS_LENGTH:
