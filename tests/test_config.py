@@ -460,6 +460,211 @@ def test_any_non_positive_concurrency_is_refused(
         load_settings(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (
+            "[dispatch]\nbackoff_base_seconds = inf\nbackoff_max_seconds = inf\n",
+            "dispatch.backoff_base_seconds",
+        ),
+        ("[dispatch]\nbackoff_max_seconds = inf\n", "dispatch.backoff_max_seconds"),
+        (
+            "[dispatch]\nbackoff_base_seconds = 1e12\nbackoff_max_seconds = 1e12\n",
+            "dispatch.backoff_max_seconds",
+        ),
+        ("[dispatch]\nbackoff_max_seconds = 86401\n", "dispatch.backoff_max_seconds"),
+        ("[watchdog]\nstuck_after_seconds = inf\n", "watchdog.stuck_after_seconds"),
+        ("[watchdog]\nstuck_after_seconds = 2592001\n", "watchdog.stuck_after_seconds"),
+    ],
+)
+def test_durations_beyond_what_intervals_and_datetimes_hold_are_refused(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    # backoff = inf crash-looped the lane (interval out of range, recipient resent each time),
+    # stuck_after = inf failed every watchdog pass, backoff = 1e12 made `doctor` overflow.
+    message = _load_error(tmp_path, text)
+
+    assert message.startswith("invalid configuration")
+    assert field in message
+
+
+def test_the_largest_allowed_durations_load(tmp_path: Path) -> None:
+    settings = load_settings(
+        _write(
+            tmp_path,
+            "[dispatch]\nbackoff_base_seconds = 86400\nbackoff_max_seconds = 86400\n"
+            "[watchdog]\nstuck_after_seconds = 2592000\n",
+        )
+    )
+
+    assert settings.dispatch.backoff_max_seconds == 86_400
+    assert settings.watchdog.stuck_after_seconds == 2_592_000
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[dispatch]\nlease_seconds = nan\n", "dispatch.lease_seconds"),
+        ("[dispatch]\npoll_seconds = nan\n", "dispatch.poll_seconds"),
+        ("[watchdog]\nstuck_after_seconds = nan\n", "watchdog.stuck_after_seconds"),
+        (_sender_config("breaker_failure_ratio = nan"), "senders.sms.breaker_failure_ratio"),
+        (_sender_config("rate_per_second = inf"), "senders.sms.rate_per_second"),
+    ],
+)
+def test_nan_and_inf_are_named_as_not_finite_numbers(tmp_path: Path, text: str, field: str) -> None:
+    # nan used to be reported as "less than or equal to 3600", as if it were merely too large.
+    message = _load_error(tmp_path, text)
+
+    assert f"{field}: Input should be a finite number" in message
+    assert "less than" not in message
+
+
+def test_nan_from_the_environment_is_named_as_not_a_finite_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAMPAIGND_DISPATCH__LEASE_SECONDS", "nan")
+
+    message = _load_error(tmp_path, "")
+
+    assert "dispatch.lease_seconds: Input should be a finite number" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('[senders.sms]\nurl = "https://user:to[SECRETPART]ken@provider.example/v1"\n', "senders.sms.url"),
+        (
+            f'[senders.tw]\nprovider = "twilio"\naccount_sid = "AC{"a" * 32}"\nauth_token = "x"\n'
+            'from_number = "+15017122661"\nstatus_callback = "https://user:pa[SECRETPART]ss@app.example/cb"\n',
+            "senders.tw.status_callback",
+        ),
+        (
+            '[senders.wa]\nprovider = "whatsapp"\nphone_number_id = "1"\naccess_token = "x"\n'
+            'api_base = "https://u:p[SECRETPART]@graph/x"\n',
+            "senders.wa.api_base",
+        ),
+    ],
+)
+def test_a_provider_url_the_parser_rejects_is_refused_without_quoting_it(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    # urlsplit's own message quoted the bracketed part, here a piece of the password.
+    message = _load_error(tmp_path, text)
+
+    assert f"{field}: Value error, is not a usable URL" in message
+    assert "SECRETPART" not in message
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("?sslmode=bogus", "sslmode must be one of"),
+        ("?sslmode=require&target_session_attrs=master", "target_session_attrs must be one of"),
+        ("?sslnegotiation=tls", "sslnegotiation must be one of"),
+        ("?sslnegotiation=direct&sslmode=prefer", "sslnegotiation=direct needs sslmode=require"),
+        ("?gsslib=krb5", "gsslib must be one of"),
+        ("?ssl_min_protocol_version=TLSv9", "ssl_min_protocol_version must be one of"),
+        ("?ssl_max_protocol_version=SSLv3", "ssl_max_protocol_version must be one of"),
+        ("?sslmode=verify-full&sslrootcert=/nonexistent/root.crt", "sslrootcert must name a readable file"),
+    ],
+)
+def test_a_database_url_parameter_the_client_refuses_is_a_config_error(
+    tmp_path: Path, query: str, reason: str
+) -> None:
+    # asyncpg refuses these at every connection attempt (ClientConfigurationError, or for a
+    # missing certificate FileNotFoundError), which the daemon retried forever as an outage.
+    url = f"postgresql://campaignd:{DB_PASSWORD}@db.internal:5432/campaignd{query}"
+
+    message = _load_error(tmp_path, f'[database]\nurl = "{url}"\n')
+
+    assert f"database.url: Value error, parameter {reason}" in message
+    assert DB_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{DB_PASSWORD}@/db?host=h&port=abc",
+        f"postgresql://u:{DB_PASSWORD}@/db?host=h1,h2&port=1,2,3",
+        f"postgresql://u:{DB_PASSWORD}@/db?host=h1,,h2",
+        f"postgresql://u:{DB_PASSWORD}@h1,,h2/db",
+    ],
+)
+def test_a_database_host_list_the_client_would_crash_on_is_refused(tmp_path: Path, url: str) -> None:
+    # ValueError, IndexError or ClientConfigurationError from asyncpg at connect, with a traceback.
+    message = _load_error(tmp_path, f'[database]\nurl = "{url}"\n')
+
+    assert "database.url: Value error" in message
+    assert DB_PASSWORD not in message
+
+
+def test_a_section_variable_that_is_not_json_is_named_as_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS__URL", "https://sms.example.com/send")
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS__HEADERS", f"notjson {HEADER_SECRET}")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    message = str(caught.value)
+    # Not "senders (from environment variable CAMPAIGND_SENDERS)", a variable nobody set.
+    assert "senders.sms.headers (from environment variable CAMPAIGND_SENDERS__SMS__HEADERS)" in message
+    assert "CAMPAIGND_SENDERS)" not in message
+    assert HEADER_SECRET not in message
+
+
+def test_an_upper_case_sender_id_is_overridden_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Variable names arrive lower-cased: the override used to make a second sender "sms_eu"
+    # (and fail, "senders.sms_eu.url: Field required") instead of changing SMS_EU.
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS_EU__RATE_PER_SECOND", "3.5")
+    text = '[senders.SMS_EU]\nurl = "https://sms.example.com/send"\nburst = 4\n'
+
+    settings = load_settings(_write(tmp_path, text))
+
+    assert list(settings.senders) == ["SMS_EU"]
+    assert (settings.senders["SMS_EU"].rate_per_second, settings.senders["SMS_EU"].burst) == (3.5, 4)
+
+
+def test_an_override_of_senders_whose_ids_differ_only_in_case_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS__BURST", "2")
+    text = '[senders.sms]\nurl = "https://a.example/send"\n[senders.SMS]\nurl = "https://b.example/send"\n'
+
+    message = _load_error(tmp_path, text)
+
+    assert "'SMS' and 'sms' differ only in case" in message
+
+
+def test_a_header_override_replaces_the_file_header_whatever_its_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP header names are case-insensitive: both X-Api-Key and x-api-key used to be sent.
+    monkeypatch.setenv("CAMPAIGND_SENDERS__SMS__HEADERS__X-API-KEY", "override")
+    path = _write(tmp_path, _sender_config('headers = { X-Api-Key = "file", X-Tenant = "acme" }'))
+
+    headers = load_settings(path).senders["sms"].headers
+
+    assert {name: value.get_secret_value() for name, value in headers.items()} == {
+        "X-Api-Key": "override",
+        "X-Tenant": "acme",
+    }
+
+
+def test_the_same_header_in_two_cases_is_refused(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, _sender_config('headers = { X-Api-Key = "a", x-api-key = "b" }'))
+
+    assert "senders.sms.headers" in message and "case-insensitive" in message
+
+
+def test_a_sender_that_is_not_a_table_is_named_as_such(tmp_path: Path) -> None:
+    message = _load_error(tmp_path, "[senders]\nsms = 5\n")
+
+    assert "senders.sms: must be a table" in message
+    assert "provider" not in message
+
+
 # ----------------------------------------------------------------- secrets
 
 
@@ -541,6 +746,35 @@ def test_cli_unreadable_database_url_exits_2_without_the_password(
 
     assert done.returncode == 2, done.stderr
     assert "database.url" in done.stderr and "Traceback" not in done.stderr
+    assert DB_PASSWORD not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("command", ["senders", "migrate"])
+def test_cli_database_url_with_a_parameter_the_client_refuses_exits_2(
+    cli_env: dict[str, str], command: str
+) -> None:
+    # It used to exit 1, "cannot connect" / "unreachable", and `run` retried forever.
+    cli_env["CAMPAIGND_DATABASE__URL"] = f"postgresql://u:{DB_PASSWORD}@127.0.0.1:1/db?sslmode=bogus"
+
+    done = _cli(cli_env, command)
+
+    assert done.returncode == 2, done.stderr
+    assert "database.url: Value error, parameter sslmode must be one of" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert DB_PASSWORD not in done.stderr + done.stdout
+
+
+def test_cli_connection_setting_the_client_refuses_at_connect_exits_2(cli_env: dict[str, str]) -> None:
+    # What settings cannot see (here a PG* variable) surfaces as ClientConfigurationError at
+    # the first connection: a configuration error, not the database being unreachable.
+    cli_env["PGSSLMODE"] = "bogus"
+    cli_env["CAMPAIGND_DATABASE__URL"] = f"postgresql://u:{DB_PASSWORD}@127.0.0.1:1/db"
+
+    done = _cli(cli_env, "migrate")
+
+    assert done.returncode == 2, done.stderr
+    assert "database.url: the PostgreSQL client refuses it" in done.stderr
+    assert "Traceback" not in done.stderr
     assert DB_PASSWORD not in done.stderr + done.stdout
 
 

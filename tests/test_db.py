@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from campaignd import db
 from campaignd.config import DatabaseConfig
@@ -69,3 +70,17 @@ async def test_a_connection_left_mid_operation_by_a_vanishing_server_is_retried_
 
     assert is_transient_db_error(error)
     await Backoff(first=0.01).wait_after(error, structlog.get_logger("test"), "acquire_lanes")
+
+
+async def test_a_connection_setting_the_client_refuses_is_raised_not_retried() -> None:
+    import structlog
+
+    from campaignd.db import Backoff, is_transient_db_error
+
+    # An InterfaceError like the transient ones, but retrying a bad sslmode never ends: the
+    # daemon logged database_unavailable every few seconds and never exited with code 2.
+    error = asyncpg.exceptions.ClientConfigurationError("`sslmode` parameter must be one of: ...")
+
+    assert not is_transient_db_error(error)
+    with pytest.raises(asyncpg.exceptions.ClientConfigurationError):
+        await Backoff(first=0.01).wait_after(error, structlog.get_logger("test"), "connect")

@@ -291,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run_async(lambda: handler(settings, args))  # type: ignore[arg-type,return-value]
     except Exception as exc:
-        from campaignd.db import is_transient_db_error
+        from campaignd.db import client_configuration_problem, is_transient_db_error
 
+        problem = client_configuration_problem(exc, settings.database)
+        if problem is not None:
+            print(f"campaignd: invalid configuration:\n  database.url: {problem}", file=sys.stderr)
+            return EXIT_FAILURE if args.command == "healthcheck" else EXIT_CONFIG
         if not is_transient_db_error(exc):
             raise
         print(f"campaignd: the database is unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -30,8 +31,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -53,7 +56,9 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never a usable duration or count (they reached PostgreSQL intervals),
+    # and a nan was reported as out of range: both are refused as "not a finite number".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # A URL's password with one of these unencoded turns part of it into a "port" or a host.
@@ -63,8 +68,68 @@ _ENCODE_PASSWORD = "a '/', '#', '?' or '@' in a password must be percent-encoded
 _DSN_HOST = re.compile(r"(\[[^\]]+\]|[^:\[\]@]*)(?::([^:]*))?")
 
 
+# The values asyncpg accepts for the URL parameters it reads itself (asyncpg/connect_utils.py;
+# libpq's spellings, plus the underscore forms of sslmode asyncpg also takes). Anything else
+# fails every connection with ClientConfigurationError, which the daemon used to retry forever
+# as if the database were down. asyncpg's own parser is private (_parse_connect_dsn_and_args,
+# whose signature changes between releases) and reads ~/.pgpass, service files and
+# certificates as it goes, so the values are checked here instead.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_DSN_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": (*_SSLMODES, "verify_ca", "verify_full"),
+    "sslnegotiation": ("postgres", "direct"),
+    "target_session_attrs": ("any", "primary", "standby", "prefer-standby", "read-write", "read-only"),
+    "gsslib": ("gssapi", "sspi"),
+}
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) <= 65535
+
+
+def _check_dsn_parameters(query: dict[str, list[str]], hosts_in_netloc: bool) -> None:
+    # Never quotes a value: a password (or part of one) may have landed in any parameter.
+    # asyncpg reads the last of a repeated parameter.
+    values = {name: given[-1] for name, given in query.items()}
+    for name, choices in _DSN_CHOICES.items():
+        if name in values and values[name] not in choices:
+            shown = _SSLMODES if name == "sslmode" else choices
+            raise ValueError(f"parameter {name} must be one of: {', '.join(shown)}")
+    for name in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        version = values.get(name)
+        # asyncpg looks the value up in ssl.TLSVersion, "." read as "_", and refuses SSL*.
+        if version is not None and (
+            version.startswith("SSL") or version.replace(".", "_") not in ssl.TLSVersion.__members__
+        ):
+            raise ValueError(f"parameter {name} must be one of: {', '.join(_TLS_VERSIONS)}")
+    if values.get("sslnegotiation") == "direct":
+        sslmode = values.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer"
+        if sslmode.replace("_", "-") not in ("require", "verify-ca", "verify-full"):
+            raise ValueError(
+                "parameter sslnegotiation=direct needs sslmode=require, verify-ca or verify-full"
+            )
+    if values.get("sslmode", os.environ.get("PGSSLMODE")) != "disable":
+        for name in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
+            # Opened at each connection attempt: a missing one failed with FileNotFoundError,
+            # which is an OSError and so was retried forever as the database being down.
+            path = values.get(name)
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ValueError(f"parameter {name} must name a readable file")
+    if "port" in values and not all(_is_port(port) for port in values["port"].split(",")):
+        raise ValueError("parameter port must be a number from 1 to 65535 (or a comma-separated list)")
+    # Hosts in the URL's authority win over ?host= and ?port= (asyncpg ignores both then).
+    if not hosts_in_netloc and values.get("host"):
+        hosts = values["host"].split(",")
+        if not all(hosts):
+            raise ValueError("parameter host has an empty entry in its list")
+        ports = values["port"].split(",") if values.get("port") else []
+        if len(ports) > 1 and len(ports) != len(hosts):
+            raise ValueError("parameter port must give one port, or one per host")
+
+
 def check_database_url(url: str) -> None:
-    """Refuse a URL the PostgreSQL client would misread, in words that never quote it.
+    """Refuse a URL the PostgreSQL client would misread or refuse, in words that never quote it.
 
     The URL usually carries the password. A ``/``, ``#``, ``?`` or ``@`` in a password that
     was not percent-encoded turns part of it into a "port", which the client then failed to
@@ -76,8 +141,7 @@ def check_database_url(url: str) -> None:
     except ValueError:
         raise ValueError(f"is not a URL the PostgreSQL client can read{encode_hint}") from None
     try:
-        if parts.query:
-            parse_qs(parts.query, strict_parsing=True)
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
     except ValueError:
         raise ValueError(
             "has parameters the PostgreSQL client cannot read (name=value, joined by &)"
@@ -85,14 +149,18 @@ def check_database_url(url: str) -> None:
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError("must start with postgresql:// (or postgres://)")
     hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    _check_dsn_parameters(query, hosts_in_netloc=bool(hosts))
     if not hosts:
         return  # a Unix socket given as ?host=, or the client's defaults
+    if "," in hosts and not all(hosts.split(",")):
+        # asyncpg reads a host's first character: an empty one failed with an IndexError.
+        raise ValueError("has an empty entry in its host list")
     for host in hosts.split(","):
         match = _DSN_HOST.fullmatch(host)
         if match is None:
             raise ValueError(f"has a host the PostgreSQL client cannot read{encode_hint}")
         port = match.group(2)
-        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        if port is not None and not _is_port(port):
             raise ValueError(f"has a port that is not a number from 1 to 65535{encode_hint}")
 
 
@@ -120,8 +188,12 @@ class DispatchConfig(_Section):
     poll_seconds: float = Field(default=1.0, gt=0, le=3600.0)
     drain_seconds: float = Field(default=20.0, ge=0, le=3600.0)
     max_attempts: int = Field(default=5, ge=1, le=1000)
-    backoff_base_seconds: float = Field(default=2.0, gt=0)
-    backoff_max_seconds: float = Field(default=300.0, gt=0)
+    # A retry is scheduled as now() + make_interval(secs => delay) and shown by `doctor` as a
+    # Python datetime: without a bound, inf overflowed the interval (the lane crash-looped,
+    # resending) and 1e12 s a datetime. A retry more than a day out is a campaign abandoned,
+    # not a backoff, so a day is the cap.
+    backoff_base_seconds: float = Field(default=2.0, gt=0, le=86_400)
+    backoff_max_seconds: float = Field(default=300.0, gt=0, le=86_400)
     # How often buffered outcomes are written when the buffer is not yet full.
     flush_seconds: float = Field(default=0.05, gt=0, le=10.0)
     # How often this daemon announces itself to its replicas and checks whether one of them
@@ -139,7 +211,9 @@ class DispatchConfig(_Section):
 class WatchdogConfig(_Section):
     interval_seconds: float = Field(default=10.0, gt=0, le=3600)
     # A SENDING campaign with pending work and no progress for this long is flagged stuck.
-    stuck_after_seconds: float = Field(default=900.0, gt=0)
+    # Each pass computes now() - make_interval(secs => this): inf made every pass fail
+    # ("interval out of range"). A campaign idle for a month is long past needing a flag.
+    stuck_after_seconds: float = Field(default=900.0, gt=0, le=2_592_000)
 
 
 class HealthConfig(_Section):
@@ -195,18 +269,26 @@ def _resolve_env_reference(value: Any, what: str) -> Any:
 
 
 def _http_base(value: str) -> str:
+    # Every message here is fixed: the URL may carry a password (https://user:pass@host/),
+    # and the parser's own messages quote whatever part of it they choke on.
     if not value.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
     try:
         parts = urlsplit(value)
         host = parts.hostname
-        if not host:
-            raise ValueError("has no host")
+    except ValueError:
+        raise ValueError(
+            "is not a usable URL (it cannot be parsed; a '[', ']', '/', '#', '?' or '@' in a user"
+            " name or password must be percent-encoded)"
+        ) from None
+    if not host:
+        raise ValueError("is not a usable URL (it has no host)")
+    try:
         # What the resolver will do with it: a label over 63 characters, say, fails here
         # instead of on every send.
         host.encode("idna")
-    except ValueError as exc:
-        raise ValueError(f"is not a usable URL ({exc})") from None
+    except ValueError:
+        raise ValueError("is not a usable URL (its host is not a name the resolver can look up)") from None
     # Out of range or not a number, the port fails here instead of on every send. Python's
     # message quotes the "port", which may be the tail of a password (user:pass/word@host).
     try:
@@ -249,6 +331,7 @@ class HttpSenderConfig(_SenderBase):
     def _resolve_secret_references(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
+        seen: dict[str, str] = {}
         for name in value:
             # A provider answers a malformed header name with a bare 400, which would fail
             # every recipient until the circuit breaker tripped.
@@ -257,6 +340,14 @@ class HttpSenderConfig(_SenderBase):
                     f"header name {name!r} is not a valid HTTP header name"
                     " (letters, digits and !#$%&'*+.^_`|~-)"
                 )
+            # Header names are case-insensitive: both would be sent, and which one the
+            # provider reads is anyone's guess.
+            if name.lower() in seen:
+                raise ValueError(
+                    f"headers {seen[name.lower()]!r} and {name!r} are the same header"
+                    " (header names are case-insensitive)"
+                )
+            seen[name.lower()] = name
         return {name: _resolve_env_reference(raw, f"header {name!r}") for name, raw in value.items()}
 
 
@@ -357,6 +448,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     database: DatabaseConfig = DatabaseConfig()
@@ -390,7 +482,72 @@ class Settings(BaseSettings):
         # Highest first: explicit overrides, the environment, then the TOML file (which
         # arrives as init values, see load_settings).
         overrides = InitSettingsSource(settings_cls, init_kwargs=_OVERRIDES.get() or {})
-        return (overrides, env_settings, init_settings)
+        return (overrides, _EnvironmentSource(settings_cls, env_settings, init_settings), init_settings)
+
+
+def _as_spelled_in(name: str, spellings: dict[Any, Any]) -> list[str]:
+    if name in spellings and name != name.lower():
+        return [name]  # from a JSON value, which keeps its case
+    return [key for key in spellings if isinstance(key, str) and key.lower() == name.lower()]
+
+
+def _merge(low: Any, high: Any) -> Any:
+    if isinstance(low, dict) and isinstance(high, dict):
+        return {**low, **{key: _merge(low.get(key), value) for key, value in high.items()}}
+    return high
+
+
+class _EnvironmentSource(PydanticBaseSettingsSource):
+    """The environment's values, with sender ids and header names spelled as in the file.
+
+    Variable names are read case-insensitively, so they arrive lower-cased: a sender
+    ``[senders.SMS_EU]`` could not be overridden (the override made a new sender "sms_eu"),
+    and a header override ``..._HEADERS__X-API-KEY`` was sent beside the file's
+    ``X-Api-Key`` instead of replacing it. Matching ignores case, as HTTP does for header
+    names; refusing upper-case sender ids instead would strand the campaigns that use them.
+    """
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        environment: PydanticBaseSettingsSource,
+        file: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environment = environment
+        self._file = file
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not used: __call__ hands over the whole environment
+
+    def __call__(self) -> dict[str, Any]:
+        values = self._environment()
+        senders = values.get("senders")
+        file_senders = self._file().get("senders")
+        if not isinstance(senders, dict) or not isinstance(file_senders, dict):
+            return values
+        spelled: dict[str, Any] = {}
+        for sender_id, section in senders.items():
+            matches = _as_spelled_in(sender_id, file_senders)
+            if len(matches) > 1:
+                raise ConfigError(
+                    f"invalid configuration:\n  senders: the environment overrides sender {sender_id!r},"
+                    f" and senders {' and '.join(map(repr, sorted(matches)))} differ only in case"
+                    " (environment variable names do not keep case): rename one"
+                )
+            file_id = matches[0] if matches else sender_id
+            file_section = file_senders.get(file_id)
+            if isinstance(section, dict) and isinstance(file_section, dict):
+                headers, file_headers = section.get("headers"), file_section.get("headers")
+                if isinstance(headers, dict) and isinstance(file_headers, dict):
+                    renamed: dict[str, Any] = {}
+                    for name, value in headers.items():
+                        names = _as_spelled_in(name, file_headers)
+                        # Two spellings in the file are refused by the headers validator.
+                        renamed[names[0] if len(names) == 1 else name] = value
+                    section = {**section, "headers": renamed}
+            spelled[file_id] = _merge(spelled.get(file_id), section)
+        return {**values, "senders": spelled}
 
 
 def _describe_location(location: tuple[int | str, ...]) -> str:
@@ -403,12 +560,18 @@ def _describe_location(location: tuple[int | str, ...]) -> str:
 
 def format_validation_error(error: ValidationError) -> str:
     lines = []
-    for problem in error.errors(include_url=False, include_input=False):
+    # Inputs are looked at, never printed: they may be secrets.
+    for problem in error.errors(include_url=False):
         location = problem["loc"]
+        message = problem["msg"]
         if problem["type"] == "unknown_provider":
-            # The union reports the whole section; the field at fault is its provider.
-            location = (*location, "provider")
-        lines.append(f"  {_describe_location(location)}: {problem['msg']}")
+            if isinstance(problem.get("input"), dict):
+                # The union reports the whole section; the field at fault is its provider.
+                location = (*location, "provider")
+            else:
+                # `[senders] sms = 5`: there is no provider to blame, the section is not one.
+                message = "must be a table (a [senders.<id>] section), not a single value"
+        lines.append(f"  {_describe_location(location)}: {message}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
@@ -426,11 +589,31 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
 
-def _settings_error_field(error: SettingsError) -> str:
-    """The field a SettingsError names (``error parsing value for field "database" ...``)."""
+def _unreadable_variables(error: SettingsError) -> str:
+    """Where a SettingsError came from: each variable holding JSON that is not JSON.
+
+    The error names only the top-level field ("senders"); the variable actually set may be
+    CAMPAIGND_SENDERS__SMS__HEADERS. Each variable under that field is given alone to the
+    same parser, so what counts as JSON is the parser's call, not a guess made here.
+    """
     match = re.search(r'field "([^"]+)"', str(error))
-    name = match.group(1) if match else "(unknown field)"
-    return f"{name} (from environment variable {ENV_PREFIX}{name.upper()})"
+    field = match.group(1) if match else ""
+    prefix = f"{ENV_PREFIX}{field}".lower()
+    culprits = []
+    for variable, value in sorted(os.environ.items()):
+        name = variable.lower()
+        if not field or not (name == prefix or name.startswith(prefix + "__")):
+            continue
+        probe = EnvSettingsSource(Settings)
+        probe.env_vars = {name: value}
+        try:
+            probe()
+        except SettingsError:
+            path = name[len(ENV_PREFIX) :].replace("__", ".")
+            culprits.append(f"{path} (from environment variable {variable})")
+    return "\n  ".join(f"{culprit}: not valid JSON" for culprit in culprits) or (
+        f"{field or '(unknown field)'} (from the environment): not valid JSON"
+    )
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
@@ -448,6 +631,6 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     except SettingsError as exc:
         # An environment variable holding a section (CAMPAIGND_DATABASE='{...') that is not
         # JSON; the message names the field, never the value.
-        raise ConfigError(f"invalid configuration:\n  {_settings_error_field(exc)}: not valid JSON") from None
+        raise ConfigError(f"invalid configuration:\n  {_unreadable_variables(exc)}") from None
     finally:
         _OVERRIDES.reset(token)

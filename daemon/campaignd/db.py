@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -14,6 +15,7 @@ import structlog
 from campaignd import metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import DatabaseConfig
+from campaignd.redact import Redactor
 from campaignd.render import UnreadableJson
 
 if TYPE_CHECKING:
@@ -51,7 +53,29 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
+    # A ClientConfigurationError is an InterfaceError, but it is the URL's (or a PG*
+    # variable's) fault: a bad sslmode, a missing root certificate. Retried, it kept the
+    # daemon "waiting for the database" forever, where exit code 2 lets systemd stop.
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return False
     return isinstance(exc, TRANSIENT_DB_ERRORS)
+
+
+def client_configuration_problem(exc: BaseException, config: DatabaseConfig) -> str | None:
+    """What the client refused in the connection settings, if that is what ``exc`` is.
+
+    Settings validation catches a bad URL parameter; this is what only the client can see
+    (a PG* environment variable, a root certificate file that is missing). asyncpg's message
+    names the parameter and the value it got, and the URL's password is masked all the same.
+    """
+    if not isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return None
+    url = config.url.get_secret_value()
+    try:
+        password = urlsplit(url).password or ""
+    except ValueError:
+        password = ""
+    return Redactor([url, password, unquote(password)])(f"the PostgreSQL client refuses it: {exc}")
 
 
 def note_unavailable(
