@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
 
-from campaignd import db
+from campaignd import db, metrics
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.health import HealthServer, Heartbeats
@@ -60,6 +60,16 @@ def test_send_duration_histogram_exposes_cumulative_buckets_count_and_sum() -> N
     assert 't_seconds_count{sender_id="sms"} 5.0' in text
     assert 't_seconds_sum{sender_id="sms"} 7.561' in text
     assert "# TYPE t_seconds histogram" in text
+
+
+def test_the_throughput_window_forgets_old_batches_even_when_nobody_reads_the_rate() -> None:
+    # Only systemd's STATUS= line reads the rate: in docker or a terminal, every outcome batch
+    # of a long-running daemon used to stay in memory.
+    window = metrics.Throughput(window_seconds=60.0)
+    for second in range(10_000):
+        window.add(5, now=float(second))
+    assert len(window) == 61
+    assert window.rate(now=9_999.0) == 5 * 61 / 60
 
 
 def test_heartbeats_name_the_loop_that_stopped_ticking() -> None:

@@ -163,18 +163,28 @@ class Throughput:
         self._window = window_seconds
         self._events: deque[tuple[float, int]] = deque()
 
-    def add(self, count: int) -> None:
+    def add(self, count: int, *, now: float | None = None) -> None:
         if count:
-            self._events.append((time.monotonic(), count))
+            at = time.monotonic() if now is None else now
+            self._events.append((at, count))
+            # Expired here too, not only when read: outside systemd nothing reads the rate,
+            # and a long-running daemon kept one entry per outcome batch forever.
+            self._expire(at)
 
-    def rate(self) -> float:
-        now = time.monotonic()
-        while self._events and now - self._events[0][0] > self._window:
-            self._events.popleft()
+    def rate(self, *, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._expire(now)
         if not self._events:
             return 0.0
         span = max(1.0, now - self._events[0][0])
         return sum(count for _, count in self._events) / span
+
+    def _expire(self, now: float) -> None:
+        while self._events and now - self._events[0][0] > self._window:
+            self._events.popleft()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 THROUGHPUT = Throughput()
