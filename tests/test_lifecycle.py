@@ -64,6 +64,43 @@ async def test_host_pauses_then_resumes_a_campaign(
     assert daemon.wait() == 0
 
 
+async def test_a_second_sigterm_ends_the_drain_at_once(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Every request hangs past the drain, so the first SIGTERM's drain would wait its whole
+    # drain_seconds.
+    fake.behaviour.latency_seconds = 300.0
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 1000.0, "timeout_seconds": 600.0}},
+        drain_seconds=120.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", 40)
+    daemon = daemons(config)
+
+    async def in_the_air() -> bool:
+        return fake.request_count() > 0
+
+    await wait_for(in_the_air, timeout=30, what="requests at the provider")
+    daemon.signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        return "shutdown_requested" in daemon.log()
+
+    await wait_for(draining, timeout=30, what="the drain to begin")
+    await asyncio.sleep(0.5)
+    daemon.signal(signal.SIGTERM)
+    # The drain read its deadline once and slept through the second signal, for all of its
+    # 120 s; 60 s is as long as any stop here may take.
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    assert "drain_timeout" in daemon.log()
+    # Nothing was answered, so nothing is final; none is lost (the cut-off sends are resent,
+    # with their keys, by the next owner).
+    counts = await state_counts(conn, campaign_id)
+    assert counts.keys() <= {"pending", "in_flight"} and sum(counts.values()) == 40, counts
+
+
 async def test_campaign_deleted_while_sending_stops_its_work_without_crashing(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:

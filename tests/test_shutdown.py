@@ -42,3 +42,18 @@ async def test_a_second_signal_ends_every_drain_even_a_handover_begun_earlier() 
     shutdown.request()
     assert handed_over.drain_remaining() == 0.0
     assert shutdown.drain_remaining() == 0.0
+
+
+async def test_a_sooner_deadline_wakes_the_drains_waiting_on_the_old_one() -> None:
+    shutdown = Shutdown(drain_seconds=20.0)
+    paused_sender, handed_over = shutdown.part(), shutdown.part()
+    handed_over.request()
+    assert handed_over.deadline_moved.is_set() and not paused_sender.deadline_moved.is_set()
+    handed_over.deadline_moved.clear()
+    shutdown.request()
+    # The signal's deadline is later than the handover's: that drain has nothing to wake for.
+    assert not handed_over.deadline_moved.is_set()
+    assert paused_sender.deadline_moved.is_set()
+    await asyncio.sleep(0.01)
+    shutdown.request()
+    assert handed_over.deadline_moved.is_set() and handed_over.drain_remaining() == 0.0

@@ -73,6 +73,9 @@ PREPARE_HEAD_BATCHES = 10
 # Id bounds of a whole campaign, for the statements that prepare a range of it.
 FIRST_ID = 0
 BEYOND_LAST_ID = 2**63 - 1
+# How long outcomes still held after the drain may take to be written on shutdown (through a
+# database outage, retrying). The deploy files' stop timeouts count on it (systemd/, compose).
+FINAL_WRITE_SECONDS = 5.0
 # An outcome's metric labels, read without a Python frame per outcome.
 _STATE_AND_CLASS = operator.attrgetter("state", "error_class")
 
@@ -87,6 +90,9 @@ class Shutdown:
 
     def __init__(self, drain_seconds: float) -> None:
         self.requested = asyncio.Event()
+        # Set whenever the deadline comes sooner: a drain waiting on the old one (or on none,
+        # a sender's pause) wakes to it instead of sleeping past a second signal.
+        self.deadline_moved = asyncio.Event()
         self.drain_seconds = drain_seconds
         self.drain_deadline: float | None = None
         self._parts: weakref.WeakSet[Shutdown] = weakref.WeakSet()
@@ -105,6 +111,7 @@ class Shutdown:
     def _stop_by(self, deadline: float) -> None:
         if self.drain_deadline is None or deadline < self.drain_deadline:
             self.drain_deadline = deadline
+            self.deadline_moved.set()
         self.requested.set()
         for part in list(self._parts):
             part._stop_by(self.drain_deadline)
@@ -1158,16 +1165,15 @@ class Lane:
         for task, flight in self._workers.items():
             if flight is not None and not flight.request_started:
                 task.cancel()
-        timeout = 0.0 if self.lease.lost else self._shutdown.drain_remaining()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         while self._outstanding:
-            remaining = None if deadline is None else deadline - loop.time()
+            # Read again at every wake: a second signal moves the deadline to now.
+            remaining = 0.0 if self.lease.lost else self._shutdown.drain_remaining()
             if remaining is not None and remaining <= 0:
                 self._log.warning("drain_timeout", in_doubt=self._outstanding)
                 break
             self._landing.clear()
-            await wait_any(self._landing, seconds=remaining)
+            self._shutdown.deadline_moved.clear()
+            await wait_any(self._landing, self._shutdown.deadline_moved, seconds=remaining)
         await self._stop_workers()
 
     # ---------------------------------------------------------------- recording
@@ -1179,9 +1185,19 @@ class Lane:
             await self._flush()
 
     async def _final_flush(self) -> None:
-        """Write every outcome still held, retrying through an outage for a bounded time."""
-        deadline = asyncio.get_running_loop().time() + max(
-            self._config.drain_seconds, self.lease.lease_seconds
+        """Write every outcome still held, retrying through an outage for a bounded time.
+
+        On the daemon's shutdown, FINAL_WRITE_SECONDS past the drain's deadline: the drain and
+        this together must fit the service manager's stop timeout (TimeoutStopSec), or the
+        process is killed mid-write. A lane stopping alone (a sender's pause, a handover) has
+        no such clock and keeps retrying for a lease or a drain's length, whichever is longer.
+        """
+        loop = asyncio.get_running_loop()
+        drain_left = self._shutdown.drain_remaining()
+        deadline = loop.time() + (
+            max(self._config.drain_seconds, self.lease.lease_seconds)
+            if drain_left is None
+            else drain_left + FINAL_WRITE_SECONDS
         )
         backoff = Backoff()
         while self._buffer and not self.lease.lost:
