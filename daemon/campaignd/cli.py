@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
-    from campaignd.daemon import Daemon, StartupError, shutdown_on_signals
+    from campaignd.daemon import Daemon, DaemonFailed, StartupError, shutdown_on_signals
     from campaignd.dispatch import Shutdown
     from campaignd.schema import SchemaNotReady
 
@@ -326,6 +326,8 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
         except StartupError as exc:
             structlog.get_logger("campaignd").error("startup_failed", reason=str(exc))
             return EXIT_FAILURE
+        except DaemonFailed:
+            return EXIT_FAILURE  # logged as daemon_failed, with the failure, before the drain
     return EXIT_OK
 
 

@@ -10,7 +10,9 @@ Lifecycle, in order (each step undone in reverse on the way out):
 6. the lane manager, which acquires free or expired lanes and runs one Lane task each;
 7. the balancer, which announces this daemon to its replicas and hands one of its lanes
    to a replica that serves two fewer (the lane drains and is released, as on shutdown).
-On shutdown the manager stops acquiring and waits for every lane to drain and release.
+On shutdown the manager stops acquiring, and every lane drains and releases before the
+provider sessions and the pool close. A side task that fails (a bug) is a shutdown too:
+the lanes drain the same way, then the process exits 1 (DaemonFailed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import asyncpg
 import structlog
@@ -46,6 +49,18 @@ class StartupError(Exception):
     """The daemon cannot start (its message says why); exit code 1."""
 
 
+class DaemonFailed(Exception):
+    """A side task failed, was logged (daemon_failed) and the lanes drained: exit code 1.
+
+    Raised after everything is closed; its callers end the process on that one structured
+    line, without a second, unstructured traceback.
+    """
+
+    def __init__(self, failed: list[str]) -> None:
+        super().__init__(f"failed: {', '.join(failed)}")
+        self.failed = failed
+
+
 LOOP_LAG_PROBE_SECONDS = 0.5
 
 
@@ -57,6 +72,8 @@ class Daemon:
         self._wake_manager = asyncio.Event()
         self._lane_wakes: dict[str, asyncio.Event] = {s: asyncio.Event() for s in settings.senders}
         self._lanes: dict[str, asyncio.Task[None]] = {}
+        # Owns the lane tasks while the daemon serves (see _serve).
+        self._lane_group: asyncio.TaskGroup | None = None
         # Per lane: its own stop (a part of the daemon's shutdown) and when it was taken.
         self._lane_stops: dict[str, Shutdown] = {}
         self._lanes_since: dict[str, float] = {}
@@ -120,18 +137,7 @@ class Daemon:
             self.heartbeats.register(
                 DISPATCHER_HEARTBEAT, allowance_seconds=max(30.0, 10 * self.settings.dispatch.poll_seconds)
             )
-            watchdog = Watchdog(pool, self.settings.watchdog, self.heartbeats)
-            # Side loops end with the shutdown request; the manager returns once every lane
-            # has drained and released, so nothing is cancelled mid-write.
-            async with asyncio.TaskGroup() as group:
-                listener = group.create_task(self._listen(), name="listener")
-                group.create_task(watchdog.run(self.shutdown.requested), name="watchdog")
-                group.create_task(self._measure_loop_lag(), name="loop-lag")
-                group.create_task(self._notify_systemd(notifier), name="sd-notify")
-                if self.settings.dispatch.rebalance_seconds > 0:
-                    group.create_task(self._balance(pool), name="balance")
-                await self._manage_lanes(pool, providers)
-                listener.cancel()
+            failed = await self._serve(pool, providers, notifier)
         finally:
             self._pool = None
             if self._announced:
@@ -139,6 +145,66 @@ class Daemon:
             for provider in providers.values():
                 await provider.close()
             await pool.close()
+        if failed:
+            raise DaemonFailed(failed)
+
+    async def _serve(
+        self, pool: asyncpg.Pool, providers: dict[str, Provider], notifier: Notifier
+    ) -> list[str]:
+        """Serve until the shutdown request or a side task's failure; returns what failed.
+
+        Lanes are not siblings of the side loops: a failing task makes a task group cancel
+        its siblings, and a lane cancelled mid-send records nothing of the sends in the air.
+        They are owned by a group around the side loops instead, which is only left once
+        every lane has drained and released; its body does not raise (a side task's failure
+        is turned into a shutdown request), so that group never cancels them. Only the
+        cancellation of run() itself cancels the lanes, and even then they release their
+        leases while the pool is still open.
+        """
+        watchdog = Watchdog(pool, self.settings.watchdog, self.heartbeats)
+        side_loops: list[tuple[str, Coroutine[Any, Any, None]]] = [
+            ("lane-manager", self._manage_lanes(pool, providers)),
+            ("watchdog", watchdog.run(self.shutdown.requested)),
+            ("loop-lag", self._measure_loop_lag()),
+            ("sd-notify", self._notify_systemd(notifier)),
+        ]
+        if self.settings.dispatch.rebalance_seconds > 0:
+            side_loops.append(("balance", self._balance(pool)))
+        failed: list[str] = []
+        async with asyncio.TaskGroup() as lanes:
+            self._lane_group = lanes
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(loop, name=name) for name, loop in side_loops]
+                    # The listener only ever ends by this cancellation; the other loops end
+                    # with the shutdown request.
+                    listener = group.create_task(self._listen(), name="listener")
+                    tasks.append(listener)
+                    await self.shutdown.requested.wait()
+                    listener.cancel()
+            except Exception as exc:
+                failures = [
+                    task for task in tasks if task.done() and not task.cancelled() and task.exception()
+                ]
+                failed = [task.get_name() for task in failures] or ["daemon"]
+                cause = failures[0].exception() if len(failures) == 1 else exc
+                log.error(
+                    "daemon_failed",
+                    failed=failed,
+                    error=type(cause).__name__,
+                    note="draining the lanes, then exiting",
+                    exc_info=cause,
+                )
+                # Not a second request: that would cut short a drain already under way.
+                if not self.shutdown.requested.is_set():
+                    self.shutdown.request()
+            if self._lanes:
+                log.info(
+                    "draining", lanes=sorted(self._lanes), drain_seconds=self.settings.dispatch.drain_seconds
+                )
+        self._lane_group = None
+        return failed
 
     async def _start_health_server(self) -> HealthServer | None:
         address = self.settings.health.address
@@ -241,11 +307,9 @@ class Daemon:
                     self._wake_manager.set()
             self.ready.set()
             await self._sleep(config.poll_seconds)
-        if self._lanes:
-            log.info("draining", lanes=sorted(self._lanes), drain_seconds=config.drain_seconds)
-            await asyncio.gather(*self._lanes.values(), return_exceptions=True)
 
     def _start_lane(self, lease: leasing.LaneLease, pool: asyncpg.Pool, provider: Provider) -> None:
+        assert self._lane_group is not None
         stop = self._lane_stops[lease.sender_id] = self.shutdown.part()
         lane = Lane(
             lease=lease,
@@ -257,13 +321,24 @@ class Daemon:
             shutdown=stop,
             wake=self._lane_wakes[lease.sender_id],
         )
-        task = asyncio.create_task(lane.run(), name=f"lane:{lease.sender_id}")
+        task = self._lane_group.create_task(
+            self._serve_lane(lease.sender_id, lane), name=f"lane:{lease.sender_id}"
+        )
         self._lanes[lease.sender_id] = task
         self._lanes_since[lease.sender_id] = asyncio.get_running_loop().time()
-        task.add_done_callback(self._lane_done(lease.sender_id))
 
-    def _lane_done(self, sender_id: str) -> Callable[[asyncio.Task[None]], None]:
-        def done(task: asyncio.Task[None]) -> None:
+    async def _serve_lane(self, sender_id: str, lane: Lane) -> None:
+        crashed = False
+        try:
+            await lane.run()
+        except Exception as exc:
+            # A lane never takes the daemon down (nor, raising in the lanes' task group, the
+            # other lanes): its lease expires or is re-acquired, and its in-flight claims
+            # are recovered as in doubt. It is taken again on the next poll, not at once,
+            # so a lane that keeps failing does not spin.
+            crashed = True
+            log.error("lane_crashed", sender_id=sender_id, error=repr(exc), exc_info=exc)
+        finally:
             self._lanes.pop(sender_id, None)
             self._lanes_since.pop(sender_id, None)
             self._lane_stops.pop(sender_id, None)
@@ -271,21 +346,9 @@ class Daemon:
                 self._handed_over[sender_id] = asyncio.get_running_loop().time() + leasing.handover_grace(
                     self.settings.dispatch.poll_seconds
                 )
-            if not task.cancelled() and task.exception() is not None:
-                # A lane never takes the daemon down: its lease expires or is re-acquired,
-                # and its in-flight claims are recovered as in doubt. It is taken again on the
-                # next poll, not at once, so a lane that keeps failing does not spin.
-                log.error(
-                    "lane_crashed",
-                    sender_id=sender_id,
-                    error=repr(task.exception()),
-                    exc_info=task.exception(),
-                )
-                return
-            # Look for more work (or re-acquire this lane) without waiting for the poll.
-            self._wake_manager.set()
-
-        return done
+            if not crashed:
+                # Look for more work (or re-acquire this lane) without waiting for the poll.
+                self._wake_manager.set()
 
     def _handing_over(self, sender_id: str) -> bool:
         """Whether a lane handed over is still left to the replica it was meant for.
@@ -373,7 +436,15 @@ class Daemon:
         self._wake_manager.set()
 
     async def _listen(self) -> None:
+        """Keeps a LISTEN connection; ends only when cancelled.
+
+        NOTIFY only wakes lanes early (the manager polls anyway), so no error of its own is
+        worth stopping the daemon for: a reconnect refused while the pool's sessions still
+        work (a rotated password, a pg_hba change, NOLOGIN) is logged and retried like an
+        outage.
+        """
         backoff = db.Backoff()
+        redact = db.url_redactor(self.settings.database)
         while True:
             connection: asyncpg.Connection | None = None
             try:
@@ -386,10 +457,18 @@ class Daemon:
                 self._wake_everything()
                 await closed.wait()
                 log.warning("listener_disconnected")
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                await backoff.wait_after(exc, log, "listen")
+                if db.is_transient_db_error(exc):
+                    await backoff.wait_after(exc, log, "listen")
+                else:
+                    delay = backoff.next()
+                    log.error(
+                        "listener_failed",
+                        error=type(exc).__name__,
+                        message=redact(str(exc)),
+                        retry_in=round(delay, 2),
+                    )
+                    await asyncio.sleep(delay)
             finally:
                 if connection is not None:
                     with contextlib.suppress(Exception):

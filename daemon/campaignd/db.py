@@ -70,12 +70,17 @@ def client_configuration_problem(exc: BaseException, config: DatabaseConfig) -> 
     """
     if not isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return None
+    return url_redactor(config)(f"the PostgreSQL client refuses it: {exc}")
+
+
+def url_redactor(config: DatabaseConfig) -> Redactor:
+    """Masks the database URL and its password (as written and decoded) in a driver's message."""
     url = config.url.get_secret_value()
     try:
         password = urlsplit(url).password or ""
     except ValueError:
         password = ""
-    return Redactor([url, password, unquote(password)])(f"the PostgreSQL client refuses it: {exc}")
+    return Redactor([url, password, unquote(password)])
 
 
 def note_unavailable(

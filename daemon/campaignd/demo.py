@@ -22,7 +22,7 @@ from rich.text import Text
 
 from campaignd import db
 from campaignd.config import Settings
-from campaignd.daemon import Daemon, shutdown_on_signals, sync_senders
+from campaignd.daemon import Daemon, DaemonFailed, shutdown_on_signals, sync_senders
 from campaignd.dispatch import Shutdown
 from campaignd.embedded import EmbeddedUnavailable, start_embedded
 from campaignd.fakeprovider import Behaviour, FakeProvider, Rule
@@ -121,7 +121,12 @@ async def _run(
             daemon_task = asyncio.create_task(daemon.run())
             status = await _watch(console, connection, campaign_id, len(rows), daemon_task)
             shutdown.request()
-            await daemon_task
+            try:
+                await daemon_task
+            except DaemonFailed as exc:
+                # Logged as daemon_failed with its traceback; what was sent is still worth showing.
+                console.print(Text(f"the daemon failed ({exc}) after draining its lanes", style="red"))
+                status = "daemon failed"
         elapsed = time.monotonic() - started
         await _summary(console, connection, campaign_id, provider, elapsed)
         return 0 if status == "completed" else 1

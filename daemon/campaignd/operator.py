@@ -14,14 +14,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import urlsplit
 
 import orjson
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from campaignd.redact import Redactor
 from campaignd.sql import QUERIES
 
 if TYPE_CHECKING:
@@ -93,8 +91,7 @@ async def connected(settings: Settings) -> AsyncIterator[Connection]:
 
     from campaignd import db
 
-    url = settings.database.url.get_secret_value()
-    redact = Redactor([url, urlsplit(url).password or ""])
+    redact = db.url_redactor(settings.database)
     try:
         connection = await db.connect(settings.database)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
