@@ -506,6 +506,39 @@ def test_image_entrypoint_is_campaignd_run(image: list[tuple[str, str]]) -> None
     build_parser().parse_args(command)
 
 
+def _pid_namespaces_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_as_pid_1_a_sigterm_before_the_daemon_starts_ends_it(tmp_path: Path) -> None:
+    # The image runs campaignd as PID 1, without an init. The kernel drops a signal PID 1 has
+    # no handler for, so a `docker stop` during start-up waited for the SIGKILL.
+    if not _pid_namespaces_available():
+        pytest.skip("needs unshare --pid (root) to run a process as PID 1")
+    signalled = (
+        "import os, signal, time\nimport campaignd\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(120)\n"
+    )
+    stopped = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", signalled], capture_output=True, timeout=60
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    # Anywhere else the signal's own default stays: importing the package changes nothing.
+    untouched = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import signal, campaignd; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert untouched.stdout.strip() == "True", untouched.stderr
+
+
 def test_image_healthcheck_uses_campaignd_healthcheck(image: list[tuple[str, str]]) -> None:
     healthcheck = instruction(final_stage(image), "HEALTHCHECK")
     options, separator, command = healthcheck.partition("CMD ")
