@@ -17,7 +17,9 @@ import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
 
 from campaignd import db, metrics
-from campaignd.config import DatabaseConfig
+from campaignd.config import DatabaseConfig, load_settings
+from campaignd.daemon import Daemon
+from campaignd.dispatch import Shutdown
 from campaignd.fakeprovider import FakeProvider, Rule
 from campaignd.health import HealthServer, Heartbeats
 from campaignd.metrics import DurationHistogram
@@ -161,6 +163,16 @@ async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database
     assert 'campaignd_send_duration_seconds_count{sender_id="sms"} 48.0' in text
     assert "campaignd_event_loop_lag_seconds" in text
     assert "campaignd_watchdog_runs_total" in text
+    # Anyone who can reach the port can send a malformed request: aiohttp logs it with a
+    # traceback, through the standard library, which used to bypass the JSON log.
+    await asyncio.to_thread(
+        _send_raw, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+    )
+
+    async def logged() -> bool:
+        return "aiohttp.server" in daemon.log()
+
+    await wait_for(logged, timeout=30, what="aiohttp's line about the malformed request")
 
     await asyncio.to_thread(server.stop)
 
@@ -175,6 +187,31 @@ async def test_daemon_serves_health_readiness_and_metrics_and_reports_a_database
     await wait_for(ready, timeout=60, what="readyz after the database returned")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+    for line in daemon.log().splitlines():
+        assert isinstance(json.loads(line), dict), line
+
+
+def _send_raw(port: int, request: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(request)
+        raw.recv(4096)
+
+
+async def test_readiness_names_a_database_error_that_is_not_an_outage(tmp_path: Path) -> None:
+    # A login refused when the pool opens a connection (a rotated password) is no outage, but
+    # the daemon cannot work either: a probe gets 503 with the reason, not a 500 and a
+    # traceback in the log every few seconds.
+    settings = load_settings(
+        daemon_config(tmp_path, "postgresql://campaignd@127.0.0.1:1/campaignd", {"sms": {"url": "http://x"}})
+    )
+    daemon = Daemon(settings, Shutdown(settings.dispatch.drain_seconds))
+
+    class RefusingPool:
+        def acquire(self) -> Any:
+            raise asyncpg.InvalidAuthorizationSpecificationError("password authentication failed")
+
+    daemon._pool = RefusingPool()  # type: ignore[assignment]
+    assert await daemon._readiness() == "database error (InvalidAuthorizationSpecificationError)"
 
 
 async def test_sd_notify_ready_watchdog_status_then_stopping(

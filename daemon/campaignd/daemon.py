@@ -233,7 +233,9 @@ class Daemon:
         except Exception as exc:
             if isinstance(exc, TimeoutError) or db.is_transient_db_error(exc):
                 return f"database unreachable ({type(exc).__name__})"
-            raise
+            # Not ready either way (a login refused, a server error): a probe gets 503 and the
+            # reason's type, not a 500 and a traceback in the log every few seconds.
+            return f"database error ({type(exc).__name__})"
         return None
 
     async def _measure_loop_lag(self) -> None:
