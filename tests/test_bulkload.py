@@ -148,6 +148,7 @@ def test_an_empty_address_is_a_recipient_the_daemon_skips_not_a_bad_row() -> Non
     ("fields", "problem"),
     [
         (["+1", "Ada"], "2 fields, the header has 3"),
+        (["+1"], "1 field, the header has 3"),
         (["+1", "Ada", "x", "extra"], "4 fields, the header has 3"),
         (["+1", "A\x00da", "x"], "column 'first_name' holds a NUL byte"),
         (["+1", "Ada", "\udcff"], "column 'offer' holds bytes that are not UTF-8"),

@@ -764,13 +764,17 @@ def test_cli_database_url_with_a_parameter_the_client_refuses_exits_2(
     assert DB_PASSWORD not in done.stderr + done.stdout
 
 
-def test_cli_connection_setting_the_client_refuses_at_connect_exits_2(cli_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("command", ["migrate", "senders"])
+def test_cli_connection_setting_the_client_refuses_at_connect_exits_2(
+    cli_env: dict[str, str], command: str
+) -> None:
     # What settings cannot see (here a PG* variable) surfaces as ClientConfigurationError at
-    # the first connection: a configuration error, not the database being unreachable.
+    # the first connection: a configuration error, not the database being unreachable (which
+    # the operator commands said, exit 1).
     cli_env["PGSSLMODE"] = "bogus"
     cli_env["CAMPAIGND_DATABASE__URL"] = f"postgresql://u:{DB_PASSWORD}@127.0.0.1:1/db"
 
-    done = _cli(cli_env, "migrate")
+    done = _cli(cli_env, command)
 
     assert done.returncode == 2, done.stderr
     assert "database.url: the PostgreSQL client refuses it" in done.stderr

@@ -131,7 +131,7 @@ def row_problem(fields: Sequence[str], header: Header) -> str | None:
     recipient as ``no_address``, which is where the campaign's report shows it.
     """
     if len(fields) != header.width:
-        return f"{len(fields)} fields, the header has {header.width}"
+        return f"{len(fields)} field{'' if len(fields) == 1 else 's'}, the header has {header.width}"
     # One search over the whole row: the per-column search that names the column is for the
     # rare bad row only (this runs a million times for a million-row file).
     if _UNSTORABLE.search("".join(fields)) is not None:

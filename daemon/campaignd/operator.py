@@ -94,6 +94,8 @@ async def connected(settings: Settings) -> AsyncIterator[Connection]:
     redact = db.url_redactor(settings.database)
     try:
         connection = await db.connect(settings.database)
+    except asyncpg.ClientConfigurationError:
+        raise  # the settings' fault, not the database's: cli.main reports it, exit code 2
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise OperatorError(
             f"cannot connect to the database: {type(exc).__name__}: {redact(str(exc))}"
