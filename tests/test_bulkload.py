@@ -628,7 +628,7 @@ async def test_a_stray_quote_loads_every_row_outside_the_lines_it_reports_or_rej
     campaign_id, tally = await load(conn, path)
 
     assert [(bad.line, bad.last_line) for bad in tally.examples] == [(4, 2001), (2002, None)]
-    assert "',' expected after" in tally.examples[0].reason and "1 fields" in tally.examples[1].reason
+    assert "',' expected after" in tally.examples[0].reason and "1 field," in tally.examples[1].reason
     assert tally.loaded + tally.bad_lines == len(lines) - 1
     stored = await conn.fetch(
         "SELECT address FROM campaignd.recipients WHERE campaign_id = $1 ORDER BY id", campaign_id
