@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from campaignd import db, operator
 from campaignd.config import DatabaseConfig
@@ -23,6 +24,7 @@ from campaignd.dispatch import PREPARE_HEAD_BATCHES
 from campaignd.fakeprovider import FakeProvider
 from campaignd.providers.addresses import normalize_e164
 from campaignd.providers.base import InvalidAddress
+from campaignd.schema import migrate
 from campaignd.sql import QUERIES
 from tests.conftest import (
     DaemonProcess,
@@ -34,6 +36,7 @@ from tests.conftest import (
     state_counts,
     wait_for,
     wait_status,
+    with_database,
 )
 from tests.test_dispatch import assert_exactly_once
 
@@ -491,11 +494,41 @@ def _sendable_as(address: str) -> str | None:
         return None
 
 
+async def _database_with_locale(pg_url: str, provider: str) -> asyncpg.Connection:
+    """A migrated database whose character classes are the ``provider``'s (``libc`` C, or
+    ``builtin`` C.UTF-8, PostgreSQL 17+, where a non-breaking space is a [[:space:]])."""
+    name = f"keys_{provider}"
+    locale = "LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8'" if provider == "builtin" else "LOCALE 'C'"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        try:
+            await admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' {locale}")
+        except asyncpg.PostgresError as exc:
+            pytest.skip(f"this server cannot create a {provider} database: {exc}")
+    finally:
+        await admin.close()
+    connection = await db.connect(DatabaseConfig(url=with_database(pg_url, name)))  # type: ignore[arg-type]
+    await migrate(connection)
+    return connection
+
+
+@pytest.mark.parametrize("provider", ["libc", "builtin"])
 async def test_phone_keys_join_the_numbers_the_send_path_joins_and_never_a_sendable_with_another(
-    conn: asyncpg.Connection,
+    pg_url: str, provider: str
 ) -> None:
-    # campaignd.address_key (migration 009) must agree with normalize_e164, which decides what
-    # is sent: two addresses sharing a key make one of them a duplicate, skipped unsent.
+    # campaignd.address_key (migrations 009, 011) must agree with normalize_e164, which decides
+    # what is sent: two addresses sharing a key make one of them a duplicate, skipped unsent.
+    # On every locale: with [[:space:]] (009), a builtin locale's non-breaking space before
+    # the + gave a number the send path refuses the key of the number written plainly.
+    conn = await _database_with_locale(pg_url, provider)
+    try:
+        await _check_phone_keys(conn)
+    finally:
+        await conn.close()
+
+
+async def _check_phone_keys(conn: asyncpg.Connection) -> None:
     rng = random.Random(20261124)
     # A small pool of numbers, so that many addresses are the same number written differently.
     numbers = ["".join(rng.choice("0123456789") for _ in range(rng.randint(5, 16))) for _ in range(400)]
