@@ -329,6 +329,10 @@ def test_a_record_over_several_lines_that_swallowed_rows_is_bad_over_all_of_them
         ("+44 20 7946 0001", "Dear Ada,\nThanks, see you\nBob"),
         ("+1 (555) 000-0001", "12 Main St, Apt 4\nSpringfield, IL 62701"),
         ("+1 (555) 000-0001", "Prices,\n1 200, 3 400 or 5 600"),
+        # A note's lines that start with a national number or a date are not rows.
+        ("+447700900123", "Notes:\n020 7946 0018, ask for reception"),
+        ("+447700900123", "Notes:\n12/05/2024, called back"),
+        ("+44 7700 900123", "Notes:\n020 7946 0018, ask for reception"),
         # Without an address to compare with, only a line as wide as the header is a row.
         ("", "Dear Ada,\nThanks, see you\nBob"),
         ("", "Call us,\n+1 555 0100, any day"),

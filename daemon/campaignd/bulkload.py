@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
-from campaignd.providers.addresses import E164_MIN_DIGITS
+from campaignd.providers.addresses import normalize_e164
+from campaignd.providers.base import InvalidAddress
 from campaignd.providers.http import MAX_ADDRESS_LENGTH
 from campaignd.render import MAX_VARIABLE_LENGTH, Template, TemplateError
 from campaignd.sql import QUERIES
@@ -63,9 +64,9 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # The line ends the csv module counts (the file is read with newline=""): an embedded one in a
 # quoted field is a physical line of the file.
 _LINE_BREAK = re.compile("\r\n|\r|\n")
-# A phone number as people write it: digits and the separators that group them, the ones the
-# providers strip (providers/addresses.py, normalize_e164): "+44 20 7946 0018", "+1 (555) 000-1111".
-_PHONE_LIKE = re.compile(r"\+?[ \u00a0().\-/]*[0-9][0-9 \u00a0().\-/]*")
+# A phone number as one token: digits and the punctuation that groups them ("+1-555-000.1111").
+# Written with spaces ("+44 20 7946 0018"), a number is told from prose by normalize_e164.
+_PHONE_LIKE = re.compile(r"\+?[0-9][0-9().-]*")
 # The integers orjson reads as integers (int64 and uint64): it reads a wider one as the nearest
 # double, and the database codecs and the provider requests go through orjson too, so a wider
 # integer cannot be kept exactly anywhere.
@@ -158,13 +159,21 @@ def address_kind(text: str) -> str | None:
     if not cell or len(cell) > MAX_ADDRESS_LENGTH:
         return None
     if len(cell.split()) != 1:
-        # Numbers in prose are spaced too ("1 200, 3 400"): only as many digits as the shortest
-        # phone number has make spaced digits an address rather than text.
-        phone = _PHONE_LIKE.fullmatch(cell) and sum(c.isdigit() for c in cell) >= E164_MIN_DIGITS
-        return "phone" if phone else None
+        # Prose is spaced digits too ("1 200, 3 400", "020 7946 0018, ask for reception"), and a
+        # line of a note taken for a swallowed row would drop its record. Only what the send
+        # path takes for an international number ("+44 20 7946 0018") counts as one.
+        return "phone" if cell.startswith("+") and _is_international_number(cell) else None
     if "@" in cell:
         return "email"
     return "phone" if _PHONE_LIKE.fullmatch(cell) else "token"
+
+
+def _is_international_number(text: str) -> bool:
+    try:
+        normalize_e164(text)
+    except InvalidAddress:
+        return False
+    return True
 
 
 def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str | None:
