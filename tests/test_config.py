@@ -565,7 +565,10 @@ def test_a_provider_url_the_parser_rejects_is_refused_without_quoting_it(
         ("?gsslib=krb5", "gsslib must be one of"),
         ("?ssl_min_protocol_version=TLSv9", "ssl_min_protocol_version must be one of"),
         ("?ssl_max_protocol_version=SSLv3", "ssl_max_protocol_version must be one of"),
-        ("?sslmode=verify-full&sslrootcert=/nonexistent/root.crt", "sslrootcert must name a readable file"),
+        (
+            "?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+            "sslrootcert (or PGSSLROOTCERT) must name",
+        ),
     ],
 )
 def test_a_database_url_parameter_the_client_refuses_is_a_config_error(
@@ -579,6 +582,41 @@ def test_a_database_url_parameter_the_client_refuses_is_a_config_error(
 
     assert f"database.url: Value error, parameter {reason}" in message
     assert DB_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # asyncpg opens none of these files unless TLS is required, and a key only beside its
+        # certificate: each of these connects (or fails for the database's own reasons).
+        "?sslrootcert=/nonexistent/root.crt",
+        "?sslmode=allow&sslcrl=/nonexistent/crl.pem",
+        "?sslmode=prefer&sslcert=/nonexistent/client.crt",
+        "?sslmode=require&sslkey=/nonexistent/client.key",
+        "?sslmode=disable&sslrootcert=/nonexistent/root.crt",
+    ],
+)
+def test_certificate_files_asyncpg_would_not_open_are_not_checked(tmp_path: Path, query: str) -> None:
+    url = f"postgresql://campaignd:{DB_PASSWORD}@db.internal:5432/campaignd{query}"
+
+    settings = load_settings(_write(tmp_path, f'[database]\nurl = "{url}"\n'))
+
+    assert settings.database.url.get_secret_value() == url
+
+
+def test_a_missing_root_certificate_named_by_pgsslrootcert_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncpg raised FileNotFoundError at every connection, an OSError: retried forever.
+    monkeypatch.setenv("PGSSLROOTCERT", "/nonexistent/root.crt")
+    url = f"postgresql://campaignd:{DB_PASSWORD}@db.internal:5432/campaignd?sslmode=verify-full"
+
+    message = _load_error(tmp_path, f'[database]\nurl = "{url}"\n')
+
+    assert (
+        "database.url: Value error, parameter sslrootcert (or PGSSLROOTCERT) must name a readable file"
+        in message
+    )
 
 
 @pytest.mark.parametrize(

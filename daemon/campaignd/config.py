@@ -109,13 +109,17 @@ def _check_dsn_parameters(query: dict[str, list[str]], hosts_in_netloc: bool) ->
             raise ValueError(
                 "parameter sslnegotiation=direct needs sslmode=require, verify-ca or verify-full"
             )
-    if values.get("sslmode", os.environ.get("PGSSLMODE")) != "disable":
-        for name in ("sslrootcert", "sslcert", "sslkey", "sslcrl"):
-            # Opened at each connection attempt: a missing one failed with FileNotFoundError,
-            # which is an OSError and so was retried forever as the database being down.
-            path = values.get(name)
-            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-                raise ValueError(f"parameter {name} must name a readable file")
+    sslmode = (values.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer").replace("_", "-")
+    if sslmode in ("require", "verify-ca", "verify-full"):
+        # Opened at each connection attempt when TLS is required: a missing one failed with
+        # FileNotFoundError, an OSError, so retried forever as the database being down. Only
+        # then: with a weaker sslmode asyncpg opens none of them, and a key only beside its
+        # certificate; a configuration that worked must not be refused.
+        names = ["sslrootcert", "sslcrl", "sslcert"] + (["sslkey"] if "sslcert" in values else [])
+        for name in names:
+            path = values.get(name) or os.environ.get(f"PG{name.upper()}")
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ValueError(f"parameter {name} (or PG{name.upper()}) must name a readable file")
     if "port" in values and not all(_is_port(port) for port in values["port"].split(",")):
         raise ValueError("parameter port must be a number from 1 to 65535 (or a comma-separated list)")
     # Hosts in the URL's authority win over ?host= and ?port= (asyncpg ignores both then).
