@@ -121,6 +121,38 @@ async def test_a_claim_whose_reply_was_lost_is_given_back_and_the_campaign_compl
     assert await asyncio.to_thread(daemon.wait) == 0
 
 
+async def test_outcome_writes_that_never_answer_cannot_hold_up_a_stop(
+    tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
+) -> None:
+    """A write to a database that takes it and never answers waited for as long as the
+    connection lived: the stop outlasted any TimeoutStopSec, and systemd killed it."""
+    fake.behaviour.latency_seconds = 1.0
+    connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        campaign_id = await create_campaign(connection, "sms", 200)
+        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url}}, drain_seconds=3.0)
+        daemon = daemons(config)
+
+        async def in_the_air() -> bool:
+            return fake.request_count() > 0
+
+        await wait_for(in_the_air, timeout=30, what="requests at the provider")
+        # The next outcome write, and so every one after it, waits at the proxy for good.
+        proxy.hold_statement(QUERIES["record_outcomes"], execution=1)
+        daemon.signal(signal.SIGTERM)
+        # Bounded by the drain (3 s) and FINAL_WRITE_SECONDS; 60 s is only the test's patience.
+        assert await asyncio.to_thread(daemon.wait, 60) == 0
+        assert proxy.statement_held.is_set(), "no write was held: this test tested nothing"
+        assert "outcomes_unrecorded" in daemon.log()
+        # Nothing is lost: what was not recorded stays in flight, for the next owner.
+        counts = await state_counts(connection, campaign_id)
+        assert counts.keys() <= {"sent", "pending", "in_flight"} and sum(counts.values()) == 200, counts
+        assert counts.get("in_flight", 0) > 0, counts
+    finally:
+        proxy.release()
+        await connection.close()
+
+
 async def test_a_lane_leaving_gives_its_lost_claims_back_rather_than_leave_them_in_doubt(
     tmp_path: Path, database_url: str, fake: FakeProvider, daemons: Any, proxy: PgProxy
 ) -> None:
@@ -274,8 +306,13 @@ async def test_a_renewal_does_not_queue_behind_a_batch_write_that_waits_for_the_
             )
             renewal = await asyncio.wait_for(leasing.renew(renewer, lease, [campaign_id]), timeout=30)
             assert renewal.held
-            # The write still fences the lane: no other daemon can take it meanwhile.
+            # The write still fences the lane: even once its lease has run out, neither another
+            # daemon nor the watchdog can take it while the write is in progress.
+            await conn.execute(
+                "UPDATE campaignd.senders SET lease_expires_at = now() - interval '1 second' WHERE id = 'sms'"
+            )
             assert await leasing.acquire_lanes(conn, ["sms"], "host:2", 30.0) == []
+            assert await conn.fetch(QUERIES["wd_expire_lanes"]) == []
             assert not write.done()
         row = await write
         assert row is not None and (row["lane_held"], row["applied"]) == (1, 5)

@@ -154,10 +154,10 @@ def _add_operator_commands(commands: argparse._SubParsersAction[_Parser], common
     for name, help_line, description in (
         (
             "pause",
-            "pause a sending (or draft) campaign",
+            "pause a sending campaign",
             "Set the campaign to paused ('paused by operator'). Daemons stop claiming its recipients at "
             "once; sends already at the provider finish and are recorded. Exit 1 if it does not exist or "
-            "is not sending or a draft.",
+            "is not sending (a draft is refused: nothing is sent until the host starts it).",
         ),
         (
             "resume",

@@ -1187,10 +1187,11 @@ class Lane:
     async def _final_flush(self) -> None:
         """Write every outcome still held, retrying through an outage for a bounded time.
 
-        On the daemon's shutdown, FINAL_WRITE_SECONDS past the drain's deadline: the drain and
-        this together must fit the service manager's stop timeout (TimeoutStopSec), or the
-        process is killed mid-write. A lane stopping alone (a sender's pause, a handover) has
-        no such clock and keeps retrying for a lease or a drain's length, whichever is longer.
+        With a drain deadline (the daemon's shutdown, a handover), until FINAL_WRITE_SECONDS
+        past it, each attempt and each wait included: the drain and this together must fit
+        the service manager's stop timeout (TimeoutStopSec), or the process is killed
+        mid-write. A lane stopping without one (its sender paused) retries for a lease or a
+        drain's length, whichever is longer.
         """
         loop = asyncio.get_running_loop()
         drain_left = self._shutdown.drain_remaining()
@@ -1202,18 +1203,21 @@ class Lane:
         backoff = Backoff()
         while self._buffer and not self.lease.lost:
             try:
-                await self._flush(raise_errors=True)
+                # An attempt against a database that does not answer would otherwise wait for
+                # its connect or statement timeout, far past the deadline.
+                async with asyncio.timeout_at(deadline):
+                    await self._flush(raise_errors=True)
             except Exception as exc:
-                if not is_transient_db_error(exc):
+                if not (isinstance(exc, TimeoutError) or is_transient_db_error(exc)):
                     raise
-                if asyncio.get_running_loop().time() >= deadline:
+                if loop.time() >= deadline:
                     self._log.error(
                         "outcomes_unrecorded",
                         recipients=len(self._buffer),
                         note="left in_flight; the next lane owner resends them as in doubt",
                     )
                     return
-                await asyncio.sleep(backoff.next())
+                await asyncio.sleep(min(backoff.next(), deadline - loop.time()))
 
     async def _flush(self, *, raise_errors: bool = False) -> None:
         async with self._flush_lock:
@@ -1242,11 +1246,19 @@ class Lane:
 
     async def _write(self, batch: list[RecipientUpdate]) -> bool:
         async with self._pool.acquire() as connection:
-            row = await connection.fetchrow(
-                QUERIES["record_outcomes"],
-                *self.lease.token,
-                *outcome_columns(batch),
-            )
+            try:
+                row = await connection.fetchrow(
+                    QUERIES["record_outcomes"],
+                    *self.lease.token,
+                    *outcome_columns(batch),
+                )
+            except asyncio.CancelledError:
+                # Cut off by a stop's deadline with the statement sent and unanswered: handed
+                # back, the connection would be waited on until the server answered, which a
+                # database that took the statement and went silent never does. Whether the
+                # batch committed is unknown either way: its rows are in doubt to the next owner.
+                connection.terminate()
+                raise
         assert row is not None
         return bool(row["lane_held"])
 

@@ -6,8 +6,9 @@
 -- FOR UPDATE (SKIP LOCKED) before bumping the epoch, so it cannot take a lane while a fenced
 -- write is in progress, and any fenced write that starts after the takeover finds no lane
 -- row and changes nothing. A daemon that stalled past its lease therefore cannot overwrite
--- what the new owner did. Every statement that changes a lane's owner or epoch must take
--- that FOR UPDATE lock first: a plain UPDATE of those columns would not wait for KEY SHARE.
+-- what the new owner did. Every statement that takes a lane from its owner must take that
+-- FOR UPDATE lock first: a plain UPDATE of the owner or epoch would not wait for KEY SHARE.
+-- (The owner's own release_lane needs none: it runs once the lane's writes have ended.)
 -- KEY SHARE and not SHARE so that the renewal, a plain UPDATE of lease_expires_at, never
 -- waits for a write, which itself may wait for a host holding a campaign row.
 
