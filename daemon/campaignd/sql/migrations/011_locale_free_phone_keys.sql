@@ -7,8 +7,10 @@
 -- the send path refuses ("\u00a0+15550001111") shared its key with the same number written
 -- plainly, and, written first, had it skipped as its duplicate: that person was sent nothing.
 -- The blanks are now spelled out (regular-expression escapes, read by PostgreSQL's regex
--- engine whatever the locale), the same ASCII blanks translate() removes. Otherwise as 009,
--- the fallback for encodings without the non-breaking space included.
+-- engine whatever the locale), the same ASCII blanks translate() removes. And the 64
+-- characters are counted without the blanks around the number, as the send path counts them:
+-- a number padded past 64 had a key of its own, and was sent once for each spelling.
+-- Otherwise as 009, the fallback for encodings without the non-breaking space included.
 DO $migration$
 BEGIN
     BEGIN
@@ -16,7 +18,7 @@ CREATE OR REPLACE FUNCTION campaignd.address_key(address text, phone boolean) RE
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE
-        WHEN phone AND char_length(address) <= 64
+        WHEN phone AND char_length(btrim(address, E' \t\n\r\f\013')) <= 64
              AND address ~ '^[ \t\n\r\f\v]*\+?[0-9 \u00a0.()/-]*[ \t\n\r\f\v]*$'
         -- E'' strings know no \v: the vertical tab is \013.
         THEN translate(address, E'+ \t\n\r\f\013\u00a0.()/-', '')
@@ -32,7 +34,7 @@ CREATE OR REPLACE FUNCTION campaignd.address_key(address text, phone boolean) RE
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT CASE
-        WHEN phone AND char_length(address) <= 64
+        WHEN phone AND char_length(btrim(address, E' \t\n\r\f\013')) <= 64
              AND address ~ '^[ \t\n\r\f\v]*\+?[0-9 .()/-]*[ \t\n\r\f\v]*$'
         -- E'' strings know no \v: the vertical tab is \013. No non-breaking space: this
         -- database's encoding has none (migration 009).
