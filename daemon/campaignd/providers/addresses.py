@@ -12,7 +12,7 @@ from campaignd.providers.base import InvalidAddress
 
 # What people and spreadsheets put between digits: "+1 (555) 000-1111", "+44 20.7946.0018".
 _SEPARATORS = re.compile(r"[ \u00a0\-.()/]")
-# The blanks around an address that campaignd.address_key (migration 009) removes too: the
+# The blanks around a phone number that campaignd.address_key (schema 11) removes too: the
 # send path must join no two addresses that the duplicate check keeps apart, or one person is
 # sent a message for each. str.strip() would also drop Unicode blanks (U+2003, U+3000, U+001C,
 # ...), which the key keeps: "+15550001111\u2003" was sent to the number of "+15550001111".
