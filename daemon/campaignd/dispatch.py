@@ -769,18 +769,16 @@ class Lane:
                 outstanding=self._outstanding,
                 workers=self._worker_count,
             )
-            claim, claims, last_errors = await self._claim(run, limit)
+            claim, claims = await self._claim(run, limit)
             claimed_total += len(claims)
             for row in claims:
-                self._launch(run, row, claim, last_errors.get(row["id"]) if last_errors else None)
+                self._launch(run, row, claim)
             if not claims and run.outstanding == 0 and run.campaign_id not in self._tails:
                 await self._try_complete(run)
         return claimed_total
 
-    async def _claim(
-        self, run: CampaignRun, limit: int
-    ) -> tuple[int, list[asyncpg.Record], dict[int, tuple[str, str | None]]]:
-        """The claim's number, the rows it took, and the last error of each retry among them."""
+    async def _claim(self, run: CampaignRun, limit: int) -> tuple[int, list[asyncpg.Record]]:
+        """The claim's number and the rows it took."""
         self._claimed_in.add(run.campaign_id)
         self._claims_made += 1
         claim = self._claims_made
@@ -795,15 +793,6 @@ class Lane:
                     self.lease.lease_seconds,
                     claim,
                 )
-                retries = [row["id"] for row in rows if not row["fresh"]]
-                last_errors = (
-                    {
-                        row["id"]: (row["error_code"], row["error_message"])
-                        for row in await connection.fetch(QUERIES["claimed_last_errors"], retries)
-                    }
-                    if retries
-                    else {}
-                )
         except BaseException:
             # For the rest of the lane's life: the server may commit it later still.
             self._claim_failed = True
@@ -815,7 +804,7 @@ class Lane:
             # Nothing fresh after the cursor: rows skipped while locked by someone else would
             # otherwise hide below it, so the next round looks from the start again.
             run.cursor = 0
-        return claim, rows, last_errors
+        return claim, rows
 
     async def _try_complete(self, run: CampaignRun) -> None:
         await self._flush()
@@ -943,14 +932,19 @@ class Lane:
 
     # ---------------------------------------------------------------- sending
 
-    def _launch(
-        self, run: CampaignRun, row: asyncpg.Record, claim: int, last_error: tuple[str, str | None] | None
-    ) -> None:
+    def _launch(self, run: CampaignRun, row: asyncpg.Record, claim: int) -> None:
         run.outstanding += 1
         self._outstanding += 1
-        flight = Flight(row["id"], row["address"], row["variables"], row["attempts"], run, claim)
-        if last_error is not None:
-            flight.last_error, flight.last_message = last_error
+        flight = Flight(
+            row["id"],
+            row["address"],
+            row["variables"],
+            row["attempts"],
+            run,
+            claim,
+            row["error_code"],
+            row["error_message"],
+        )
         if run.cap is None:
             self._queue.put(flight)
             return

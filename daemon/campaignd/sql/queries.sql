@@ -522,16 +522,10 @@ FROM picked
 WHERE r.id = picked.id
 -- variables as json, not jsonb: json's wire format is the bare text, which the client decodes
 -- in one call, where jsonb's carries a version byte to strip first (one more per message).
-RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, picked.fresh;
-
--- name: claimed_last_errors
--- The error each claimed retry carried (a claim does not change it): how the send path tells a
--- verdict repeated after a resume (outcomes.decide). Asked only for claims with retries in
--- them, on the claim's connection: a claim of fresh recipients, nearly every claim, returns
--- no more than it did. $1 ids of claimed rows that are not fresh
-SELECT id, error_code, error_message
-FROM campaignd.recipients
-WHERE id = ANY($1::bigint[]) AND error_code IS NOT NULL;
+-- error_code and error_message are unchanged by the claim: a retry's last verdict, by which
+-- the send path tells a verdict repeated after a resume (outcomes.decide); NULL when fresh.
+RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, picked.fresh,
+          r.error_code, r.error_message;
 
 -- name: record_outcomes
 -- One statement per batch: recipient states and campaign counters change together, and
