@@ -211,11 +211,7 @@ def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str 
             # record's fields after this one.
             start = column if index == 0 else 0
             after = len(fields) - column - 1 if index == last else 0
-            if kind is not None:
-                swallowed = _reads_like_a_row(piece, start, header, kind)
-            else:
-                swallowed = _reads_like_a_whole_row(piece, start, after, header)
-            if swallowed:
+            if _reads_like_a_row(piece, start, after, header, kind):
                 shown = piece if len(piece) <= _QUOTED_TEXT_LIMIT else piece[:_QUOTED_TEXT_LIMIT] + "…"
                 return (
                     f"line {line + index} inside column {header.names[column]!r} reads like a row of its "
@@ -226,29 +222,27 @@ def span_problem(fields: Sequence[str], header: Header, first_line: int) -> str 
     return None
 
 
-def _reads_like_a_row(text: str, start: int, header: Header, kind: str) -> bool:
-    """Whether ``text``, cut at commas and taken to begin at column ``start``, has an address of
-    ``kind`` in the address column. A swallowed line has no quotes left in it (the first one
-    would have ended the field), so a plain split is how the csv module would have cut it."""
+def _reads_like_a_row(text: str, start: int, after: int, header: Header, kind: str | None) -> bool:
+    """Whether ``text``, cut at commas, taken to begin at column ``start`` and followed on its
+    line by ``after`` more fields, reads like a row: an address of ``kind`` in the address
+    column. A swallowed line has no quotes left in it (the first one would have ended the
+    field), so a plain split is how the csv module would have cut it.
+
+    Without a kind to match (the record's own address is no guide), only a row of exactly the
+    header's width with a phone number or an email there: the stricter test keeps text with a
+    comma or two from passing for a row."""
     cells = text.split(",")
     position = header.address_index - start
+    if not 0 <= position < len(cells):
+        return False
+    if kind is None:
+        width_fits = start + len(cells) + after == header.width
+        return width_fits and address_kind(cells[position]) in ("phone", "email")
     # At least one comma: a lone word on a line is text, not a row (the header has other columns
     # whenever a variable can swallow anything).
-    if len(cells) < 2 or len(cells) > header.width - start or not 0 <= position < len(cells):
+    if len(cells) < 2 or len(cells) > header.width - start:
         return False
     return address_kind(cells[position]) == kind
-
-
-def _reads_like_a_whole_row(text: str, start: int, after: int, header: Header) -> bool:
-    """Whether ``text``, cut at commas, begun at column ``start`` and followed on its line by
-    ``after`` more fields, is a row of the header's width with a phone number or an email in
-    the address column. Without a kind to match, the stricter width keeps text with a comma or
-    two from passing for a row."""
-    cells = text.split(",")
-    position = header.address_index - start
-    if start + len(cells) + after != header.width or not 0 <= position < len(cells):
-        return False
-    return address_kind(cells[position]) in ("phone", "email")
 
 
 def recipient(fields: Sequence[str], header: Header) -> tuple[str | None, dict[str, str]]:
