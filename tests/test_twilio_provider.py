@@ -263,7 +263,12 @@ def test_invalid_numbers_are_refused(raw: str) -> None:
         ([{"body": "x" * 1601}], "over the limit of 1600"),
         ([{"body": "x" * 1601}, MESSAGE], None),
         ([{"body": ""}], "all of the first 1"),
-        ([{"media_url": "ftp://x/a.png"}], "http(s) URL"),
+        ([{"media_url": "ftp://x/a.png"}], "all of the first 1"),
+        # Text that is not a URL came from one recipient's variables: skipped, not failed.
+        ([{"media_url": ""}, {"media_url": "https://x/a.png"}], None),
+        ([{"media_url": ["https://x/a.png", "x"]}, MESSAGE], None),
+        ([{"media_url": 5}, MESSAGE], "http(s) URL"),
+        ([{"media_url": ["https://x/a.png", 5]}, MESSAGE], "http(s) URL"),
         ([{"media_url": [f"https://x/{i}.png" for i in range(11)]}], "at most 10"),
         ([{"body": 5}], "must be text"),
     ],

@@ -530,6 +530,8 @@ def _unbound() -> WhatsAppProvider:
 
 # ----------------------------------------------------------------- pre-flight
 
+IMAGE = {"type": "image", "image": {"link": "https://x/a.png"}}
+
 
 def _template(
     name: Any = "spring_sale", code: Any = "en_US", parameters: list[Any] | None = None
@@ -566,6 +568,25 @@ def _template(
                 }
             ],
             "link",
+        ),
+        # A blank link came from one recipient's variables: that recipient is skipped; the
+        # campaign fails only when every message looked at has it.
+        ([{"type": "image", "image": {"link": " "}}, IMAGE], None),
+        ([{"type": "image", "image": {"link": ""}}], "all of the first 1"),
+        ([{"type": "image", "image": {"link": 5}}, IMAGE], "link"),
+        (
+            [_template(parameters=[{"type": "text", "text": "a"}])]
+            + [
+                {
+                    "type": "template",
+                    "template": {
+                        **_template()["template"],
+                        "components": [{"type": "button", "sub_type": sub_type, "parameters": []}],
+                    },
+                }
+                for sub_type in (["url"], {"url": 1})
+            ],
+            "sub_type of template component 1 must be text",
         ),
         ([{"type": "text", "text": {"body": "x" * 4097}}], "over the limit of 4096"),
         ([{"type": "text", "text": {"body": "x" * 4097}}, TEXT], None),

@@ -169,9 +169,14 @@ def twilio_message_problem(message: Any) -> Problem | None:
         return Problem('the message needs a "body" or a "media_url"')
     media = message.get("media_url")
     if media is not None:
-        urls = _media_urls(media)
-        if not isinstance(media, (str, list)) or len(urls) != (1 if isinstance(media, str) else len(media)):
+        items = [media] if isinstance(media, str) else media if isinstance(media, list) else None
+        if items is None or not all(isinstance(item, str) for item in items):
             return Problem("media_url must be an http(s) URL or a list of them")
+        urls = _media_urls(media)
+        if len(urls) != len(items):
+            # Text that is not a URL came from one recipient's variables (an empty or
+            # mistyped column): that recipient is skipped, not the campaign failed.
+            return Problem("media_url must be an http(s) URL or a list of them", recipient_level=True)
         if len(urls) > MAX_MEDIA:
             return Problem(f"media_url has {len(urls)} URLs; Twilio takes at most {MAX_MEDIA}")
     if "body" in message:

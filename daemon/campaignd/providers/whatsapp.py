@@ -134,10 +134,12 @@ def template_shape(message: Any) -> Hashable:
     components = template.get("components") if isinstance(template, dict) else None
     if not isinstance(components, list):
         return ()
+    # Every field as text: a list or object where a string belongs is the message's problem
+    # to report, and must not make the shapes unhashable.
     return tuple(
         (
-            component.get("type"),
-            component.get("sub_type"),
+            str(component.get("type")),
+            str(component.get("sub_type")),
             str(component.get("index")),
             len(component["parameters"]) if isinstance(component.get("parameters"), list) else 0,
         )
@@ -161,6 +163,8 @@ def _template_problem(template: Mapping[str, Any]) -> Problem | None:
     for number, component in enumerate(components, 1):
         if not isinstance(component, dict) or not isinstance(component.get("type"), str):
             return Problem(f"template component {number} needs a type (header, body or button)")
+        if not isinstance(component.get("sub_type", ""), str):
+            return Problem(f"the sub_type of template component {number} must be text")
         parameters = component.get("parameters", [])
         if not isinstance(parameters, list):
             return Problem(f"the parameters of template component {number} must be a list")
@@ -198,6 +202,11 @@ def _parameter_problem(parameter: Any, component: str, number: int) -> Problem |
 
 
 def _media_problem(media: Mapping[str, Any], what: str) -> Problem | None:
-    if not any(isinstance(media.get(key), str) and media[key].strip() for key in ("link", "id")):
-        return Problem(f'{what} needs a "link" (https URL) or an "id" (uploaded media)')
-    return None
+    texts = [media[key] for key in ("link", "id") if isinstance(media.get(key), str)]
+    if any(text.strip() for text in texts):
+        return None
+    # A link or id that is there but blank came from one recipient's variables (an empty
+    # image column): that recipient is skipped, not the campaign failed.
+    return Problem(
+        f'{what} needs a "link" (https URL) or an "id" (uploaded media)', recipient_level=bool(texts)
+    )
