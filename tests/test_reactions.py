@@ -139,3 +139,29 @@ async def test_a_bug_building_a_request_sends_nothing_and_is_retried_not_held_in
         ("failed", "internal_error", 2)
     ] * 3
     assert "send_failed_unexpectedly" in daemon.log() and "a bug while building the request" in daemon.log()
+
+
+async def test_a_bug_in_the_preflight_fails_its_campaign_and_spares_the_senders_others(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    """Raised, such a bug crashed the lane at every refresh: no campaign of the sender was
+    ever started again."""
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}})
+    broken = await create_campaign(
+        conn, "sms", 5, message={"text": "Hi {{name}}", "break the pre-flight": True}, name="broken"
+    )
+    healthy = await create_campaign(conn, "sms", 5, name="healthy")
+    daemon = daemons(config, env=bug_planted("broken_preflight"))
+
+    failed = await wait_status(conn, broken, "failed", timeout=60)
+    await wait_status(conn, healthy, "completed", timeout=60)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+    assert failed["status_reason"] == (
+        "pre-flight: the provider's check of the message failed: TypeError: a bug in the pre-flight"
+    )
+    assert await state_counts(conn, broken) == {"pending": 5}
+    assert fake.request_count() == 5
+    await assert_counters_match(conn, broken)
+    assert "preflight_failed" in daemon.log() and "lane_crashed" not in daemon.log()

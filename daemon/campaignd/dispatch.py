@@ -689,7 +689,15 @@ class Lane:
         message invalid for the provider; the skips made stand, and are counted. Raises
         _NotSending (the transaction rolls back) if it is no longer SENDING: it is prepared
         again, and judged again, when it is."""
-        problem = preflight(self._provider, template, sample)
+        try:
+            problem = preflight(self._provider, template, sample)
+        except Exception as exc:
+            # A bug in a provider's checks. Raised, it crashed the lane at every refresh and
+            # held up the sender's other campaigns; this campaign's messages are unjudged.
+            bound.error("preflight_failed", exception=redacted_traceback(exc, self._provider.redact))
+            problem = self._provider.redact(
+                f"the provider's check of the message failed: {type(exc).__name__}: {exc}"
+            )
         if problem is None:
             return False
         reason = f"pre-flight: {problem}"
