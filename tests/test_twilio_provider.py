@@ -6,6 +6,7 @@ import base64
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -197,6 +198,19 @@ async def test_wrong_credentials_pause_the_sender(fake: FakeTwilio, make_provide
     result = await make_provider(auth_token=SecretStr("0" * 32)).send(_delivery())
 
     assert (result.kind, result.error_code) == (ResultKind.SENDER_FATAL, "20003")
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "in_doubt"),
+    [(504, 20500, True), (502, 20503, True), (500, 20500, False), (504, 21211, False)],
+)
+def test_a_gateway_status_with_twilio_s_envelope_may_still_have_delivered(
+    status: int, code: int, in_doubt: bool
+) -> None:
+    # Only the bare status counted: with an envelope the recipient was resent.
+    body = orjson.dumps({"code": code, "message": "x", "status": status})
+
+    assert classify_twilio(status, body, {}).maybe_delivered is in_doubt
 
 
 async def test_timeout_is_transient(fake: FakeTwilio, make_provider: MakeProvider) -> None:

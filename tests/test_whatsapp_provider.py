@@ -313,6 +313,26 @@ def test_a_gateway_timeout_may_have_delivered_the_message() -> None:
     assert result.maybe_delivered
 
 
+@pytest.mark.parametrize(
+    ("status", "error", "in_doubt"),
+    [
+        (504, {"code": 2, "message": "Service temporarily unavailable"}, True),
+        (502, {"code": 1, "error_subcode": 99, "message": "An unknown error occurred"}, True),
+        (504, {"code": 135000, "message": "Generic user error"}, True),
+        (503, {"code": 2, "message": "Service temporarily unavailable"}, False),
+        # A definite verdict is the provider's own answer, whatever the status around it.
+        (504, {"code": 131026, "message": "Message undeliverable"}, False),
+    ],
+)
+def test_a_gateway_status_with_meta_s_envelope_may_still_have_delivered(
+    status: int, error: dict[str, Any], in_doubt: bool
+) -> None:
+    # Only the bare status counted: with an envelope the recipient was resent.
+    result = classify_meta(status, orjson.dumps({"error": error}), {})
+
+    assert result.maybe_delivered is in_doubt
+
+
 def test_invalid_json_reply_is_in_doubt_as_meta_says_the_message_may_have_gone() -> None:
     error = {"code": 1, "error_subcode": 1357046, "message": "Received invalid JSON reply."}
     body = orjson.dumps({"error": error})

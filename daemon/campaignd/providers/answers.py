@@ -73,6 +73,16 @@ def describe(code: int | str, message: str) -> str:
 GATEWAY_STATUSES = frozenset({502, 504})
 
 
+def gateway_in_doubt(status: int, kind: ResultKind) -> bool:
+    """Whether an answer carrying the provider's error envelope may still hide a delivery.
+
+    A gateway status says the provider behind it did not answer in time, whatever envelope
+    the gateway (or the provider's own edge) wrapped it in. Only a retryable verdict is in
+    doubt: a definite one (no such number, a bad token) is the provider's own answer.
+    """
+    return status in GATEWAY_STATUSES and kind in (ResultKind.TRANSIENT, ResultKind.UNKNOWN)
+
+
 def classify_bare_status(status: int, headers: Mapping[str, str]) -> SendResult:
     """An answer without the provider's error envelope: a proxy's page, an empty body.
 

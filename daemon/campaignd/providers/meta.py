@@ -27,6 +27,7 @@ from campaignd.outcomes import ResultKind, SendResult, parse_retry_after
 from campaignd.providers.answers import (
     classify_bare_status,
     describe,
+    gateway_in_doubt,
     integer_code,
     parse_json,
     sent_without_id,
@@ -168,7 +169,7 @@ def classify_meta(status: int, body: bytes, headers: Mapping[str, str]) -> SendR
         error_code=str(decided_by),
         error_message=message,
         retry_after_seconds=RECIPIENT_DELAY_SECONDS.get(decided_by) if kind is _K.RECIPIENT_DELAY else None,
-        maybe_delivered=decided_by in META_MAYBE_DELIVERED,
+        maybe_delivered=decided_by in META_MAYBE_DELIVERED or gateway_in_doubt(status, kind),
     )
 
 

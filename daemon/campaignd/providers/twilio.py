@@ -111,6 +111,7 @@ def classify_twilio(status: int, body: bytes, headers: Mapping[str, str]) -> Sen
         error_code=str(code),
         error_message=answers.describe(code, answers.short_text(payload.get("message"))),
         retry_after_seconds=parse_retry_after(headers.get("Retry-After")) if kind is _K.THROTTLED else None,
+        maybe_delivered=answers.gateway_in_doubt(status, kind),
     )
 
 
