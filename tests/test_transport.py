@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from campaignd.outcomes import ResultKind, SendResult
 from campaignd.providers.answers import MAX_PROVIDER_TEXT
@@ -369,3 +371,26 @@ async def test_a_long_answer_is_redacted_only_as_far_as_it_can_be_stored() -> No
     assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert len(result.error_message or "") <= MAX_PROVIDER_TEXT
     assert redacted and max(redacted) <= MAX_PROVIDER_TEXT + REDACTION_MARGIN
+
+
+async def test_a_name_lookup_that_never_answers_is_a_connection_never_made(
+    monkeypatch: pytest.MonkeyPatch, transport: HttpTransport
+) -> None:
+    # aiohttp's connect timeouts do not cover the lookup: the request's own timeout ran out
+    # and called it in doubt, and a sender that cannot resend failed a recipient nothing had
+    # been sent to.
+    async def hang(*args: object, **kwargs: object) -> list[ResolveResult]:
+        await asyncio.sleep(30)
+        return []
+
+    monkeypatch.setattr(DefaultResolver, "resolve", hang)
+
+    result, took = await _post(transport, "http://provider.invalid/send")
+
+    assert (result.kind, result.error_code, result.maybe_delivered) == (
+        ResultKind.TRANSIENT,
+        "connection_error",
+        False,
+    )
+    assert "not resolved within 0.1 s" in (result.error_message or "")
+    assert took < TIMEOUT

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from campaignd.outcomes import ResultKind, SendResult
 from campaignd.providers.answers import MAX_ERROR_CODE, MAX_PROVIDER_TEXT, clip
@@ -123,6 +126,38 @@ class Deadlines:
             self._sweeper = None
 
 
+class BoundedResolver(AbstractResolver):
+    """aiohttp's resolver, given ``seconds`` to answer.
+
+    aiohttp's connect timeouts do not cover the name lookup: a resolver that hangs ran into
+    the request's own timeout, which calls the request in doubt, and a sender that cannot
+    resend safely failed recipients nothing had been sent to. A lookup that takes too long
+    is raised as a lookup failure, which aiohttp reports as a connection never made. Every
+    request to one host waits on the same lookup, and its answer is cached, so this costs a
+    timer per lookup, not per request.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._resolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            async with asyncio.timeout(self._seconds):
+                return await self._resolver.resolve(host, port, family)
+        except TimeoutError:
+            # Not a TimeoutError: aiohttp passes those on as they are, as if the request
+            # had timed out.
+            raise socket.gaierror(
+                socket.EAI_AGAIN, f"the host name was not resolved within {self._seconds:g} s"
+            ) from None
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 class HttpTransport:
     """One aiohttp session and connection pool per sender, reused for every message."""
 
@@ -142,7 +177,13 @@ class HttpTransport:
             # Sized to the process's concurrency, so sends never queue for a connection
             # behind the sender's own limiter; DNS cached, as every request goes to one host.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._connection_limit, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(
+                    limit=self._connection_limit,
+                    ttl_dns_cache=300,
+                    # A quarter for the lookup and half for the connection (below) leave
+                    # a request that needed both a quarter of its timeout.
+                    resolver=BoundedResolver(self._deadlines.seconds / 4),
+                ),
                 # The request's timeout is the transport's own (see Deadlines). aiohttp keeps
                 # only the connection's set-up (TCP and TLS), within half of it, so that a
                 # handshake that never completes ends as what it is, a request that never
