@@ -529,6 +529,37 @@ def test_nan_from_the_environment_is_named_as_not_a_finite_number(
     assert "dispatch.lease_seconds: Input should be a finite number" in message
 
 
+def test_an_http_sender_cannot_log_in_by_its_url_and_an_authorization_header_at_once(tmp_path: Path) -> None:
+    # The HTTP client refuses such a request: every send paused the sender.
+    message = _load_error(
+        tmp_path,
+        '[senders.sms]\nurl = "https://user:pw@provider.example/v1"\n'
+        'headers = { authorization = "Bearer abcdef123" }\n',
+    )
+
+    assert (
+        "senders.sms: Value error, url carries a user name or password and headers set Authorization"
+        in message
+    )
+    assert "abcdef123" not in message and ":pw@" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:S3\\\\SECRETPART@provider.example/v1",
+        "https://user:SECRETPART@provider.example\\\\@evil/v1",
+        "https://user:SECRETPART@pro\\u200bvider.example/v1",
+    ],
+)
+def test_a_provider_url_the_http_client_refuses_is_refused_at_load(tmp_path: Path, url: str) -> None:
+    # Accepted here, it paused the sender at its first send, the whole URL in the reason.
+    message = _load_error(tmp_path, f'[senders.sms]\nurl = "{url}"\n')
+
+    assert "senders.sms.url: Value error, is not a usable URL (the HTTP client refuses it" in message
+    assert "SECRETPART" not in message
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [

@@ -27,7 +27,7 @@ from campaignd.providers.http import (
     classify_http_response,
     normalize_generic_address,
 )
-from tests.provider_fakes import serve_app
+from tests.provider_fakes import closing_providers, serve_app
 
 TOKEN = "s3cr3t-token-value"
 AUTHORIZATION = f"Bearer {TOKEN}"
@@ -375,6 +375,21 @@ async def test_provider_echoing_bare_token_is_redacted(fp: FakeProvider, make_pr
     assert result.kind is ResultKind.RECIPIENT_PERMANENT
     assert result.error_message is not None
     assert TOKEN not in result.error_message
+
+
+async def test_provider_echoing_the_urls_password_is_redacted(fp: FakeProvider) -> None:
+    # A password with a blank is out of the redactor's reach by its URL's shape alone.
+    fp.behaviour.rules["+15550001111"] = Rule(
+        400, {"error": {"code": "bad_login", "message": "password 'pa ss-S3CRET' (pa%20ss-S3CRET) refused"}}
+    )
+    url = fp.url.replace("://", "://user:pa%20ss-S3CRET@", 1)
+    async with closing_providers() as made:
+        result = await made(HttpProvider("sms", HttpSenderConfig(url=url), connection_limit=8)).send(
+            _delivery()
+        )
+
+    assert result.error_code == "bad_login"
+    assert result.error_message == "HTTP 400: password '[redacted]' ([redacted]) refused"
 
 
 @pytest.fixture

@@ -56,6 +56,25 @@ def test_url_query_string_is_replaced(url: str, secret: str) -> None:
     assert text.endswith(" (refused)")
 
 
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("http://user:S3\\CRET@127.0.0.1:1/x", "http://[redacted]@127.0.0.1:1/x"),
+        ("HTTPS://u:p%40ss@api.example/v1?k=v", "HTTPS://[redacted]@api.example/v1?[redacted]"),
+        ("https://token@host/", "https://[redacted]@host/"),
+    ],
+)
+def test_a_urls_user_name_and_password_are_replaced(url: str, kept: str) -> None:
+    # An error message quoting a URL aiohttp refused showed its password.
+    assert Redactor()(f"InvalidUrlClientError: {url} (refused)") == f"InvalidUrlClientError: {kept} (refused)"
+
+
+def test_an_at_sign_after_a_urls_host_is_kept() -> None:
+    text = "see https://api.example/v1/users/@me and mail ops@example.com"
+
+    assert Redactor()(text) == text
+
+
 def test_url_without_query_is_kept() -> None:
     text = "error at https://api.example.com/v1/send"
 

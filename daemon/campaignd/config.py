@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+import yarl
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -303,6 +304,16 @@ def _http_base(value: str) -> str:
         raise ValueError(
             f"is not a usable URL (its port is not a number from 1 to 65535; {_ENCODE_PASSWORD})"
         )
+    try:
+        # The HTTP client's own parser is stricter than urlsplit: what it refuses here paused
+        # the sender at its first send, with the whole URL (password and all) in the reason.
+        yarl.URL(value)
+    except ValueError:
+        raise ValueError(
+            "is not a usable URL (the HTTP client refuses it: a backslash, a blank or another"
+            " character a URL cannot hold, in the user name, password or host, must be"
+            " percent-encoded)"
+        ) from None
     return value
 
 
@@ -353,6 +364,19 @@ class HttpSenderConfig(_SenderBase):
                 )
             seen[name.lower()] = name
         return {name: _resolve_env_reference(raw, f"header {name!r}") for name, raw in value.items()}
+
+    @model_validator(mode="after")
+    def _one_way_to_log_in(self) -> HttpSenderConfig:
+        # The HTTP client refuses a request with both, so every send would fail.
+        parts = urlsplit(self.url)
+        if (parts.username or parts.password) and any(
+            name.lower() == "authorization" for name in self.headers
+        ):
+            raise ValueError(
+                "url carries a user name or password and headers set Authorization:"
+                " a request can log in only one way; keep one of them"
+            )
+        return self
 
 
 class _ApiSenderBase(_SenderBase):

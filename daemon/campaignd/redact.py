@@ -6,7 +6,10 @@ import re
 import traceback
 from collections.abc import Callable, Iterable
 
-_URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
+_URL_QUERY = re.compile(r"(?i)(https?://[^\s?#'\"]+)\?[^\s#'\"]*")
+# A URL's user name and password (https://user:pass@host/): what an error message quoting
+# the URL would otherwise show.
+_URL_USERINFO = re.compile(r"(?i)\b(https?://)[^\s/?#'\"]*@")
 # Schemes are case-insensitive; requiring a digit or punctuation in the token spares prose
 # such as "basic information".
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,}")
@@ -14,7 +17,8 @@ REDACTED = "[redacted]"
 
 
 class Redactor:
-    """Removes known secret values, URL query strings and bearer tokens from text.
+    """Removes known secret values, the query strings and credentials of URLs, and bearer
+    tokens from text.
 
     Query strings go because tokens travel there (``?access_token=...``) and an aiohttp
     error message quotes the whole URL.
@@ -29,7 +33,7 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+        text = _URL_USERINFO.sub(rf"\1{REDACTED}@", _URL_QUERY.sub(rf"\1?{REDACTED}", text))
         return _BEARER.sub(rf"\1 {REDACTED}", text)
 
 

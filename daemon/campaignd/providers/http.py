@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
@@ -113,6 +114,7 @@ class HttpProvider:
             secrets=[
                 *self._headers.values(),
                 *(word for value in self._headers.values() for word in value.split()),
+                *_url_password(config.url),
             ],
         )
         self._headers.setdefault("Content-Type", "application/json")
@@ -142,3 +144,9 @@ class HttpProvider:
 
     async def close(self) -> None:
         await self._transport.close()
+
+
+def _url_password(url: str) -> list[str]:
+    """The password in ``url``, as written and decoded: an error text may quote either."""
+    password = urlsplit(url).password
+    return [] if password is None else [password, unquote(password)]
