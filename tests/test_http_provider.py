@@ -392,6 +392,29 @@ async def test_provider_echoing_the_urls_password_is_redacted(fp: FakeProvider) 
     assert result.error_message == "HTTP 400: password '[redacted]' ([redacted]) refused"
 
 
+def test_only_credentials_are_redacted_not_the_words_around_them() -> None:
+    # Every word of every header was a secret: "Bearer" and "application/json" vanished
+    # from every stored error that named them.
+    config = HttpSenderConfig(
+        url="https://api.example/send",
+        headers={
+            "Authorization": SecretStr("Bearer tok_0123456789abcdef"),
+            "Accept": SecretStr("application/json"),
+            "X-Api-Key": SecretStr("key=k3y-0123456; sig=s1g-0123456"),
+        },
+    )
+    provider = HttpProvider("sms", config, connection_limit=1)
+
+    redacted = provider.redact(
+        "expected Bearer token, not tok_0123456789abcdef; body must be application/json;"
+        " key=k3y-0123456; or sig=s1g-0123456"
+    )
+
+    assert redacted == (
+        "expected Bearer token, not [redacted]; body must be application/json; [redacted] or [redacted]"
+    )
+
+
 @pytest.fixture
 async def chunked_server() -> AsyncIterator[str]:
     """A provider that answers 200 {"id": "m1"} in two chunks, 50 ms apart (legal HTTP/1.1)."""

@@ -106,16 +106,10 @@ class HttpProvider:
         self.resend_in_doubt = config.resend_in_doubt
         self._url = config.url
         self._headers = {name: value.get_secret_value() for name, value in config.headers.items()}
-        # Every configured header may carry a credential, and a provider may echo back the
-        # bare token without its "Bearer " prefix: both the value and its words are secrets.
         self._transport = HttpTransport(
             timeout_seconds=config.timeout_seconds,
             connection_limit=connection_limit,
-            secrets=[
-                *self._headers.values(),
-                *(word for value in self._headers.values() for word in value.split()),
-                *_url_password(config.url),
-            ],
+            secrets=[*_header_secrets(self._headers), *_url_password(config.url)],
         )
         self._headers.setdefault("Content-Type", "application/json")
 
@@ -150,3 +144,22 @@ def _url_password(url: str) -> list[str]:
     """The password in ``url``, as written and decoded: an error text may quote either."""
     password = urlsplit(url).password
     return [] if password is None else [password, unquote(password)]
+
+
+# Headers that describe the request and carry no credential: their values ("application/json")
+# are words a provider's error text uses too.
+_PLAIN_HEADERS = frozenset({"accept", "accept-encoding", "accept-language", "content-type", "user-agent"})
+
+
+def _header_secrets(headers: Mapping[str, str]) -> list[str]:
+    """Any other header may carry a credential, and a provider may echo back the bare token
+    without its scheme ("Bearer "): the value and its words are secrets, but not a scheme
+    word, which would vanish from every text that names it."""
+    values = [value for name, value in headers.items() if name.lower() not in _PLAIN_HEADERS]
+    words = [
+        word
+        for value in values
+        for index, word in enumerate(value.split())
+        if not (index == 0 and word.isalpha() and len(value.split()) > 1)
+    ]
+    return [*values, *words]
