@@ -394,3 +394,30 @@ async def test_a_name_lookup_that_never_answers_is_a_connection_never_made(
     )
     assert "not resolved within 0.1 s" in (result.error_message or "")
     assert took < TIMEOUT
+
+
+async def test_a_connection_idle_past_its_time_is_not_reused() -> None:
+    # A server that closes idle connections before the client does (Node.js: 5 s, aiohttp:
+    # 15 s) cuts off the request written as its close arrives: unanswered, in doubt.
+    peers: set[object] = set()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        peers.add(request.transport)
+        return web.Response(body=b'{"id":"m1"}')
+
+    app = web.Application()
+    app.router.add_post("/send", answer)
+    transport = HttpTransport(timeout_seconds=5, connection_limit=4, secrets=[], idle_connection_seconds=0.2)
+    try:
+        async with serve_app(app) as url:
+            await _post(transport, f"{url}/send")
+            await _post(transport, f"{url}/send")
+            assert len(peers) == 1, "a connection in use is kept"
+            await asyncio.sleep(0.6)
+            result, _ = await _post(transport, f"{url}/send")
+    finally:
+        await transport.close()
+
+    assert result.kind is ResultKind.SENT
+    assert len(peers) == 2

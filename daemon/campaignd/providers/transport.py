@@ -33,6 +33,13 @@ MAX_BODY_READ = 64 * 1024
 
 Classifier = Callable[[int, bytes, Mapping[str, str]], SendResult]
 
+# How long an idle connection is kept for the next request. A server closes idle
+# connections on its own clock (Node.js after 5 s, many load balancers after 60); a request
+# written as its close arrives is cut off unanswered, in doubt, and a sender that cannot
+# resend fails that recipient. Closing first (aiohttp keeps them 15 s) leaves that race
+# to servers quicker than this, at the cost of a new connection after a quiet spell.
+IDLE_CONNECTION_SECONDS = 4.0
+
 # How far past a text's limit it is redacted before being cut to it: longer than any
 # credential (Meta's tokens run to ~250 characters).
 REDACTION_MARGIN = 1024
@@ -161,7 +168,15 @@ class BoundedResolver(AbstractResolver):
 class HttpTransport:
     """One aiohttp session and connection pool per sender, reused for every message."""
 
-    def __init__(self, *, timeout_seconds: float, connection_limit: int, secrets: Iterable[str]) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_seconds: float,
+        connection_limit: int,
+        secrets: Iterable[str],
+        idle_connection_seconds: float = IDLE_CONNECTION_SECONDS,
+    ) -> None:
+        self._idle_connection_seconds = idle_connection_seconds
         self._redactor = Redactor(secrets)
         self._deadlines = Deadlines(timeout_seconds)
         self._connection_limit = connection_limit
@@ -180,6 +195,7 @@ class HttpTransport:
                 connector=aiohttp.TCPConnector(
                     limit=self._connection_limit,
                     ttl_dns_cache=300,
+                    keepalive_timeout=self._idle_connection_seconds,
                     # A quarter for the lookup and half for the connection (below) leave
                     # a request that needed both a quarter of its timeout.
                     resolver=BoundedResolver(self._deadlines.seconds / 4),
