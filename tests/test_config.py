@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from campaignd.cli import build_parser, main
 from campaignd.config import ConfigError, HttpSenderConfig, Settings, TwilioSenderConfig, load_settings
+from tests.conftest import with_database
 
 HEADER_SECRET = "hdr-secret-0123456789"
 DB_PASSWORD = "dbpass-9876543210"
@@ -847,6 +851,39 @@ def test_cli_connection_setting_the_client_refuses_at_connect_exits_2(
 
     assert done.returncode == 2, done.stderr
     assert "database.url: the PostgreSQL client refuses it" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert DB_PASSWORD not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("refusal", ["NOLOGIN", "no such database"])
+@pytest.mark.parametrize("command", ["run", "senders"])
+async def test_cli_a_login_the_database_refuses_exits_1_with_its_reason(
+    tmp_path: Path,
+    cli_env: dict[str, str],
+    database_url: str,
+    conn: asyncpg.Connection,
+    command: str,
+    refusal: str,
+) -> None:
+    # `run` ended in a 60-line traceback; the operator commands said this.
+    role = f"refused_{os.getpid()}"
+    await conn.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN PASSWORD '{DB_PASSWORD}'")
+    try:
+        parts = urlsplit(database_url)
+        netloc = f"{role}:{DB_PASSWORD}@{parts.netloc.rpartition('@')[2]}"
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        if refusal == "no such database":
+            url = with_database(database_url, "no_such_database")
+        path = _write(
+            tmp_path, f'[database]\nurl = "{url}"\n[senders.sms]\nurl = "http://127.0.0.1:1/send"\n'
+        )
+
+        done = await asyncio.to_thread(_cli, cli_env, command, "--config", str(path))
+    finally:
+        await conn.execute(f"DROP ROLE {role}")
+
+    assert done.returncode == 1, done.stderr
+    assert "campaignd: cannot connect to the database: Invalid" in done.stderr
     assert "Traceback" not in done.stderr
     assert DB_PASSWORD not in done.stderr + done.stdout
 

@@ -297,10 +297,31 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"campaignd: invalid configuration:\n  database.url: {problem}", file=sys.stderr)
             return EXIT_FAILURE if args.command == "healthcheck" else EXIT_CONFIG
+        if _refused_by_the_database(exc):
+            # A login, a database or a privilege the server refuses (`run` ended in a
+            # traceback): the operator's to fix, in the words the operator commands use.
+            from campaignd.db import url_redactor
+
+            reason = f"{type(exc).__name__}: {url_redactor(settings.database)(str(exc))}"
+            print(f"campaignd: cannot connect to the database: {reason}", file=sys.stderr)
+            return EXIT_FAILURE
         if not is_transient_db_error(exc):
             raise
         print(f"campaignd: the database is unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _refused_by_the_database(exc: BaseException) -> bool:
+    import asyncpg
+
+    return isinstance(
+        exc,
+        (
+            asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # a wrong password, NOLOGIN
+            asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+            asyncpg.exceptions.InsufficientPrivilegeError,
+        ),
+    )
 
 
 async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
