@@ -217,6 +217,27 @@ async def test_unknown_code_is_unknown_with_meta_text(
     )
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (429, 135000, ResultKind.THROTTLED),
+        (429, 429, ResultKind.THROTTLED),
+        (503, 135000, ResultKind.TRANSIENT),
+        (400, 135000, ResultKind.UNKNOWN),
+        (400, 80001, ResultKind.THROTTLED),
+        (400, 80008, ResultKind.THROTTLED),
+    ],
+)
+def test_an_unknown_code_is_read_by_its_status_where_that_is_unambiguous(
+    status: int, code: int, kind: ResultKind
+) -> None:
+    # A 429 with a code the tables do not know was "unknown": three attempts, then failed,
+    # and the sender never slowed down.
+    result = classify_meta(status, orjson.dumps({"error": {"code": code, "message": "x"}}), {})
+
+    assert result.kind is kind
+
+
 async def test_scripted_errors_for_the_next_requests_then_success(
     fake: FakeWhatsApp, make_provider: MakeProvider
 ) -> None:

@@ -53,9 +53,11 @@ META_CODES: Mapping[int, ResultKind] = MappingProxyType(
         32: _K.THROTTLED,  # page request limit reached
         613: _K.THROTTLED,  # calls exceeded the rate limit
         341: _K.THROTTLED,  # application limit reached: temporary
+        80001: _K.THROTTLED,  # Pages business use case rate limit (the Send API's page)
         80002: _K.THROTTLED,  # Instagram business use case rate limit
         80006: _K.THROTTLED,  # Messenger business use case rate limit
         80007: _K.THROTTLED,  # WhatsApp Business Account rate limit
+        80008: _K.THROTTLED,  # WhatsApp Business Management API business use case rate limit
         130429: _K.THROTTLED,  # Cloud API throughput reached
         131057: _K.THROTTLED,  # account in maintenance mode (throughput upgrade), passes by itself
         # Only this recipient must wait; see RECIPIENT_DELAY_SECONDS.
@@ -161,6 +163,10 @@ def classify_meta(status: int, body: bytes, headers: Mapping[str, str]) -> SendR
         return bare
     subcode = integer_code(error.get("error_subcode"))
     kind, decided_by = meta_class(code, subcode)
+    if kind is ResultKind.UNKNOWN:
+        # A code the tables do not know: the status still says what it says unambiguously
+        # (a proxy's {"error": {"code": 429}}, a new rate-limit code), as for Twilio.
+        kind = _K.THROTTLED if status == 429 else _K.TRANSIENT if status >= 500 else kind
     message = describe(code, _error_text(error))
     if kind is ResultKind.THROTTLED:
         return _throttled(str(decided_by), message, headers)
