@@ -213,6 +213,15 @@ def test_a_gateway_status_with_twilio_s_envelope_may_still_have_delivered(
     assert classify_twilio(status, body, {}).maybe_delivered is in_doubt
 
 
+def test_an_answer_that_is_not_utf8_is_still_read() -> None:
+    body = '{"code": 21211, "message": "Le numéro n\'est pas valide", "status": 400}'.encode("latin-1")
+
+    result = classify_twilio(400, body, {})
+
+    assert (result.kind, result.error_code) == (ResultKind.RECIPIENT_PERMANENT, "21211")
+    assert result.error_message == "(#21211) Le num\ufffdro n'est pas valide"
+
+
 async def test_timeout_is_transient(fake: FakeTwilio, make_provider: MakeProvider) -> None:
     fake.default = Reply(201, {"sid": "SMlate"}, delay_seconds=2.0)
 

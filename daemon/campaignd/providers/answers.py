@@ -24,6 +24,12 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        # JSON that is not UTF-8 (a Latin-1 answer): its envelope still says what happened,
+        # where refusing it turned Twilio's "invalid number" into an unknown HTTP 400.
+        return orjson.loads(body.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
         return None
 
 
