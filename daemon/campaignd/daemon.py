@@ -35,6 +35,7 @@ from campaignd.providers import Provider, build_provider
 from campaignd.schema import SchemaNotReady, require_current
 from campaignd.sdnotify import Notifier
 from campaignd.sql import QUERIES
+from campaignd.storable import StorableText, server_encoding, storable_text
 from campaignd.watchdog import Watchdog
 
 log = structlog.get_logger("campaignd.daemon")
@@ -83,6 +84,10 @@ class Daemon:
         self._announced = False
         self._send_slots = Slots(settings.dispatch.concurrency)
         self._pool: asyncpg.Pool | None = None
+        # The database's server encoding, and how the lanes make texts storable in it (None:
+        # UTF8 or SQL_ASCII, which store any text): read once the pool is up.
+        self._server_encoding: str | None = None
+        self._storable: StorableText | None = None
         self.heartbeats = Heartbeats()
         self.ready = asyncio.Event()
 
@@ -107,6 +112,8 @@ class Daemon:
         async with self._pool.acquire() as connection:
             await require_current(connection)
             await sync_senders(connection, self.settings)
+            self._server_encoding = server_encoding(connection)
+        self._storable = storable_text(self._server_encoding)
         return True
 
     async def _run_connected(self, notifier: Notifier) -> None:
@@ -133,6 +140,7 @@ class Daemon:
                 owner=self._owner,
                 senders=sorted(providers),
                 concurrency=self.settings.dispatch.concurrency,
+                server_encoding=self._server_encoding,
             )
             self.heartbeats.register(
                 DISPATCHER_HEARTBEAT, allowance_seconds=max(30.0, 10 * self.settings.dispatch.poll_seconds)
@@ -322,6 +330,7 @@ class Daemon:
             send_slots=self._send_slots,
             shutdown=stop,
             wake=self._lane_wakes[lease.sender_id],
+            storable=self._storable,
         )
         task = self._lane_group.create_task(
             self._serve_lane(lease.sender_id, lane), name=f"lane:{lease.sender_id}"

@@ -49,6 +49,7 @@ from campaignd.providers import Delivery, InvalidAddress, Provider
 from campaignd.redact import redacted_traceback
 from campaignd.render import RenderError, Template, TemplateError
 from campaignd.sql import QUERIES
+from campaignd.storable import StorableText, storable_columns, storable_result, substitutes
 
 if TYPE_CHECKING:
     from campaignd.db import Connection
@@ -206,6 +207,7 @@ class Lane:
         send_slots: Slots,
         shutdown: Shutdown,
         wake: asyncio.Event,
+        storable: StorableText | None = None,
     ) -> None:
         self.lease = lease
         self._sender = sender
@@ -215,6 +217,9 @@ class Lane:
         self._slots = send_slots
         self._shutdown = shutdown
         self._wake = wake
+        # In a database whose server encoding is not UTF8: how texts from outside it (the
+        # provider's answers, the reasons made of them) are made storable there (storable.py).
+        self._storable = storable
         self._loop = asyncio.get_running_loop()
         self._limiter = SenderLimiter(sender.rate_per_second, sender.burst, smooth_start=True)
         self._rng = random.Random()
@@ -328,7 +333,7 @@ class Lane:
         held, self._buffer = self._buffer, []
         for index, update in enumerate(held):
             try:
-                lane_held = await self._write([update])
+                lane_held = await self._write_one(update)
             except Exception as exc:
                 if is_transient_db_error(exc):
                     note_unavailable(self._log, "record_outcomes", exc, waiting=len(held) - index)
@@ -344,6 +349,31 @@ class Lane:
                 self.lease.lost = True
                 return
             self._count([update])
+
+    async def _write_one(self, update: RecipientUpdate) -> bool:
+        """One outcome. One the database refuses as data (class 22: a text its encoding cannot
+        hold, say) is written again in a form it takes (storable.substitutes): left in flight,
+        its recipient was resent, as in doubt, by every next owner of the lane, and the answer
+        refused again, crashing each of them."""
+        try:
+            return await self._write([update])
+        except asyncpg.exceptions.DataError as exc:
+            refused = exc
+        for substitute in substitutes(update, refused):
+            try:
+                lane_held = await self._write([substitute])
+            except asyncpg.exceptions.DataError:
+                continue
+            if lane_held:
+                self._log.error(
+                    "outcome_substituted",
+                    recipient_id=update.recipient_id,
+                    state=update.state.value,
+                    error=type(refused).__name__,
+                    error_code=substitute.error_code,
+                )
+            return lane_held
+        raise refused
 
     async def _recover_in_doubt(self) -> None:
         async def recover() -> list[asyncpg.Record]:
@@ -364,6 +394,10 @@ class Lane:
         except Exception as exc:
             # The lease simply expires and the next owner takes over.
             self._log.warning("lane_release_failed", error=type(exc).__name__)
+
+    def _storable_text(self, text: str) -> str:
+        """A text from outside the database (a provider's, an exception's) as it can store it."""
+        return text if self._storable is None else self._storable(text)
 
     # ---------------------------------------------------------------- feeding
 
@@ -538,12 +572,13 @@ class Lane:
         try:
             template = Template(row["message"])
         except TemplateError as exc:
+            reason = self._storable_text(f"invalid message: {exc}")
             async with self._pool.acquire() as connection:
                 failed = await connection.fetchval(
-                    QUERIES["fail_campaign"], *self.lease.token, campaign_id, f"invalid message: {exc}"
+                    QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason
                 )
             if failed:
-                bound.warning("campaign_failed", reason=f"invalid message: {exc}")
+                bound.warning("campaign_failed", reason=reason)
             return None
         # A campaign whose tail this lane is still preparing has its head prepared.
         if (
@@ -700,7 +735,7 @@ class Lane:
             )
         if problem is None:
             return False
-        reason = f"pre-flight: {problem}"
+        reason = self._storable_text(f"pre-flight: {problem}")
         if (
             await connection.fetchval(QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason)
             is None
@@ -872,7 +907,8 @@ class Lane:
         """Stop claiming and sending for this campaign now; the feed loop writes the pause."""
         if run.pause_reason is not None or not run.active:
             return
-        run.pause_reason = reason
+        # As stored: _write_campaign_pauses compares it with the reason read back.
+        run.pause_reason = self._storable_text(reason)
         run.active = False
         self._wake.set()
 
@@ -1115,6 +1151,10 @@ class Lane:
         if result is None:
             self._record(released(flight.recipient_id), flight)
             return
+        if self._storable is not None:
+            # Not UTF8: the texts as stored, before decide() compares them with the last ones
+            # (read back from the database) and reasons to pause are made of them.
+            result = storable_result(self._storable, result)
         update = decide(
             flight.recipient_id,
             result,
@@ -1141,7 +1181,10 @@ class Lane:
         elif update.state is RecipientState.FAILED:
             pass
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
-            self._pause_reason = f"provider rejected the sender: {result.error_code}: {result.error_message}"
+            # As stored: _pause_sender compares it with the reason read back.
+            self._pause_reason = self._storable_text(
+                f"provider rejected the sender: {result.error_code}: {result.error_message}"
+            )
             self._pause_changes_seen = self.lease.pause_changes
             self._wake.set()
         elif result.kind is ResultKind.CAMPAIGN_FATAL:
@@ -1247,12 +1290,16 @@ class Lane:
                 self._count(batch)
 
     async def _write(self, batch: list[RecipientUpdate]) -> bool:
+        columns = outcome_columns(batch)
+        if self._storable is not None:
+            # Also the texts decide() made of the provider's (gave up after ...: ..., clipped).
+            columns = storable_columns(self._storable, columns)
         async with self._pool.acquire() as connection:
             try:
                 row = await connection.fetchrow(
                     QUERIES["record_outcomes"],
                     *self.lease.token,
-                    *outcome_columns(batch),
+                    *columns,
                 )
             except asyncio.CancelledError:
                 # Cut off by a stop's deadline with the statement sent and unanswered: handed
