@@ -110,6 +110,84 @@ async def test_a_cancel_that_waits_too_long_for_a_preparation_says_so_and_change
     assert await state_counts(conn, campaign_id) == {"pending": 3}
 
 
+async def _prepared_campaign(conn: asyncpg.Connection, recipients: int) -> str:
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET prepared_at = now(), started_at = now(),"
+        " total_count = (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
+        campaign_id,
+    )
+    return campaign_id
+
+
+async def test_cancel_ends_a_resend_in_doubt_failed_in_doubt_and_says_so(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    """With resend_in_doubt, a send in doubt waits as pending (in_doubt) to be resent; the
+    cancel recorded that maybe-delivered message as skipped (cancelled)."""
+    campaign_id = await _prepared_campaign(conn, 3)
+    doubted = await conn.fetchval(
+        "UPDATE campaignd.recipients SET error_code = 'in_doubt', error_message = 'interrupted',"
+        " next_attempt_at = now() + interval '1 minute'"
+        " WHERE id = (SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1) RETURNING id",
+        campaign_id,
+    )
+
+    ran = await campaignd(ops_config(tmp_path, database_url), "cancel", campaign_id)
+
+    assert ran.returncode == 0, ran.stderr
+    assert f"cancelled campaign {campaign_id}: 2 pending recipients skipped (cancelled)" in ran.stdout
+    assert "1 recipient was waiting to be resent after a send in doubt: failed (in_doubt)" in ran.stdout
+    row = await conn.fetchrow(
+        "SELECT state, error_code, error_message, next_attempt_at FROM campaignd.recipients WHERE id = $1",
+        doubted,
+    )
+    assert tuple(row) == ("failed", "in_doubt", "interrupted", None)
+    row = await campaign(conn, campaign_id)
+    assert (row["status"], row["failed_count"], row["skipped_count"]) == ("cancelled", 1, 2)
+    await assert_counters_match(conn, campaign_id)
+
+
+async def test_cancel_reports_the_claims_that_committed_while_it_waited(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The cancel waits for a claim holding its rows; counted in the cancel's own snapshot,
+    taken before that claim committed, the rows it claimed were reported as 0 in flight
+    while the lane went on to send them."""
+    campaign_id = await _prepared_campaign(conn, 10)
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'A', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    lane = await asyncpg.connect(database_url)
+    try:
+        claim = lane.transaction()
+        await claim.start()
+        claimed = await lane.fetch(QUERIES["claim_recipients"], "sms", "A", 1, campaign_id, 0, 4, 60.0, 1)
+        assert len(claimed) == 4
+        cancel = asyncio.create_task(campaignd(ops_config(tmp_path, database_url), "cancel", campaign_id))
+
+        async def cancel_waits() -> bool:
+            # pg_stat_activity keeps the first 1 kB of a statement: its comment.
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND starts_with(query, left($1, 200))",
+                QUERIES["op_cancel_campaign"],
+            )
+            return bool(waiting)
+
+        await wait_for(cancel_waits, timeout=30, what="the cancel waiting for the claim")
+        await claim.commit()
+        ran = await cancel
+    finally:
+        await lane.close()
+
+    assert ran.returncode == 0, ran.stderr
+    assert "6 pending recipients skipped (cancelled)" in ran.stdout, ran.stdout
+    assert "4 recipients are in flight" in ran.stdout, ran.stdout
+    assert await state_counts(conn, campaign_id) == {"in_flight": 4, "skipped": 6}
+
+
 # ------------------------------------------------------------------ with real daemons
 
 

@@ -161,7 +161,7 @@ async def test_a_bug_in_the_preflight_fails_its_campaign_and_spares_the_senders_
     assert failed["status_reason"] == (
         "pre-flight: the provider's check of the message failed: TypeError: a bug in the pre-flight"
     )
-    assert await state_counts(conn, broken) == {"pending": 5}
+    assert await state_counts(conn, broken) == {"skipped": 5}
     assert fake.request_count() == 5
     await assert_counters_match(conn, broken)
     assert "preflight_failed" in daemon.log() and "lane_crashed" not in daemon.log()

@@ -285,6 +285,84 @@ async def test_a_finished_campaign_whose_counters_drifted_completes_with_the_tru
     assert sample("campaignd_counter_drift_repaired_total") == repaired_before + 1
 
 
+async def test_a_finished_campaign_that_sent_and_failed_nothing_fails_with_the_preparations_reason(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Every recipient skipped when it was to be sent (an address the provider cannot take):
+    # README promises such a campaign ends failed with a reason, not completed with 0 sent.
+    skipped = await create_campaign(conn, "sms", 3, name="all skipped")
+    one_failed = await create_campaign(conn, "sms", 3, name="one failed")
+    emptied = await create_campaign(conn, "sms", 2, name="recipients deleted by the host")
+    for campaign_id in (skipped, one_failed, emptied):
+        await mark_prepared(conn, campaign_id)
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'skipped', error_code = 'invalid_address'"
+        " WHERE campaign_id = ANY($1::uuid[])",
+        [skipped, one_failed],
+    )
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'failed', error_code = 'http_400'"
+        " WHERE id = (SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1)",
+        one_failed,
+    )
+    await conn.execute("DELETE FROM campaignd.recipients WHERE campaign_id = $1", emptied)
+
+    with capture_logs() as events:
+        assert await watchdog(pool).run_pass()
+
+    row = await campaign(conn, skipped)
+    assert (row["status"], row["status_reason"]) == ("failed", "no valid recipient: all 3 were skipped")
+    assert row["completed_at"] is not None
+    assert (row["sent_count"], row["failed_count"], row["skipped_count"], row["total_count"]) == (0, 0, 3, 3)
+    await assert_counters_match(conn, skipped)
+    assert (await campaign(conn, one_failed))["status"] == "completed"
+    # The words prepare_finish uses for a campaign without recipients.
+    row = await campaign(conn, emptied)
+    assert (row["status"], row["status_reason"]) == ("failed", "campaign has no recipients")
+    failed = {e["campaign_id"]: e for e in events if e["event"] == "campaign_failed"}
+    assert set(failed) == {skipped, emptied}
+    assert failed[skipped]["reason"] == "no valid recipient: all 3 were skipped"
+    assert [e["campaign_id"] for e in events if e["event"] == "campaign_completed"] == [one_failed]
+
+
+@pytest.mark.parametrize("resend", [True, False])
+async def test_an_in_doubt_claim_of_a_cancelled_campaign_ends_failed_in_doubt(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, resend: bool
+) -> None:
+    # Its lane died with the request in the air. With resend_in_doubt the recovery makes it
+    # pending (in_doubt), and the sweep then recorded a message that may have been delivered
+    # as skipped (cancelled); it ends as it does without a resend: failed, in_doubt.
+    campaign_id = await create_campaign(conn, "sms", 3)
+    await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.senders SET resend_in_doubt = $1 WHERE id = 'sms'", resend)
+    first = await conn.fetchval(
+        "SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'A', lease_epoch = 1,"
+        " lease_expires_at = now() - interval '1 second' WHERE id = 'sms'"
+    )
+    await conn.execute(
+        "UPDATE campaignd.recipients SET state = 'in_flight', attempts = 1, lease_owner = 'A',"
+        " lease_epoch = 1, lease_claim = 1, lease_expires_at = now() WHERE id = $1",
+        first,
+    )
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'cancelled', completed_at = now() WHERE id = $1", campaign_id
+    )
+
+    assert await watchdog(pool).run_pass()
+
+    row = await conn.fetchrow(
+        "SELECT state, error_code, error_message FROM campaignd.recipients WHERE id = $1", first
+    )
+    assert (row["state"], row["error_code"]) == ("failed", "in_doubt")
+    assert row["error_message"] == "the daemon holding this claim stopped before recording its outcome"
+    row = await campaign(conn, campaign_id)
+    assert (row["status"], row["failed_count"], row["skipped_count"]) == ("cancelled", 1, 2)
+    await assert_counters_match(conn, campaign_id)
+
+
 def test_a_campaign_finished_during_a_walk_stays_a_candidate_until_the_next_walk_ends() -> None:
     ids = sorted(uuid.uuid4() for _ in range(3))
     first = begin_drift_pass(DriftWalk(), now=100.0)
@@ -363,6 +441,50 @@ async def test_sweeps_pending_recipients_of_a_cancelled_campaign(
     assert await state_counts(conn, campaign_id) == {"skipped": 3}
     assert (await campaign(conn, campaign_id))["skipped_count"] == 3
     await assert_counters_match(conn, campaign_id)
+
+
+async def test_sweeps_pending_recipients_of_a_failed_campaign(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # A campaign failed before any preparation by a version that left its recipients pending
+    # (total_count 0), or with claims given back after it failed: they end as fail_campaign
+    # ends pending recipients, and an in-doubt resend ends failed, in_doubt.
+    campaign_id = await create_campaign(conn, "sms", 3)
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'failed', status_reason = 'invalid message: x',"
+        " completed_at = now() WHERE id = $1",
+        campaign_id,
+    )
+    await conn.execute(
+        "UPDATE campaignd.recipients SET error_code = 'in_doubt', error_message = 'interrupted',"
+        " next_attempt_at = now()"
+        " WHERE id = (SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1)",
+        campaign_id,
+    )
+
+    with capture_logs() as events:
+        assert await watchdog(pool).run_pass()
+
+    rows = await conn.fetch(
+        "SELECT state, error_code, error_message FROM campaignd.recipients"
+        " WHERE campaign_id = $1 ORDER BY id",
+        campaign_id,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("failed", "in_doubt", "interrupted"),
+        ("skipped", "campaign_failed", "invalid message: x"),
+        ("skipped", "campaign_failed", "invalid message: x"),
+    ]
+    row = await campaign(conn, campaign_id)
+    assert (row["status"], row["total_count"], row["failed_count"], row["skipped_count"]) == (
+        "failed",
+        3,
+        1,
+        2,
+    )
+    await assert_counters_match(conn, campaign_id)
+    [swept] = [e for e in events if e["event"] == "failed_recipients_swept"]
+    assert (swept["campaign_id"], swept["skipped"], swept["failed_in_doubt"]) == (campaign_id, 2, 1)
 
 
 async def test_one_watchdog_pass_at_a_time_across_daemons(

@@ -856,6 +856,16 @@ class Lane:
         if row is not None:
             run.active = False
             self._runs.pop(run.campaign_id, None)
+            if row["status"] == "failed":
+                # Every recipient was skipped as it came to be sent: nothing was sent.
+                self._log.warning(
+                    "campaign_failed",
+                    campaign_id=run.campaign_id,
+                    reason=row["status_reason"],
+                    total=row["total_count"],
+                    skipped=row["skipped_count"],
+                )
+                return
             self._log.info(
                 "campaign_completed",
                 campaign_id=run.campaign_id,

@@ -226,6 +226,9 @@ class Cancellation:
     status: str
     cancelled: int
     in_flight: int
+    # Pending resends of in-doubt sends, ended failed 'in_doubt' rather than skipped: the
+    # provider may have delivered them.
+    in_doubt: int
 
 
 async def cancel_campaign(connection: Connection, campaign_id: str) -> Cancellation:
@@ -233,7 +236,10 @@ async def cancel_campaign(connection: Connection, campaign_id: str) -> Cancellat
     row = await connection.fetchrow(QUERIES["op_cancel_campaign"], campaign_id, CANCELLED_BY_OPERATOR)
     if row is None:
         raise await _raced(connection, "cancel", campaign_id)
-    return Cancellation(campaign, row["status"], int(row["cancelled"]), int(row["in_flight"]))
+    # Counted once the cancel has committed, in a snapshot of its own: the cancel's snapshot
+    # predates the claims it waited for, and would report none of them in flight.
+    in_flight = await connection.fetchval(QUERIES["op_campaign_in_flight"], campaign_id)
+    return Cancellation(campaign, row["status"], int(row["cancelled"]), int(in_flight), int(row["in_doubt"]))
 
 
 async def cmd_pause(settings: Settings, campaign_id: str) -> int:
@@ -284,6 +290,11 @@ async def cmd_cancel(settings: Settings, campaign_id: str) -> int:
         )
     skipped = _recipients(result.cancelled, adjective="pending ")
     message = f"cancelled campaign {campaign_id}: {skipped} skipped (cancelled)"
+    if result.in_doubt:
+        message += (
+            f"; {_recipients(result.in_doubt, 'were', 'was')} waiting to be resent after a send in doubt: "
+            "failed (in_doubt), as the provider may have delivered them"
+        )
     if result.in_flight:
         message += (
             f"; {_recipients(result.in_flight, 'are', 'is')} in flight: the daemon sending them records "
@@ -680,7 +691,8 @@ def _waiting_findings(facts: CampaignFacts) -> list[Finding]:
         return [
             _info(
                 f"{_recipients(states.pending, 'are', 'is')} still pending, given back unsent after the "
-                "cancel; the watchdog marks them skipped (cancelled)"
+                "cancel (or waiting to be resent after a send in doubt); the watchdog marks them skipped "
+                "(cancelled), and those in doubt failed (in_doubt)"
             )
         ]
     if facts.status != "sending" or facts.sender.paused_reason is not None or facts.next_retry_at is None:

@@ -1,8 +1,9 @@
 """The in-process watchdog: what operators did by hand in the seeds' "Stuck Campaigns" runbook.
 
 Every daemon runs it; an advisory lock lets one pass run at a time across all daemons. A
-pass takes back expired lanes and their orphaned claims, sweeps cancelled campaigns,
-completes campaigns whose recipients are all final (recounting their counters as it does),
+pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
+campaigns, completes campaigns whose recipients are all final (recounting their counters as
+it does; one that sent and failed nothing fails instead),
 repairs counters that drifted from recipient states (a batch of campaigns per pass, walking
 over all of them), and flags (with a reason) SENDING campaigns that make no progress. It
 never sends anything and never completes a campaign with pending or in-flight work.
@@ -188,7 +189,7 @@ class Watchdog:
             try:
                 await self._expire_lanes(connection)
                 await self._recover_orphans(connection)
-                await self._sweep_cancelled(connection)
+                await self._sweep_ended(connection)
                 await self._complete_finished(connection)
                 await self._repair_drift(connection)
                 await self._flag_stuck(connection)
@@ -209,9 +210,15 @@ class Watchdog:
         for row in await leasing.recover_in_doubt(connection, None):
             leasing.report_in_doubt(log, row, by="watchdog")
 
-    async def _sweep_cancelled(self, connection: Connection) -> None:
-        for row in await connection.fetch(QUERIES["wd_sweep_cancelled"]):
-            log.info("cancelled_recipients_swept", campaign_id=str(row["campaign_id"]), recipients=row["n"])
+    async def _sweep_ended(self, connection: Connection) -> None:
+        for row in await connection.fetch(QUERIES["wd_sweep_ended"]):
+            log.info(
+                "cancelled_recipients_swept" if row["status"] == "cancelled" else "failed_recipients_swept",
+                campaign_id=str(row["campaign_id"]),
+                recipients=row["skipped"] + row["failed"],
+                skipped=row["skipped"],
+                failed_in_doubt=row["failed"],
+            )
 
     async def _complete_finished(self, connection: Connection) -> None:
         for row in await connection.fetch(QUERIES["wd_complete_finished"]):
@@ -230,6 +237,17 @@ class Watchdog:
             # Recounted by the completion itself: the drift check may not have reached it yet.
             if stored != actual:
                 report_drift(row["id"], stored, actual, step="complete_finished")
+            if row["status"] == "failed":
+                # Every recipient skipped: nothing was sent, which is no completion.
+                log.warning(
+                    "campaign_failed",
+                    campaign_id=str(row["id"]),
+                    sender_id=row["sender_id"],
+                    reason=row["status_reason"],
+                    total=row["total_count"],
+                    by="watchdog",
+                )
+                continue
             log.info(
                 "campaign_completed",
                 campaign_id=str(row["id"]),

@@ -29,26 +29,35 @@ RETURNING id;
 
 -- name: op_cancel_campaign
 -- One statement: the campaign ends cancelled and its pending recipients end skipped, with
--- skipped_count raised by exactly the rows changed. The campaign row is locked first, the
--- order a lane's writes take: outcomes lock it before their recipients, and a preparation
--- holds it (FOR KEY SHARE) while it skips recipients, so a cancel waits for the one and the
--- other instead of deadlocking with them on the recipients both would change. Rows the
--- preparation skipped meanwhile are not pending any more, so they are not counted twice.
--- In-flight recipients are not touched: the lane holding them records their outcome.
+-- skipped_count raised by exactly the rows changed; but a pending resend of an in-doubt send
+-- (resend_in_doubt = true), which the provider may have delivered, ends failed 'in_doubt',
+-- as it would have without a resend, counted in failed_count. The campaign row is locked
+-- first, the order a lane's writes take: outcomes lock it before their recipients, and a
+-- preparation holds it (FOR KEY SHARE) while it skips recipients, so a cancel waits for the
+-- one and the other instead of deadlocking with them on the recipients both would change.
+-- Rows the preparation skipped meanwhile are not pending any more, so they are not counted
+-- twice. In-flight recipients are not touched: the lane holding them records their outcome
+-- (op_campaign_in_flight counts them, once this has committed).
 -- A campaign that was never prepared has no total_count yet; it gets one here.
 -- $1 campaign id, $2 error message
 WITH cancellable AS (
     SELECT id FROM campaignd.campaigns
     WHERE id = $1 AND status IN ('draft', 'sending', 'paused')
     FOR UPDATE
-), skipped AS (
+), ended AS (
     UPDATE campaignd.recipients r
-    SET state = 'skipped', error_code = 'cancelled', error_message = $2,
+    SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE WHEN r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'cancelled' END,
+        error_message = CASE WHEN r.error_code = 'in_doubt'
+            THEN coalesce(r.error_message, 'the campaign was cancelled while this send was in doubt')
+            ELSE $2 END,
         next_attempt_at = NULL, updated_at = now()
     WHERE r.campaign_id = (SELECT id FROM cancellable) AND r.state = 'pending'
-    RETURNING r.id
+    RETURNING r.state
 ), counted AS (
-    SELECT count(*)::integer AS n FROM skipped
+    SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
+           count(*) FILTER (WHERE state = 'failed')::integer AS failed
+    FROM ended
 )
 UPDATE campaignd.campaigns c
 SET status = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN 'cancelled' ELSE c.status END,
@@ -56,17 +65,22 @@ SET status = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN 'cancelle
     completed_at = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN now() ELSE c.completed_at END,
     lease_owner = NULL,
     lease_expires_at = NULL,
-    skipped_count = c.skipped_count + counted.n,
+    skipped_count = c.skipped_count + counted.skipped,
+    failed_count = c.failed_count + counted.failed,
     total_count = CASE
         WHEN c.prepared_at IS NULL THEN (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1)
         ELSE c.total_count END,
     updated_at = now()
 FROM counted
-WHERE c.id = $1 AND (counted.n > 0 OR c.status IN ('draft', 'sending', 'paused'))
-RETURNING c.status,
-          counted.n AS cancelled,
-          (SELECT count(*) FROM campaignd.recipients r
-           WHERE r.campaign_id = $1 AND r.state = 'in_flight') AS in_flight;
+WHERE c.id = $1 AND (counted.skipped + counted.failed > 0 OR c.status IN ('draft', 'sending', 'paused'))
+RETURNING c.status, counted.skipped AS cancelled, counted.failed AS in_doubt;
+
+-- name: op_campaign_in_flight
+-- Run after op_cancel_campaign has committed, in a statement (and snapshot) of its own: a
+-- claim the cancel waited for committed after the cancel's snapshot was taken, so the
+-- cancel itself cannot see those rows in flight. No claim starts after the cancel commits
+-- (claim_recipients requires status 'sending'). $1 campaign id
+SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight';
 
 -- name: op_senders
 SELECT s.id, s.provider, s.rate_per_second, s.burst, s.resend_in_doubt,

@@ -394,7 +394,8 @@ SELECT id FROM campaignd.campaigns WHERE id = $1 FOR NO KEY UPDATE;
 -- Counters recomputed from recipient states (hosts need not fill total_count), whatever the
 -- status: the skips were made. A campaign left with nothing to send and nothing sent fails
 -- with a reason instead of sitting in SENDING, paused included (a resume would complete it
--- having sent nothing); one whose head was sent completes as usual.
+-- having sent nothing); one whose head was sent completes as usual. complete_campaign and
+-- wd_complete_finished fail a campaign left with nothing sent or failed with the same reason.
 -- $1 campaign id
 WITH counts AS (
     SELECT count(*) AS total,
@@ -429,16 +430,49 @@ WHERE c.id = $1
 RETURNING c.status, c.status_reason, v.total, v.skipped, v.open;
 
 -- name: fail_campaign
+-- A campaign that cannot be sent at all (its message does not compile, or fails the
+-- pre-flight) ends failed, and, in the same statement, its pending recipients end too, as a
+-- cancel ends them: skipped 'campaign_failed' with the campaign's reason, but a resend of an
+-- in-doubt send, which the provider may have delivered, failed 'in_doubt'; the counters are
+-- raised by exactly the rows changed. A campaign never prepared gets its total_count here.
+-- Recipients in flight are left to the lane that holds them; any that come back pending
+-- later are ended by the watchdog (wd_sweep_ended). The campaign row is locked before its
+-- recipients, the order outcomes and a cancel take them.
 -- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR KEY SHARE
+), failing AS (
+    SELECT id FROM campaignd.campaigns
+    WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
+    FOR NO KEY UPDATE
+), ended AS (
+    UPDATE campaignd.recipients r
+    SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE WHEN r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'campaign_failed' END,
+        error_message = CASE WHEN r.error_code = 'in_doubt'
+            THEN coalesce(r.error_message, 'the campaign failed while this send was in doubt')
+            ELSE $5 END,
+        next_attempt_at = NULL, updated_at = now()
+    WHERE r.campaign_id = (SELECT id FROM failing) AND r.state = 'pending'
+    RETURNING r.state
+), counted AS (
+    SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
+           count(*) FILTER (WHERE state = 'failed')::integer AS failed
+    FROM ended
 )
-UPDATE campaignd.campaigns
-SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = now()
-WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
-RETURNING id;
+UPDATE campaignd.campaigns c
+SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL,
+    skipped_count = c.skipped_count + counted.skipped,
+    failed_count = c.failed_count + counted.failed,
+    total_count = CASE
+        WHEN c.prepared_at IS NULL THEN (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $4)
+        ELSE c.total_count END
+FROM counted
+WHERE c.id = (SELECT id FROM failing)
+RETURNING c.id;
 
 -- name: pause_campaign
 -- The provider rejected the campaign's message, or its failures tripped the circuit breaker.
@@ -598,21 +632,36 @@ SELECT (SELECT count(*) FROM lane) AS lane_held,
 -- name: complete_campaign
 -- The only way a campaign becomes completed: atomically, while still SENDING, and only
 -- when no recipient is pending (a retry scheduled in the future counts as pending) or
--- in flight. $1 sender id, $2 owner, $3 epoch, $4 campaign id
+-- in flight. A campaign that sent nothing and failed nothing (every recipient skipped, by
+-- the preparation or when it was to be sent: an address or a value the provider cannot
+-- take) fails instead, with prepare_finish's reason, as wd_complete_finished does.
+-- Returns the status it ended with. $1 sender id, $2 owner, $3 epoch, $4 campaign id
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR KEY SHARE
+), verdict AS (
+    -- Any recipient sent or failed, from recipients_campaign_state: stops at the first.
+    SELECT NOT EXISTS (
+        SELECT 1 FROM campaignd.recipients r
+        WHERE r.campaign_id = $4 AND r.state IN ('sent', 'failed')) AS fails
 )
 UPDATE campaignd.campaigns c
-SET status = 'completed', completed_at = now(), updated_at = now(),
+SET status = CASE WHEN v.fails THEN 'failed' ELSE 'completed' END,
+    status_reason = CASE
+        WHEN NOT v.fails THEN c.status_reason
+        ELSE (SELECT CASE WHEN count(*) = 0 THEN 'campaign has no recipients'
+                          ELSE 'no valid recipient: all ' || count(*) || ' were skipped' END
+              FROM campaignd.recipients r WHERE r.campaign_id = c.id) END,
+    completed_at = now(), updated_at = now(),
     lease_owner = NULL, lease_expires_at = NULL
+FROM verdict v
 WHERE c.id = $4 AND c.status = 'sending'
   AND EXISTS (SELECT 1 FROM lane)
   AND NOT EXISTS (
       SELECT 1 FROM campaignd.recipients r
       WHERE r.campaign_id = c.id AND r.state IN ('pending', 'in_flight'))
-RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count;
+RETURNING c.total_count, c.sent_count, c.failed_count, c.skipped_count, c.status, c.status_reason;
 
 -- name: pause_sender
 -- The provider rejected the sender itself, or an operator or host paused it: stop it and

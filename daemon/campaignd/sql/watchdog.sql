@@ -21,29 +21,54 @@ FROM expired
 WHERE s.id = expired.id
 RETURNING s.id;
 
--- name: wd_sweep_cancelled
--- Claims given back after an operator cancelled their campaign land as pending; they end
--- skipped like the rest of the campaign's pending recipients.
+-- name: wd_sweep_ended
+-- Claims given back after their campaign was cancelled or failed land as pending; they end
+-- like the rest of the campaign's pending recipients did (op_cancel_campaign, fail_campaign):
+-- skipped 'cancelled' or 'campaign_failed', but a resend of an in-doubt send, which the
+-- provider may have delivered, failed 'in_doubt' (as with resend_in_doubt = false). A
+-- campaign never prepared has its total_count counted (one failed before this statement
+-- ended its recipients kept total_count 0).
 WITH swept AS (
     UPDATE campaignd.recipients r
-    SET state = 'skipped', error_code = 'cancelled', error_message = 'campaign cancelled',
+    SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE
+            WHEN r.error_code = 'in_doubt' THEN 'in_doubt'
+            WHEN c.status = 'cancelled' THEN 'cancelled'
+            ELSE 'campaign_failed' END,
+        error_message = CASE
+            WHEN r.error_code = 'in_doubt'
+                THEN coalesce(r.error_message, 'the campaign ended while this send was in doubt')
+            WHEN c.status = 'cancelled' THEN 'campaign cancelled'
+            ELSE coalesce(c.status_reason, 'campaign failed') END,
         next_attempt_at = NULL, updated_at = now()
     FROM campaignd.campaigns c
-    WHERE c.id = r.campaign_id AND c.status = 'cancelled' AND r.state = 'pending'
-    RETURNING r.campaign_id
+    WHERE c.id = r.campaign_id AND c.status IN ('cancelled', 'failed') AND r.state = 'pending'
+    RETURNING r.campaign_id, r.state
 ), per_campaign AS (
-    SELECT campaign_id, count(*) AS n FROM swept GROUP BY campaign_id
+    SELECT campaign_id,
+           count(*) FILTER (WHERE state = 'skipped') AS skipped,
+           count(*) FILTER (WHERE state = 'failed') AS failed
+    FROM swept GROUP BY campaign_id
 ), counted AS (
     UPDATE campaignd.campaigns c
-    SET skipped_count = c.skipped_count + p.n, updated_at = now()
+    SET skipped_count = c.skipped_count + p.skipped, failed_count = c.failed_count + p.failed,
+        total_count = CASE
+            WHEN c.prepared_at IS NULL
+                THEN (SELECT count(*) FROM campaignd.recipients r WHERE r.campaign_id = c.id)
+            ELSE c.total_count END,
+        updated_at = now()
     FROM per_campaign p
     WHERE c.id = p.campaign_id
+    RETURNING c.id, c.status
 )
-SELECT campaign_id, n FROM per_campaign;
+SELECT p.campaign_id, counted.status, p.skipped, p.failed
+FROM per_campaign p JOIN counted ON counted.id = p.campaign_id;
 
 -- name: wd_complete_finished
 -- SENDING campaigns whose recipients are all final: completed even if the lane that sent
--- them died before its own completion statement (the "test 6" report). Their counters are
+-- them died before its own completion statement (the "test 6" report); or, like
+-- complete_campaign, failed with prepare_finish's reason when nothing was sent or failed
+-- (every recipient skipped). Their counters are
 -- recounted in the same statement, so that a completion (and its log line) carries the true
 -- counts even when they had drifted: the drift check walks its candidates a batch per pass
 -- and may not have reached the campaign yet. Returns the counters it found too, to report
@@ -73,14 +98,20 @@ WITH finished AS (
     GROUP BY r.campaign_id
 )
 UPDATE campaignd.campaigns c
-SET status = 'completed', completed_at = now(), updated_at = now(),
+SET status = CASE WHEN coalesce(n.sent, 0) = 0 AND coalesce(n.failed, 0) = 0 THEN 'failed' ELSE 'completed' END,
+    status_reason = CASE
+        WHEN coalesce(n.sent, 0) > 0 OR coalesce(n.failed, 0) > 0 THEN c.status_reason
+        WHEN coalesce(n.total, 0) = 0 THEN 'campaign has no recipients'
+        ELSE 'no valid recipient: all ' || n.total || ' were skipped' END,
+    completed_at = now(), updated_at = now(),
     stuck_since = NULL, stuck_reason = NULL, lease_owner = NULL, lease_expires_at = NULL,
     sent_count = coalesce(n.sent, 0), failed_count = coalesce(n.failed, 0),
     skipped_count = coalesce(n.skipped, 0), total_count = coalesce(n.total, 0)
 FROM finished f
 LEFT JOIN counts n ON n.campaign_id = f.id
 WHERE c.id = f.id
-RETURNING c.id, c.sender_id, c.total_count, c.sent_count, c.failed_count, c.skipped_count,
+RETURNING c.id, c.sender_id, c.status, c.status_reason,
+          c.total_count, c.sent_count, c.failed_count, c.skipped_count,
           f.total_count AS stored_total, f.sent_count AS stored_sent,
           f.failed_count AS stored_failed, f.skipped_count AS stored_skipped;
 
