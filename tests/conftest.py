@@ -424,3 +424,36 @@ async def wait_status(
 
     result: asyncpg.Record = await wait_for(reached, timeout=timeout, what=f"campaign {campaign_id} {status}")
     return result
+
+
+class DaemonRole:
+    """A login role of the test's own for the daemon, so that it can be refused a login."""
+
+    def __init__(self, name: str, password: str, url: str) -> None:
+        self.name = name
+        self.password = password
+        self.url = url
+
+
+@pytest.fixture
+async def daemon_role(database_url: str, conn: asyncpg.Connection) -> AsyncIterator[DaemonRole]:
+    name = "cd_" + uuid.uuid4().hex[:12]
+    # The embedded server trusts local connections: the password is never checked, but it is
+    # in the daemon's URL, so a log line that quotes the URL would show it.
+    password = "pw-" + uuid.uuid4().hex
+    await conn.execute(f"CREATE ROLE {name} LOGIN")
+    await conn.execute(f"GRANT USAGE ON SCHEMA campaignd TO {name}")
+    await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA campaignd TO {name}")
+    await conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA campaignd TO {name}")
+    await conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA campaignd TO {name}")
+    parts = urlsplit(database_url)
+    netloc = f"{name}:{password}@" + parts.netloc.rpartition("@")[2]
+    url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    try:
+        yield DaemonRole(name, password, url)
+    finally:
+        # A daemon still running (the daemons fixture stops it later) must not come back.
+        await conn.execute(f"ALTER ROLE {name} NOLOGIN")
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name)
+        await conn.execute(f"DROP OWNED BY {name}")
+        await conn.execute(f"DROP ROLE {name}")

@@ -211,7 +211,14 @@ async def test_readiness_names_a_database_error_that_is_not_an_outage(tmp_path: 
             raise asyncpg.InvalidAuthorizationSpecificationError("password authentication failed")
 
     daemon._pool = RefusingPool()  # type: ignore[assignment]
-    assert await daemon._readiness() == "database error (InvalidAuthorizationSpecificationError)"
+    assert await daemon._readiness() == "database login refused (InvalidAuthorizationSpecificationError)"
+
+    class BrokenPool:
+        def acquire(self) -> Any:
+            raise asyncpg.DataError("a server error")
+
+    daemon._pool = BrokenPool()  # type: ignore[assignment]
+    assert await daemon._readiness() == "database error (DataError)"
 
 
 async def test_sd_notify_ready_watchdog_status_then_stopping(

@@ -19,6 +19,7 @@ from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns,
 from campaignd.schema import migrate
 from campaignd.sql import QUERIES
 from tests.conftest import (
+    DaemonRole,
     assert_counters_match,
     campaign,
     create_campaign,
@@ -349,6 +350,46 @@ async def test_a_database_that_turns_read_only_is_waited_out_and_the_campaign_co
     await assert_counters_match(conn, campaign_id)
     assert len({a.recipient_id for a in fake.accepted()}) == 2000
     assert fake.addresses_delivered_under_several_keys() == {}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_logins_refused_while_running_are_waited_out_and_nothing_ends_in_doubt(
+    tmp_path: Path,
+    conn: asyncpg.Connection,
+    daemon_role: DaemonRole,
+    fake: FakeProvider,
+    daemons: Any,
+) -> None:
+    # A password rotated in the database before the configuration, or NOLOGIN, once the
+    # server has dropped the daemon's sessions: the lanes crashed, the daemon exited, the
+    # requests in the air were cut off and the outcomes held were lost; a sender that cannot
+    # resend then failed as in doubt 137 recipients the provider never had.
+    role, url = daemon_role.name, daemon_role.url
+    fake.behaviour.latency_seconds = 0.05
+    campaign_id = await create_campaign(conn, "sms", 2000)
+    config = daemon_config(
+        tmp_path, url, {"sms": {"url": fake.url, "rate_per_second": 300.0, "resend_in_doubt": False}}
+    )
+    daemon = daemons(config)
+    await wait_for(lambda: _sent_at_least(conn, campaign_id, 200), timeout=60, what="200 sent")
+
+    await conn.execute(f"ALTER ROLE {role} NOLOGIN")
+    await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+    await wait_for(
+        lambda: _logged(daemon, "InvalidAuthorizationSpecificationError"), timeout=30, what="a refusal"
+    )
+    await asyncio.sleep(3.0)
+    assert daemon.process.poll() is None, "the daemon exited on a refused login"
+
+    await conn.execute(f"ALTER ROLE {role} LOGIN")
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    assert (row["sent_count"], row["failed_count"]) == (2000, 0)
+    await assert_counters_match(conn, campaign_id)
+    assert len({a.recipient_id for a in fake.accepted()}) == 2000
+    assert fake.addresses_delivered_under_several_keys() == {}
+    assert "lane_crashed" not in daemon.log() and "daemon_failed" not in daemon.log()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

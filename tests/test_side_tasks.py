@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 
 from campaignd.fakeprovider import FakeProvider
 from tests.conftest import (
     DaemonProcess,
+    DaemonRole,
     assert_counters_match,
     campaign,
     create_campaign,
@@ -30,39 +27,6 @@ from tests.conftest import (
     wait_for,
     wait_status,
 )
-
-
-class DaemonRole:
-    """A login role of the test's own for the daemon, so that it can be refused a login."""
-
-    def __init__(self, name: str, password: str, url: str) -> None:
-        self.name = name
-        self.password = password
-        self.url = url
-
-
-@pytest.fixture
-async def daemon_role(database_url: str, conn: asyncpg.Connection) -> AsyncIterator[DaemonRole]:
-    name = "cd_" + uuid.uuid4().hex[:12]
-    # The embedded server trusts local connections: the password is never checked, but it is
-    # in the daemon's URL, so a log line that quotes the URL would show it.
-    password = "pw-" + uuid.uuid4().hex
-    await conn.execute(f"CREATE ROLE {name} LOGIN")
-    await conn.execute(f"GRANT USAGE ON SCHEMA campaignd TO {name}")
-    await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA campaignd TO {name}")
-    await conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA campaignd TO {name}")
-    await conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA campaignd TO {name}")
-    parts = urlsplit(database_url)
-    netloc = f"{name}:{password}@" + parts.netloc.rpartition("@")[2]
-    url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    try:
-        yield DaemonRole(name, password, url)
-    finally:
-        # A daemon still running (the daemons fixture stops it later) must not come back.
-        await conn.execute(f"ALTER ROLE {name} NOLOGIN")
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name)
-        await conn.execute(f"DROP OWNED BY {name}")
-        await conn.execute(f"DROP ROLE {name}")
 
 
 def log_events(daemon: DaemonProcess) -> list[dict[str, Any]]:
@@ -114,7 +78,11 @@ async def test_a_listener_refused_a_login_retries_while_the_lanes_send_on(
     )
 
     async def listener_refused_or_exited() -> bool:
-        return "listener_failed" in daemon.log() or daemon.process.poll() is not None
+        # A refused login is waited out like an outage, logged as the database unavailable.
+        refused = (
+            '"during": "listen"' in daemon.log() and "InvalidAuthorizationSpecificationError" in daemon.log()
+        )
+        return refused or daemon.process.poll() is not None
 
     await wait_for(listener_refused_or_exited, timeout=60, what="the listener's reconnect refused")
     sent_when_refused = (await campaign(conn, campaign_id))["sent_count"]
@@ -132,8 +100,11 @@ async def test_a_listener_refused_a_login_retries_while_the_lanes_send_on(
     assert fake.request_count() == recipients, "a recipient was sent twice"
     assert fake.accepted_count() == recipients
 
-    refused = [e for e in log_events(daemon) if e["event"] == "listener_failed"]
+    refused = [
+        e for e in log_events(daemon) if e["event"] == "database_unavailable" and e["during"] == "listen"
+    ]
     assert refused and all(e["error"] == "InvalidAuthorizationSpecificationError" for e in refused)
+    assert all(e["message"] == f'role "{daemon_role.name}" is not permitted to log in' for e in refused)
     assert daemon_role.password not in daemon.log()
 
     daemon.signal(signal.SIGTERM)

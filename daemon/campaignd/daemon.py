@@ -118,7 +118,11 @@ class Daemon:
 
     async def _run_connected(self, notifier: Notifier) -> None:
         pool = await db.retry_until(
-            lambda: db.create_pool(self.settings.database), stop=self.shutdown.requested, what="connect"
+            lambda: db.create_pool(self.settings.database),
+            stop=self.shutdown.requested,
+            what="connect",
+            # A login refused at start is a wrong password or role: exit, saying so (cli).
+            fatal=(db.LOGIN_REFUSED,),
         )
         if pool is None:
             return
@@ -239,6 +243,9 @@ class Daemon:
         except SchemaNotReady as exc:
             return str(exc)
         except Exception as exc:
+            if isinstance(exc, db.LOGIN_REFUSED):
+                # Waited out like an outage, but it is no outage: the operator has to act.
+                return f"database login refused ({type(exc).__name__})"
             if isinstance(exc, TimeoutError) or db.is_transient_db_error(exc):
                 return f"database unreachable ({type(exc).__name__})"
             # Not ready either way (a login refused, a server error): a probe gets 503 and the

@@ -28,6 +28,8 @@ log = structlog.get_logger("campaignd.db")
 
 T = TypeVar("T")
 
+LOGIN_REFUSED = asyncpg.exceptions.InvalidAuthorizationSpecificationError
+
 # Errors that mean "the database is unreachable, restarting or overloaded right now":
 # the daemon waits and retries them. Anything else is a bug and is raised.
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,6 +51,13 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     # thawed from SIGSTOP just as the server shut down. The pool terminates such a connection
     # on release, so a retry gets a new one; raising it killed the daemon mid-outage.
     asyncpg.exceptions.InternalClientError,
+    # A login the server refuses once the daemon runs (a password rotated in the database
+    # before the configuration, NOLOGIN, pg_hba.conf), met when the pool opens a new
+    # connection. Raised, it crashed the lanes, cut off the requests in the air and lost
+    # the outcomes held to write: a sender that cannot resend then failed, in doubt,
+    # recipients never sent. Waited out like an outage, the outcomes are written once the
+    # login works again. At start it is the operator's to fix (create_pool's callers).
+    LOGIN_REFUSED,
 )
 
 
@@ -88,6 +97,10 @@ def note_unavailable(
 ) -> None:
     """One log line and one metric per failed database operation that will be retried."""
     metrics.DATABASE_ERRORS.labels(during).inc()
+    if isinstance(exc, LOGIN_REFUSED):
+        # The server's words say what to fix ("password authentication failed for user ...",
+        # "role ... is not permitted to log in"); they never quote a password.
+        fields["message"] = str(exc)
     logger.warning("database_unavailable", during=during, error=type(exc).__name__, **fields)
 
 
@@ -205,13 +218,17 @@ async def retry_until(
     *,
     stop: asyncio.Event,
     what: str,
+    fatal: tuple[type[Exception], ...] = (),
     **log_fields: object,
 ) -> T | None:
-    """Run ``operation`` until it succeeds despite database outages; None if ``stop`` is set first."""
+    """Run ``operation`` until it succeeds despite database outages; None if ``stop`` is set
+    first. ``fatal`` errors are raised even if transient once running (LOGIN_REFUSED at start)."""
     backoff = Backoff()
     while not stop.is_set():
         try:
             return await operation()
+        except fatal:
+            raise
         except Exception as exc:
             await backoff.wait_after(exc, log, what, stop, **log_fields)
     return None
