@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import uuid
@@ -485,6 +486,123 @@ async def test_sweeps_pending_recipients_of_a_failed_campaign(
     await assert_counters_match(conn, campaign_id)
     [swept] = [e for e in events if e["event"] == "failed_recipients_swept"]
     assert (swept["campaign_id"], swept["skipped"], swept["failed_in_doubt"]) == (campaign_id, 2, 1)
+
+
+async def test_a_cancelled_campaign_larger_than_a_chunk_is_swept_over_passes_with_exact_counters(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host cancels with an UPDATE (the schema's contract), leaving every recipient pending:
+    # the sweep ends them a chunk (one statement) at a time, at most a budget a pass, so that
+    # no statement of the watchdog grows with the data. One chunk a pass here (budget 0).
+    monkeypatch.setattr(watchdog_module, "SWEEP_CHUNK", 100)
+    monkeypatch.setattr(watchdog_module, "SWEEP_BUDGET_SECONDS", 0.0)
+    campaign_id = await create_campaign(conn, "sms", 350)
+    await mark_prepared(conn, campaign_id)
+    # A live lane holds 20 claims, and 3 sends in doubt wait to be resent.
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = 'A', lease_epoch = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE id = 'sms'"
+    )
+    lane = ("sms", "A", 1)
+    claimed = await conn.fetch(QUERIES["claim_recipients"], *lane, campaign_id, 0, 20, 30.0, 1)
+    assert len(claimed) == 20
+    await conn.execute(
+        "UPDATE campaignd.recipients SET error_code = 'in_doubt', error_message = 'interrupted',"
+        " next_attempt_at = now() WHERE id IN (SELECT id FROM campaignd.recipients"
+        " WHERE campaign_id = $1 AND state = 'pending' ORDER BY id DESC LIMIT 3)",
+        campaign_id,
+    )
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", campaign_id)
+    dog = watchdog(pool)
+
+    async def pending() -> int:
+        return (await state_counts(conn, campaign_id)).get("pending", 0)
+
+    assert await dog.run_pass()
+    assert await pending() == 230, "one chunk a pass"
+    await assert_counters_match(conn, campaign_id)
+
+    # The lane gives its claims back (they land pending) while sweeps run: a pass does not
+    # wait for the rows being given back, and two sweeps at once (two daemons', were it not
+    # for the advisory lock) never end or count a row twice: the second skips the campaign
+    # the first holds.
+    giver = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    other = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
+    try:
+        async with giver.transaction():
+            given = await giver.fetch(QUERIES["release_lost_claims"], *lane, [campaign_id], [])
+            assert [row["released"] for row in given] == [20]
+            assert await asyncio.wait_for(dog.run_pass(), timeout=30)
+            async with other.transaction():
+                assert await other.fetch(QUERIES["wd_sweep_ended"], 100) != []
+                assert await asyncio.wait_for(conn.fetch(QUERIES["wd_sweep_ended"], 100), timeout=30) == []
+        assert await pending() == 50
+        await assert_counters_match(conn, campaign_id)
+        assert await dog.run_pass()
+        assert await pending() == 0
+    finally:
+        await giver.close()
+        await other.close()
+
+    assert await state_counts(conn, campaign_id) == {"skipped": 347, "failed": 3}
+    row = await campaign(conn, campaign_id)
+    assert (row["skipped_count"], row["failed_count"], row["total_count"]) == (347, 3, 350)
+    await assert_counters_match(conn, campaign_id)
+
+    # With time to spare, one pass sweeps chunk after chunk, and logs each campaign once.
+    monkeypatch.setattr(watchdog_module, "SWEEP_BUDGET_SECONDS", 60.0)
+    second = await create_campaign(conn, "sms", 250)
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", second)
+    with capture_logs() as events:
+        assert await dog.run_pass()
+    assert await state_counts(conn, second) == {"skipped": 250}
+    await assert_counters_match(conn, second)
+    swept = [e for e in events if e["event"] == "cancelled_recipients_swept"]
+    assert [(e["campaign_id"], e["skipped"]) for e in swept] == [(second, 250)]
+
+
+async def test_a_sweep_that_outlasts_statement_timeout_stops_no_other_step_of_the_pass(
+    conn: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A campaign whose lane died after writing every outcome: only the watchdog completes it.
+    done = await create_campaign(conn, "sms", 5, name="done")
+    await mark_prepared(conn, done)
+    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", done)
+    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 5 WHERE id = $1", done)
+    # Beside it, a big campaign a host cancelled with an UPDATE before it was ever prepared:
+    # ending all of it in one statement outlasts the statement_timeout below (0.1 s standing
+    # for 30 s, 100,000 recipients for a hundred million). That statement failed every pass,
+    # and no step after it ever ran: nothing was completed, repaired or flagged again.
+    big = await create_campaign(conn, "sms", 0, name="big")
+    await conn.execute(
+        "INSERT INTO campaignd.recipients (campaign_id, address)"
+        " SELECT $1, '+1555' || lpad(g::text, 7, '0') FROM generate_series(1, 100000) g",
+        big,
+    )
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", big)
+    slow = await db.create_pool(
+        DatabaseConfig(url=database_url, pool_size=2, statement_timeout_seconds=0.1)  # type: ignore[arg-type]
+    )
+    try:
+        dog = watchdog(slow)
+        # A chunk as big as the campaign times out as the single statement did: the pass goes on.
+        monkeypatch.setattr(watchdog_module, "SWEEP_CHUNK", 200_000)
+        with capture_logs() as events:
+            assert await dog.run_pass()
+        assert (await campaign(conn, done))["status"] == "completed"
+        assert [e["event"] for e in events if e["event"] == "sweep_timed_out"] == ["sweep_timed_out"]
+        assert await state_counts(conn, big) == {"pending": 100_000}
+
+        # Chunks well within the timeout end all of it, over a pass or a few.
+        monkeypatch.setattr(watchdog_module, "SWEEP_CHUNK", 2_000)
+        for _ in range(20):
+            assert await dog.run_pass()
+            if (await campaign(conn, big))["total_count"] == 100_000:
+                break
+        assert await state_counts(conn, big) == {"skipped": 100_000}
+        await assert_counters_match(conn, big)
+    finally:
+        await slow.close()
 
 
 async def test_one_watchdog_pass_at_a_time_across_daemons(

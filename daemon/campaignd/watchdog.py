@@ -2,11 +2,13 @@
 
 Every daemon runs it; an advisory lock lets one pass run at a time across all daemons. A
 pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
-campaigns, completes campaigns whose recipients are all final (recounting their counters as
-it does; one that sent and failed nothing fails instead),
-repairs counters that drifted from recipient states (a batch of campaigns per pass, walking
-over all of them), and flags (with a reason) SENDING campaigns that make no progress. It
-never sends anything and never completes a campaign with pending or in-flight work.
+campaigns (a chunk of recipients a statement, for a few seconds a pass at most), completes
+campaigns whose recipients are all final (recounting their counters as it does; one that
+sent and failed nothing fails instead), repairs counters that drifted from recipient states
+(a batch of campaigns per pass, walking over all of them), and flags (with a reason) SENDING
+campaigns that make no progress. A statement that outlasts statement_timeout in the sweep or
+the counter checks is logged and the pass goes on. It never sends anything and never
+completes a campaign with pending or in-flight work.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ HEARTBEAT = "watchdog"
 # Campaigns whose counters one pass checks: each check counts the campaign's recipients, and
 # a pass must stay cheap on a big database. More candidates take more passes (DriftWalk).
 DRIFT_BATCH = 200
+
+# Recipients of cancelled and failed campaigns one statement of the sweep ends (a fraction of
+# a second on a slow machine, far below any sensible statement_timeout), and how long a pass
+# goes on sweeping before it leaves the rest to the next pass.
+SWEEP_CHUNK = 5_000
+SWEEP_BUDGET_SECONDS = 5.0
 
 # sent, failed, skipped, total: a campaign's counters, stored or counted from its recipients.
 Counters = tuple[int, int, int, int]
@@ -193,6 +201,7 @@ class Watchdog:
                 await self._complete_finished(connection)
                 await self._repair_drift(connection)
                 await self._flag_stuck(connection)
+                await self._count_ended_totals(connection)
                 await self._update_gauges(connection)
             finally:
                 await connection.fetchval(QUERIES["wd_unlock"])
@@ -211,14 +220,52 @@ class Watchdog:
             leasing.report_in_doubt(log, row, by="watchdog")
 
     async def _sweep_ended(self, connection: Connection) -> None:
-        for row in await connection.fetch(QUERIES["wd_sweep_ended"]):
-            log.info(
-                "cancelled_recipients_swept" if row["status"] == "cancelled" else "failed_recipients_swept",
-                campaign_id=str(row["campaign_id"]),
-                recipients=row["skipped"] + row["failed"],
-                skipped=row["skipped"],
-                failed_in_doubt=row["failed"],
-            )
+        """Ends the pending recipients of cancelled and failed campaigns, a chunk (one
+        statement) at a time, until a chunk ends fewer than SWEEP_CHUNK (nothing more to sweep
+        now) or the step has spent SWEEP_BUDGET_SECONDS; the next passes sweep the rest. A
+        campaign a host cancelled with an UPDATE leaves every recipient pending, millions
+        maybe: swept in one statement, they outlasted statement_timeout pass after pass, and
+        the steps after this one (completions, counter repairs, stuck flags) never ran."""
+        deadline = time.monotonic() + SWEEP_BUDGET_SECONDS
+        swept: dict[tuple[UUID, str], tuple[int, int]] = {}
+        try:
+            while True:
+                rows = await connection.fetch(QUERIES["wd_sweep_ended"], SWEEP_CHUNK)
+                for row in rows:
+                    key = (row["campaign_id"], row["status"])
+                    skipped, failed = swept.get(key, (0, 0))
+                    swept[key] = (skipped + row["skipped"], failed + row["failed"])
+                if sum(row["skipped"] + row["failed"] for row in rows) < SWEEP_CHUNK:
+                    break
+                if time.monotonic() >= deadline:
+                    log.info("sweep_continues_next_pass", budget_seconds=SWEEP_BUDGET_SECONDS)
+                    break
+        except asyncpg.exceptions.QueryCanceledError:
+            # A chunk outlasted statement_timeout (a server far busier than usual): the chunks
+            # before it are committed, and the next pass goes on. Raised, it would cost this
+            # pass every step after this one, as the single statement over all of them did.
+            log.warning("sweep_timed_out", chunk=SWEEP_CHUNK)
+        finally:
+            # One line per campaign and pass, however many chunks it took.
+            for (campaign_id, status), (skipped, failed) in swept.items():
+                log.info(
+                    "cancelled_recipients_swept" if status == "cancelled" else "failed_recipients_swept",
+                    campaign_id=str(campaign_id),
+                    recipients=skipped + failed,
+                    skipped=skipped,
+                    failed_in_doubt=failed,
+                )
+
+    async def _count_ended_totals(self, connection: Connection) -> None:
+        """The total_count of a cancelled or failed campaign never prepared, once swept. It
+        reads every recipient of the campaign, so it runs after the completions, repairs and
+        stuck flags, which a slow count must not delay."""
+        try:
+            await connection.execute(QUERIES["wd_count_ended_totals"])
+        except asyncpg.exceptions.QueryCanceledError:
+            # A campaign of a hundred million recipients may take longer than
+            # statement_timeout to count: the next pass tries again, and this one goes on.
+            log.warning("ended_total_count_timed_out")
 
     async def _complete_finished(self, connection: Connection) -> None:
         for row in await connection.fetch(QUERIES["wd_complete_finished"]):

@@ -25,24 +25,53 @@ RETURNING s.id;
 -- Claims given back after their campaign was cancelled or failed land as pending; they end
 -- like the rest of the campaign's pending recipients did (op_cancel_campaign, fail_campaign):
 -- skipped 'cancelled' or 'campaign_failed', but a resend of an in-doubt send, which the
--- provider may have delivered, failed 'in_doubt' (as with resend_in_doubt = false). A
--- campaign never prepared has its total_count counted (one failed before this statement
--- ended its recipients kept total_count 0).
-WITH swept AS (
+-- provider may have delivered, failed 'in_doubt' (as with resend_in_doubt = false). The
+-- counters are raised by exactly the rows changed, under the campaign row's lock.
+-- At most $1 recipients a call, so that no statement grows with the data: a campaign a host
+-- cancelled with an UPDATE leaves every recipient pending (millions, maybe), and one
+-- statement over them all outlasted statement_timeout, pass after pass. The caller calls
+-- again until a call ends fewer than $1 (watchdog.Watchdog._sweep_ended). For the same
+-- reason a campaign never prepared has its total_count counted by wd_count_ended_totals,
+-- once it has nothing pending, not by each call (until then it keeps 0, "not counted yet",
+-- as before its preparation).
+-- The campaign rows are locked before their recipients, the order outcomes, a cancel and a
+-- host's DELETE of a campaign take them. One locked right now, and recipient rows locked
+-- right now (a claim being given back), are left to a later call, like the other watchdog
+-- writes: two calls at once never change the same row, nor count it twice.
+-- $1 how many recipients at most
+WITH ended AS (
+    SELECT c.id
+    FROM campaignd.campaigns c
+    WHERE c.status IN ('cancelled', 'failed')
+      AND EXISTS (
+          SELECT 1 FROM campaignd.recipients r WHERE r.campaign_id = c.id AND r.state = 'pending')
+    FOR NO KEY UPDATE OF c SKIP LOCKED
+), picked AS (
+    SELECT r.id
+    FROM campaignd.recipients r
+    WHERE r.campaign_id = ANY (ARRAY(SELECT id FROM ended)) AND r.state = 'pending'
+    LIMIT $1
+    FOR UPDATE OF r SKIP LOCKED
+), swept AS (
+    -- Found by id alone, through the primary key, and nothing joined: with the campaign (or
+    -- ended) joined, a planner that misjudged the row counts (statistics not yet gathered
+    -- on a table just filled) read every pending recipient of the campaign and compared each
+    -- with the ids picked: seconds for a chunk of 5,000 among 200,000. The campaign's status
+    -- and reason (final, and its row locked above) are looked up by primary key.
     UPDATE campaignd.recipients r
     SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
         error_code = CASE
             WHEN r.error_code = 'in_doubt' THEN 'in_doubt'
-            WHEN c.status = 'cancelled' THEN 'cancelled'
-            ELSE 'campaign_failed' END,
+            ELSE (SELECT CASE WHEN c.status = 'cancelled' THEN 'cancelled' ELSE 'campaign_failed' END
+                  FROM campaignd.campaigns c WHERE c.id = r.campaign_id) END,
         error_message = CASE
             WHEN r.error_code = 'in_doubt'
                 THEN coalesce(r.error_message, 'the campaign ended while this send was in doubt')
-            WHEN c.status = 'cancelled' THEN 'campaign cancelled'
-            ELSE coalesce(c.status_reason, 'campaign failed') END,
+            ELSE (SELECT CASE WHEN c.status = 'cancelled' THEN 'campaign cancelled'
+                              ELSE coalesce(c.status_reason, 'campaign failed') END
+                  FROM campaignd.campaigns c WHERE c.id = r.campaign_id) END,
         next_attempt_at = NULL, updated_at = now()
-    FROM campaignd.campaigns c
-    WHERE c.id = r.campaign_id AND c.status IN ('cancelled', 'failed') AND r.state = 'pending'
+    WHERE r.id = ANY (ARRAY(SELECT id FROM picked)) AND r.state = 'pending'
     RETURNING r.campaign_id, r.state
 ), per_campaign AS (
     SELECT campaign_id,
@@ -52,10 +81,6 @@ WITH swept AS (
 ), counted AS (
     UPDATE campaignd.campaigns c
     SET skipped_count = c.skipped_count + p.skipped, failed_count = c.failed_count + p.failed,
-        total_count = CASE
-            WHEN c.prepared_at IS NULL
-                THEN (SELECT count(*) FROM campaignd.recipients r WHERE r.campaign_id = c.id)
-            ELSE c.total_count END,
         updated_at = now()
     FROM per_campaign p
     WHERE c.id = p.campaign_id
@@ -63,6 +88,27 @@ WITH swept AS (
 )
 SELECT p.campaign_id, counted.status, p.skipped, p.failed
 FROM per_campaign p JOIN counted ON counted.id = p.campaign_id;
+
+-- name: wd_count_ended_totals
+-- A cancelled or failed campaign never prepared has no total_count yet (0: one a host
+-- cancelled with an UPDATE, one failed by a version that left its recipients pending):
+-- counted here once wd_sweep_ended has left nothing of it pending, in a statement of its
+-- own, the last write of a pass, as it reads every recipient of the campaign. Which ones need it is told
+-- by the counters: fewer in total than ended. A campaign row locked right now is left to the
+-- next pass. Leaves updated_at alone, like wd_set_counters: a count is no progress.
+WITH uncounted AS (
+    SELECT c.id
+    FROM campaignd.campaigns c
+    WHERE c.status IN ('cancelled', 'failed') AND c.prepared_at IS NULL
+      AND c.total_count < c.sent_count + c.failed_count + c.skipped_count
+      AND NOT EXISTS (
+          SELECT 1 FROM campaignd.recipients r WHERE r.campaign_id = c.id AND r.state = 'pending')
+    FOR NO KEY UPDATE OF c SKIP LOCKED
+)
+UPDATE campaignd.campaigns c
+SET total_count = (SELECT count(*) FROM campaignd.recipients r WHERE r.campaign_id = c.id)
+FROM uncounted u
+WHERE c.id = u.id;
 
 -- name: wd_complete_finished
 -- SENDING campaigns whose recipients are all final: completed even if the lane that sent
