@@ -9,6 +9,7 @@ second step (the tail's skips) for as long as the test needs.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import signal
@@ -329,6 +330,140 @@ async def test_a_campaign_paused_while_the_rest_is_checked_fails_when_none_is_va
     assert row["status_reason"] == f"no valid recipient: all {SIZE} were skipped"
     await assert_counters_match(conn, campaign_id)
     assert fake.request_count() == 0
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+def with_timeouts(config: Path, statement: float, lock: float | None = None) -> Path:
+    """``config`` with the [database] section's statement_timeout (and lock_timeout) set."""
+    settings = f"statement_timeout_seconds = {statement!r}"
+    if lock is not None:
+        settings += f"\nlock_timeout_seconds = {lock!r}"
+    text = config.read_text()
+    assert "pool_size = 6\n" in text
+    config.write_text(text.replace("pool_size = 6\n", f"pool_size = 6\n{settings}\n", 1))
+    return config
+
+
+def log_events(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
+    lines = (line for line in daemon.log().splitlines() if line.startswith("{"))
+    return [entry for entry in map(json.loads, lines) if entry.get("event") == event]
+
+
+BIG_SIZE = 80_000
+
+
+def many_repeated_recipients() -> list[Recipient]:
+    """BIG_SIZE recipients over 997 addresses, so that few are sent but the tail's duplicate
+    skips (most of it) outlast a statement_timeout of 0.1 s; with no address, missing names,
+    padded addresses and repeats across the head's bound among them."""
+    recipients: list[Recipient] = [(f"+1555{i % 997:07d}", {"name": f"n{i}"}) for i in range(BIG_SIZE)]
+    for index in range(60, BIG_SIZE, 101):
+        recipients[index] = (None if index % 2 else "  ", {"name": "x"})
+    for index in range(70, BIG_SIZE, 103):
+        recipients[index] = (recipients[index][0], {} if index % 2 else {"name": None})
+    for index in range(80, BIG_SIZE, 107):
+        recipients[index] = (f"  {recipients[index][0]} ", {"name": f"n{index}"})
+    fixed = mixed_recipients()
+    for index in (1, 3, 4, 7, 9, 150, 160, 170, 180, 190, 200, 210, 220, 230, 240, 250, HEAD - 1, HEAD):
+        recipients[index] = fixed[index]
+    # Only in the tail, first without its name: its next occurrence is the one kept.
+    recipients[5000] = ("+15559999010", {})
+    recipients[40000] = ("+15559999010", {"name": "late"})
+    recipients[50000] = ("+15559999010", {"name": "later"})
+    return recipients
+
+
+async def test_a_tail_that_outlasts_the_statement_timeout_is_prepared_with_a_longer_one(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Scaled down: 0.1 s stands for the default 30 s, 80,000 recipients with many repeats
+    # for the 10-15M whose tail outlasts it. Tried again as it was, the tail timed out for
+    # ever: the campaign stayed sending after its head, logged as the database unavailable.
+    recipients = many_repeated_recipients()
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE)
+    campaign_id = await create_campaign(conn, "sms", recipients)
+    daemon = daemons(with_timeouts(config, 0.1))
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=45)
+
+    expected = expected_outcomes(recipients)
+    assert await outcomes(conn, campaign_id) == expected
+    sent = sum(1 for state, _ in expected if state == "sent")
+    assert (row["total_count"], row["sent_count"], row["skipped_count"]) == (
+        BIG_SIZE,
+        sent,
+        BIG_SIZE - sent,
+    )
+    await assert_counters_match(conn, campaign_id)
+    assert_exactly_once(fake, campaign_id, sent)
+    # Head first, and its rest prepared after timing out at the session's timeout at least once.
+    first_id = await conn.fetchval(
+        "SELECT min(id) FROM campaignd.recipients WHERE campaign_id = $1", campaign_id
+    )
+    assert row["prepared_below"] == first_id + HEAD
+    timed_out = log_events(daemon, "prepare_tail_timed_out")
+    assert timed_out and timed_out[0]["statement_timeout_ms"] == 100, timed_out
+    assert not [e for e in log_events(daemon, "database_unavailable") if e.get("during") == "prepare_tail"]
+    assert len(log_events(daemon, "campaign_prepared")) == 1
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_a_tail_that_times_out_at_the_longest_timeout_fails_the_campaign(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The tail's skips wait for a row lock the test holds, past 0.1 s, then 8 and 64 times it
+    # (lock_timeout is longer): the campaign fails with a reason instead of being tried again
+    # forever, while the lane's other campaigns are sent.
+    fake.behaviour.latency_seconds = 0.02
+    config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url}}, batch_size=BATCH_SIZE)
+    campaign_id = await create_campaign(conn, "sms", mixed_recipients())
+    blocker = await lock_recipient(database_url, campaign_id, 160)
+    try:
+        daemon = daemons(with_timeouts(config, 0.1, lock=30.0))
+        await wait_for(lambda: preparation_waits_for_lock(conn), timeout=60, what="the tail's skips waiting")
+        others: list[Recipient] = [(f"+1666{i:07d}", {"name": f"o{i}"}) for i in range(40)]
+        other_id = await create_campaign(conn, "sms", others, name="other")
+        other = await wait_status(conn, other_id, "completed", timeout=30)
+        assert other["sent_count"] == 40
+
+        async def failing() -> bool:
+            # The third attempt timed out; fail_campaign waits for the test's lock too.
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'campaignd'"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%campaign_failed%'"
+                )
+            )
+
+        await wait_for(failing, timeout=30, what="the campaign failing")
+        assert (await campaign(conn, campaign_id))["status"] == "sending"
+    finally:
+        await blocker.close()
+
+    row = await wait_status(conn, campaign_id, "failed", timeout=30)
+    assert row["status_reason"] == (
+        f"preparation timed out: the recipients after the first {HEAD} were not checked within 6.4 s"
+        " (64 times [database] statement_timeout_seconds); raise it, or split the campaign"
+    )
+    assert [e["statement_timeout_ms"] for e in log_events(daemon, "prepare_tail_timed_out")] == [100, 800]
+    # Nothing past the head was claimed; the rest ended skipped, and is counted.
+    assert await claimed_beyond_head(conn, campaign_id) == 0
+    await wait_for(lambda: _none_in_flight(conn, campaign_id), timeout=30, what="claims landed")
+    await assert_counters_match(conn, campaign_id)
+    row = await campaign(conn, campaign_id)
+    assert row["total_count"] == SIZE and row["sent_count"] > 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND id >= $2"
+            " AND (state, error_code) IS DISTINCT FROM ('skipped', 'campaign_failed')",
+            campaign_id,
+            row["prepared_below"],
+        )
+        == 0
+    )
+    assert_exactly_once(fake, campaign_id, row["sent_count"])
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

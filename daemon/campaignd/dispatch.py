@@ -71,6 +71,11 @@ PREFLIGHT_SAMPLE = 20
 # A campaign of more than this many claim batches is prepared head first: its first batches
 # are sent while the rest is prepared, instead of after all of it (~2 s at 1M recipients).
 PREPARE_HEAD_BATCHES = 10
+# The statements that prepare the rest of a campaign read all of it, and may outlast the
+# session's statement_timeout (at 30 s, from ~10-15M recipients; fewer on a loaded server).
+# Each attempt runs with that timeout times the next of these factors; one timed out at the
+# last fails the campaign, with a reason, instead of being tried again forever.
+PREPARE_TAIL_TIMEOUT_FACTORS = (1, 8, 64)
 # Id bounds of a whole campaign, for the statements that prepare a range of it.
 FIRST_ID = 0
 BEYOND_LAST_ID = 2**63 - 1
@@ -657,17 +662,27 @@ class Lane:
         commits, claims stay in the head; a crash or a lost lane before then rolls it back,
         and the campaign is prepared again from its first pending recipient, head first.
 
+        Its statements read the whole campaign: each attempt runs with the session's
+        statement_timeout times the next of PREPARE_TAIL_TIMEOUT_FACTORS, and a campaign whose
+        rest times out at the last fails (_fail_unprepared_tail) rather than being prepared
+        again forever while only its head is sent.
+
         The pre-flight judged the head's first recipients; a head with fewer than
         PREFLIGHT_SAMPLE to send (all skipped, say) is judged again here, with the first of
         the rest, as preparing the whole campaign at once would have judged it."""
         backoff = Backoff()
         prepared: asyncpg.Record | None = None
+        timeouts = 0
         try:
             while True:
                 if self._stopping():
                     return
+                timeout_ms = 0
                 try:
                     async with self._pool.acquire() as connection, connection.transaction():
+                        timeout_ms = await connection.fetchval(
+                            QUERIES["prepare_tail_statement_timeout"], PREPARE_TAIL_TIMEOUT_FACTORS[timeouts]
+                        )
                         await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
                         await self._skip_unsendable(
                             connection, campaign_id, template, head_below, BEYOND_LAST_ID
@@ -693,6 +708,20 @@ class Lane:
                 except _NotSending:
                     bound.info("campaign_no_longer_sending", during="preparation of the rest")
                     return
+                except asyncpg.exceptions.QueryCanceledError:
+                    # Not an outage: tried again as it was, it would time out again, forever,
+                    # with the campaign sending only its head.
+                    metrics.DATABASE_ERRORS.labels("prepare_tail").inc()
+                    timeouts += 1
+                    if timeouts < len(PREPARE_TAIL_TIMEOUT_FACTORS):
+                        bound.warning(
+                            "prepare_tail_timed_out",
+                            statement_timeout_ms=timeout_ms,
+                            next_factor=PREPARE_TAIL_TIMEOUT_FACTORS[timeouts],
+                        )
+                        continue
+                    await self._fail_unprepared_tail(campaign_id, timeout_ms, bound)
+                    return
                 except Exception as exc:
                     await backoff.wait_after(exc, bound, "prepare_tail", self._shutdown.requested)
         finally:
@@ -711,6 +740,38 @@ class Lane:
             self._log_unsendable(prepared, bound)
         elif prepared is not None:
             bound.info("campaign_prepared", total=prepared["total"], skipped=prepared["skipped"])
+
+    async def _fail_unprepared_tail(
+        self, campaign_id: str, timeout_ms: int, bound: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        """The rest of a campaign could not be prepared within the longest statement_timeout
+        (PREPARE_TAIL_TIMEOUT_FACTORS): the campaign fails, its pending recipients end skipped
+        'campaign_failed' (none of the rest was claimed), counted as fail_campaign counts them.
+        That statement changes every pending recipient: it runs without a statement_timeout,
+        or it could time out as the preparation did, and be tried again forever."""
+        head = PREPARE_HEAD_BATCHES * self._config.batch_size
+        reason = (
+            f"preparation timed out: the recipients after the first {head} were not checked within"
+            f" {timeout_ms / 1000:g} s ({PREPARE_TAIL_TIMEOUT_FACTORS[-1]} times [database]"
+            " statement_timeout_seconds); raise it, or split the campaign"
+        )
+        backoff = Backoff()
+        while not self._stopping():
+            try:
+                async with self._pool.acquire() as connection, connection.transaction():
+                    await connection.fetchval(QUERIES["prepare_tail_statement_timeout"], 0)
+                    failed = await connection.fetchval(
+                        QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason
+                    )
+            except Exception as exc:
+                await backoff.wait_after(exc, bound, "fail_campaign", self._shutdown.requested)
+                continue
+            if failed is None:
+                # Paused or cancelled meanwhile (or the lane lost): a resume prepares it again.
+                bound.warning("prepare_tail_timed_out", statement_timeout_ms=timeout_ms, failed=False)
+            else:
+                bound.warning("campaign_failed", reason=reason)
+            return
 
     async def _failed_preflight(
         self,

@@ -261,6 +261,18 @@ FOR KEY SHARE;
 -- outcome writes, which lock the row FOR NO KEY UPDATE. $1 campaign id
 SELECT id FROM campaignd.campaigns WHERE id = $1 FOR KEY SHARE;
 
+-- name: prepare_tail_statement_timeout
+-- First statement of a tail's transaction: the statements that prepare the rest of a campaign
+-- read all of it (its duplicates, its counters), and may take longer than the session's
+-- statement_timeout, which is sized for the daemon's other statements. For this transaction
+-- only (is_local): $1 times the session's (0: none). Returns it in milliseconds (0: none).
+WITH timeout AS (
+    SELECT least(setting::bigint * $1::integer, 2147483647) AS ms
+    FROM pg_settings
+    WHERE name = 'statement_timeout'
+)
+SELECT ms, set_config('statement_timeout', ms::text, true) FROM timeout;
+
 -- name: prepare_head_boundary
 -- A campaign larger than its head ($2 fresh recipients) is prepared in two parts: the head
 -- first, so that its sending starts at once, then the rest while the head is sent. Returns
