@@ -47,6 +47,8 @@ class PgProxy:
         self._hold_execution = 0
         self._hold_executions = 0
         self.statement_held = threading.Event()
+        # freeze()'s: set, no byte passes either way and new connections are held.
+        self.frozen = threading.Event()
         self._released: asyncio.Event | None = None
         self._executions = 0
         self.lost = 0
@@ -88,6 +90,10 @@ class PgProxy:
             self._server.close()
             for writer in list(self._connections):
                 writer.transport.abort()
+            if self.frozen.is_set():
+                # Held for good in _while_frozen: no closed socket wakes them.
+                for handler in list(self._handlers):
+                    handler.cancel()
             # Each connection's handler closes its sockets on its way out.
             await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
@@ -96,6 +102,15 @@ class PgProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+    def freeze(self) -> None:
+        """From now on no byte passes either way, on any connection, and new connections are
+        held: a server that stops answering without closing anything (frozen, partitioned)."""
+        self.frozen.set()
+
+    async def _while_frozen(self) -> None:
+        if self.frozen.is_set():
+            await asyncio.Event().wait()  # for good: the proxy's stop() ends its handlers
 
     def lose_reply(self, query: str, *, execution: int, then_every: int = 0) -> None:
         """Lose the reply to the ``execution``-th run (from 1, counted across connections) of
@@ -145,6 +160,7 @@ class PgProxy:
         self._connections.add(client_writer)
         upstream_writer: asyncio.StreamWriter | None = None
         try:
+            await self._while_frozen()
             if self._unix_path is not None:
                 upstream_reader, upstream_writer = await asyncio.open_unix_connection(self._unix_path)
             else:
@@ -213,6 +229,7 @@ class PgProxy:
                     if self._hold_executions == self._hold_execution and self._released is not None:
                         self.statement_held.set()
                         await self._released.wait()
+            await self._while_frozen()
             upstream.write(head + body)
             await upstream.drain()
 
@@ -228,6 +245,7 @@ class PgProxy:
             head = await reader.readexactly(5)
             kind, length = head[:1], struct.unpack("!i", head[1:])[0]
             body = await reader.readexactly(length - 4)
+            await self._while_frozen()
             if not losing.is_set():
                 client_writer.write(head + body)
                 await client_writer.drain()

@@ -32,6 +32,8 @@ import pytest
 
 from campaignd.cli import EXIT_CONFIG, build_parser
 from campaignd.config import SECRET_REFERENCE_PREFIX, DispatchConfig, HealthConfig, load_settings
+from campaignd.daemon import STOP_MARGIN_SECONDS
+from campaignd.dispatch import FINAL_WRITE_SECONDS
 from campaignd.fakeprovider import FakeProvider
 from tests.conftest import DaemonProcess, wait_status
 
@@ -49,8 +51,9 @@ FAKE_PROVIDER_SCRIPT = ROOT / "docker" / "fake_provider.py"
 # Where the unit expects the venv install (the unit's header says so).
 UNIT_BINARY = "/opt/campaignd/.venv/bin/campaignd"
 DEFAULT_DRAIN_SECONDS = DispatchConfig().drain_seconds
-# After the drain: outcomes written, claims given back, lanes released, pool closed.
-SHUTDOWN_MARGIN_SECONDS = 10.0
+# After the drain: outcomes written, claims given back, lanes released, pool closed; by then
+# the process ends a stop itself (daemon.end_an_overrunning_stop), before systemd's SIGKILL.
+SHUTDOWN_MARGIN_SECONDS = FINAL_WRITE_SECONDS + STOP_MARGIN_SECONDS
 
 
 # ---------------------------------------------------------------------------- parsing helpers

@@ -14,6 +14,8 @@ import asyncpg
 from campaignd import db, leasing
 from campaignd import operator as campaignd_operator
 from campaignd.config import DatabaseConfig
+from campaignd.daemon import STOP_MARGIN_SECONDS
+from campaignd.dispatch import FINAL_WRITE_SECONDS
 from campaignd.fakeprovider import FakeProvider
 from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns, released
 from campaignd.schema import migrate
@@ -392,6 +394,38 @@ async def test_logins_refused_while_running_are_waited_out_and_nothing_ends_in_d
     assert "lane_crashed" not in daemon.log() and "daemon_failed" not in daemon.log()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
+
+
+async def test_a_stop_while_the_database_no_longer_answers_ends_within_its_budget(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A server that stops answering without closing its connections (frozen, partitioned)
+    # held the daemon's statements for good: after SIGTERM it logged "draining" and never
+    # exited (60 s and counting for a 2 s drain), and only a SIGKILL ended it.
+    proxy = PgProxy(database_url)
+    proxy.start()
+    try:
+        fake.behaviour.latency_seconds = 0.3
+        campaign_id = await create_campaign(conn, "sms", 3000)
+        config = daemon_config(
+            tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 100.0}}, drain_seconds=2.0
+        )
+        daemon = daemons(config)
+        await wait_for(lambda: _sent_at_least(conn, campaign_id, 100), timeout=60, what="100 sent")
+        proxy.freeze()
+        await asyncio.sleep(0.5)
+        stopped_at = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+
+        code = await asyncio.to_thread(daemon.wait, 60)
+        took = time.monotonic() - stopped_at
+    finally:
+        proxy.stop()
+
+    assert code == 1
+    # drain_seconds + FINAL_WRITE_SECONDS + STOP_MARGIN_SECONDS, and some slack for the machine.
+    assert took < 2.0 + FINAL_WRITE_SECONDS + STOP_MARGIN_SECONDS + 10, took
+    assert "stop_overran" in daemon.log()
 
 
 async def _sent_at_least(connection: asyncpg.Connection, campaign_id: str, count: int) -> bool:

@@ -325,7 +325,13 @@ def _refused_by_the_database(exc: BaseException) -> bool:
 
 
 async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
-    from campaignd.daemon import Daemon, DaemonFailed, StartupError, shutdown_on_signals
+    from campaignd.daemon import (
+        Daemon,
+        DaemonFailed,
+        StartupError,
+        end_an_overrunning_stop,
+        shutdown_on_signals,
+    )
     from campaignd.dispatch import Shutdown
     from campaignd.schema import SchemaNotReady
 
@@ -338,6 +344,7 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
     shutdown = Shutdown(settings.dispatch.drain_seconds)
     daemon = Daemon(settings, shutdown)
     tune_garbage_collector()
+    overrun = asyncio.create_task(end_an_overrunning_stop(shutdown), name="stop-overrun")
     with shutdown_on_signals(shutdown):
         try:
             await daemon.run()
@@ -349,6 +356,8 @@ async def _cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         except DaemonFailed:
             return EXIT_FAILURE  # logged as daemon_failed, with the failure, before the drain
+        finally:
+            overrun.cancel()
     return EXIT_OK
 
 

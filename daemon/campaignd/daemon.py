@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -29,7 +31,7 @@ import structlog
 from campaignd import db, leasing, metrics
 from campaignd.asyncutil import Slots, wait_any
 from campaignd.config import Settings
-from campaignd.dispatch import Lane, Shutdown
+from campaignd.dispatch import FINAL_WRITE_SECONDS, Lane, Shutdown
 from campaignd.health import HealthServer, Heartbeats
 from campaignd.providers import Provider, build_provider
 from campaignd.schema import SchemaNotReady, require_current
@@ -39,6 +41,11 @@ from campaignd.storable import StorableText, server_encoding, storable_text
 from campaignd.watchdog import Watchdog
 
 log = structlog.get_logger("campaignd.daemon")
+
+# After the drain and the final writes, how long a stop may take to give claims back, release
+# the lanes and close its connections before the process ends itself (end_an_overrunning_stop).
+# The unit's TimeoutStopSec (drain_seconds + 20 s) outlasts drain_seconds + 5 s + this.
+STOP_MARGIN_SECONDS = 10.0
 
 NOTIFY_CHANNEL = "campaignd_work"
 
@@ -518,6 +525,39 @@ def shutdown_on_signals(shutdown: Shutdown) -> Iterator[None]:
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
+
+
+async def end_an_overrunning_stop(shutdown: Shutdown) -> None:
+    """Ends the process once a stop has outlasted its budget: the drain, the final writes
+    (FINAL_WRITE_SECONDS), then STOP_MARGIN_SECONDS to give claims back, release the lanes and
+    close the connections, each of which is bounded on its own.
+
+    A database that stops answering without closing its connections (a server frozen, a
+    network partition, a proxy stuck) holds statements that nothing else bounds: the daemon
+    logged "draining" and never exited, whatever the signals. Nothing it still holds can be
+    written then; its lanes' leases run out, and the next owner recovers their claims as
+    after a crash. systemd's TimeoutStopSec would end it too, but later, and only under
+    systemd.
+    """
+    await shutdown.requested.wait()
+    loop = asyncio.get_running_loop()
+    while True:
+        # Re-read each time: a second signal moves the drain's deadline sooner.
+        assert shutdown.drain_deadline is not None
+        left = shutdown.drain_deadline + FINAL_WRITE_SECONDS + STOP_MARGIN_SECONDS - loop.time()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(left, 1.0))
+    current = asyncio.current_task()
+    log.error(
+        "stop_overran",
+        budget_seconds=shutdown.drain_seconds + FINAL_WRITE_SECONDS + STOP_MARGIN_SECONDS,
+        waiting_on=sorted(task.get_name() for task in asyncio.all_tasks() if task is not current)[:20],
+        note="exiting now; the database did not answer what the stop had to write",
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _signalled(shutdown: Shutdown, signum: int) -> None:
