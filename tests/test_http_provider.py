@@ -377,6 +377,14 @@ async def test_provider_echoing_bare_token_is_redacted(fp: FakeProvider, make_pr
     assert TOKEN not in result.error_message
 
 
+def test_a_key_carried_as_the_urls_user_name_is_a_secret() -> None:
+    provider = HttpProvider(
+        "sms", HttpSenderConfig(url="https://k3y-abcdef123456@api.example/send"), connection_limit=1
+    )
+
+    assert provider.redact("unknown api key k3y-abcdef123456") == "unknown api key [redacted]"
+
+
 async def test_provider_echoing_the_urls_password_is_redacted(fp: FakeProvider) -> None:
     # A password with a blank is out of the redactor's reach by its URL's shape alone.
     fp.behaviour.rules["+15550001111"] = Rule(

@@ -109,7 +109,7 @@ class HttpProvider:
         self._transport = HttpTransport(
             timeout_seconds=config.timeout_seconds,
             connection_limit=connection_limit,
-            secrets=[*_header_secrets(self._headers), *_url_password(config.url)],
+            secrets=[*_header_secrets(self._headers), *_url_credentials(config.url)],
         )
         self._headers.setdefault("Content-Type", "application/json")
 
@@ -140,10 +140,11 @@ class HttpProvider:
         await self._transport.close()
 
 
-def _url_password(url: str) -> list[str]:
-    """The password in ``url``, as written and decoded: an error text may quote either."""
-    password = urlsplit(url).password
-    return [] if password is None else [password, unquote(password)]
+def _url_credentials(url: str) -> list[str]:
+    """The user name and password in ``url``, as written and decoded: an error text may quote
+    either, and an API key often travels as the user name alone (https://KEY@host/)."""
+    parts = urlsplit(url)
+    return [text for part in (parts.username, parts.password) if part for text in (part, unquote(part))]
 
 
 # Headers that describe the request and carry no credential: their values ("application/json")
