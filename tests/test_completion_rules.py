@@ -10,15 +10,19 @@ from typing import Any
 
 import asyncpg
 
-from campaignd import operator
+from campaignd import db, operator
+from campaignd.config import DatabaseConfig, WatchdogConfig
 from campaignd.fakeprovider import FakeProvider
+from campaignd.health import Heartbeats
 from campaignd.sql import QUERIES
+from campaignd.watchdog import Watchdog
 from tests.conftest import (
     assert_counters_match,
     bug_planted,
     campaign,
     create_campaign,
     daemon_config,
+    wait_for,
     wait_status,
 )
 
@@ -49,6 +53,17 @@ async def outcomes(conn: asyncpg.Connection, campaign_id: str) -> dict[tuple[str
         campaign_id,
     )
     return {(row["state"], row["error_code"]): row["n"] for row in rows}
+
+
+async def _ended(
+    conn: asyncpg.Connection, campaign_id: str, expected: dict[tuple[str, str | None], int]
+) -> bool:
+    """Whether the campaign's recipients ended as expected and its total is counted."""
+    total = sum(expected.values())
+    return (
+        await outcomes(conn, campaign_id) == expected
+        and (await campaign(conn, campaign_id))["total_count"] == total
+    )
 
 
 # ------------------------------------------------------------------ with a real daemon
@@ -108,10 +123,14 @@ async def test_a_campaign_whose_message_does_not_compile_ends_its_recipients_wit
     daemon = daemons(config)
 
     row = await wait_status(conn, broken, "failed", timeout=30)
+    # Its recipients are ended by the watchdog's sweep, which counts its total too.
+    await wait_for(
+        lambda: _ended(conn, broken, {("skipped", "campaign_failed"): 3}), timeout=30, what="the sweep"
+    )
+    row = await campaign(conn, broken)
 
     assert row["status_reason"].startswith("invalid message: ")
     assert (row["total_count"], row["skipped_count"], row["sent_count"], row["failed_count"]) == (3, 3, 0, 0)
-    assert await outcomes(conn, broken) == {("skipped", "campaign_failed"): 3}
     messages = await conn.fetch(
         "SELECT error_message FROM campaignd.recipients WHERE campaign_id = $1", broken
     )
@@ -139,11 +158,13 @@ async def test_a_campaign_failed_by_its_pre_flight_ends_its_pending_recipients_t
     daemon = daemons(config, env=bug_planted("broken_preflight"))
 
     row = await wait_status(conn, broken, "failed", timeout=60)
+    await wait_for(
+        lambda: _ended(conn, broken, {("skipped", "campaign_failed"): 5}), timeout=30, what="the sweep"
+    )
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
     assert row["status_reason"].startswith("pre-flight: ")
-    assert await outcomes(conn, broken) == {("skipped", "campaign_failed"): 5}
     assert (await campaign(conn, broken))["total_count"] == 5
     await assert_counters_match(conn, broken)
     assert fake.request_count() == 0
@@ -192,8 +213,8 @@ async def test_the_lanes_completion_fails_a_campaign_that_sent_and_failed_nothin
     assert row["status"] == "failed" and row["completed_at"] is not None and row["lease_owner"] is None
 
 
-async def test_failing_a_campaign_ends_its_pending_recipients_and_leaves_those_in_flight(
-    conn: asyncpg.Connection,
+async def test_failing_a_campaign_and_a_watchdog_pass_end_its_pending_recipients_not_those_in_flight(
+    conn: asyncpg.Connection, database_url: str
 ) -> None:
     campaign_id = await create_campaign(conn, "sms", 4)
     token = await hold_lane(conn, "sms")
@@ -219,6 +240,18 @@ async def test_failing_a_campaign_ends_its_pending_recipients_and_leaves_those_i
     assert (
         await conn.fetchval(QUERIES["fail_campaign"], *token, campaign_id, "invalid message: x") is not None
     )
+    # One statement over the campaign row alone: a campaign of millions failed past
+    # statement_timeout, retried as an outage at every refresh of its lane.
+    assert await outcomes(conn, campaign_id) == {
+        ("pending", None): 2,
+        ("pending", "in_doubt"): 1,
+        ("in_flight", None): 1,
+    }
+    pool = await db.create_pool(DatabaseConfig(url=database_url, pool_size=2))  # type: ignore[arg-type]
+    try:
+        assert await Watchdog(pool, WatchdogConfig(), Heartbeats()).run_pass()
+    finally:
+        await pool.close()
 
     row = await campaign(conn, campaign_id)
     assert (row["status"], row["status_reason"]) == ("failed", "invalid message: x")
@@ -233,3 +266,27 @@ async def test_failing_a_campaign_ends_its_pending_recipients_and_leaves_those_i
     await assert_counters_match(conn, campaign_id)
     # Only a SENDING campaign, and only by the lane's owner.
     assert await conn.fetchval(QUERIES["fail_campaign"], *token, campaign_id, "again") is None
+
+
+async def test_failing_a_campaign_of_many_recipients_stays_one_cheap_statement(
+    conn: asyncpg.Connection,
+) -> None:
+    # Ending every pending recipient in it, 200,000 took longer than this statement_timeout:
+    # retried as an outage at every refresh of the lane, the sender's other campaigns were
+    # never claimed again. A timeout far below the time it took stands for the default 30 s
+    # against millions.
+    campaign_id = await create_campaign(conn, "sms", 0)
+    await conn.execute(
+        "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
+        " SELECT $1, '+1555' || lpad(g::text, 7, '0'), '{}'::jsonb FROM generate_series(1, 200000) g",
+        campaign_id,
+    )
+    token = await hold_lane(conn, "sms")
+    await conn.execute("SET statement_timeout = '300ms'")
+    try:
+        failed = await conn.fetchval(QUERIES["fail_campaign"], *token, campaign_id, "invalid message: x")
+    finally:
+        await conn.execute("RESET statement_timeout")
+
+    assert failed is not None
+    assert (await campaign(conn, campaign_id))["status"] == "failed"

@@ -314,8 +314,12 @@ async def test_preflight_fails_a_template_without_language_before_any_send(
     row = await _failed_at_preflight(conn, campaign_id, whatsapp)
 
     assert "language" in row["status_reason"]
-    # Its recipients end with it, counted, rather than pending for good.
-    assert (await state_counts(conn, campaign_id)) == {"skipped": 50}
+
+    # Its recipients end with it (the watchdog's sweep), counted, rather than pending for good.
+    async def swept() -> bool:
+        return await state_counts(conn, campaign_id) == {"skipped": 50}
+
+    await wait_for(swept, timeout=30, what="the failed campaign's recipients swept")
     assert (await campaign(conn, campaign_id))["skipped_count"] == 50
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0

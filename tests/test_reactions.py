@@ -19,6 +19,7 @@ from tests.conftest import (
     create_campaign,
     daemon_config,
     state_counts,
+    wait_for,
     wait_status,
 )
 
@@ -155,13 +156,18 @@ async def test_a_bug_in_the_preflight_fails_its_campaign_and_spares_the_senders_
 
     failed = await wait_status(conn, broken, "failed", timeout=60)
     await wait_status(conn, healthy, "completed", timeout=60)
+
+    async def swept() -> bool:
+        # Its recipients, never claimed, are ended by the watchdog's sweep.
+        return await state_counts(conn, broken) == {"skipped": 5}
+
+    await wait_for(swept, timeout=30, what="the failed campaign's recipients swept")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 
     assert failed["status_reason"] == (
         "pre-flight: the provider's check of the message failed: TypeError: a bug in the pre-flight"
     )
-    assert await state_counts(conn, broken) == {"skipped": 5}
     assert fake.request_count() == 5
     await assert_counters_match(conn, broken)
     assert "preflight_failed" in daemon.log() and "lane_crashed" not in daemon.log()

@@ -745,10 +745,8 @@ class Lane:
         self, campaign_id: str, timeout_ms: int, bound: structlog.typing.FilteringBoundLogger
     ) -> None:
         """The rest of a campaign could not be prepared within the longest statement_timeout
-        (PREPARE_TAIL_TIMEOUT_FACTORS): the campaign fails, its pending recipients end skipped
-        'campaign_failed' (none of the rest was claimed), counted as fail_campaign counts them.
-        That statement changes every pending recipient: it runs without a statement_timeout,
-        or it could time out as the preparation did, and be tried again forever."""
+        (PREPARE_TAIL_TIMEOUT_FACTORS): the campaign fails, and the watchdog's sweep ends its
+        pending recipients skipped 'campaign_failed' (none of the rest was claimed)."""
         head = PREPARE_HEAD_BATCHES * self._config.batch_size
         reason = (
             f"preparation timed out: the recipients after the first {head} were not checked within"
@@ -758,8 +756,7 @@ class Lane:
         backoff = Backoff()
         while not self._stopping():
             try:
-                async with self._pool.acquire() as connection, connection.transaction():
-                    await connection.fetchval(QUERIES["prepare_tail_statement_timeout"], 0)
+                async with self._pool.acquire() as connection:
                     failed = await connection.fetchval(
                         QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason
                     )

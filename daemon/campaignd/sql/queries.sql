@@ -442,49 +442,26 @@ WHERE c.id = $1
 RETURNING c.status, c.status_reason, v.total, v.skipped, v.open;
 
 -- name: fail_campaign
--- A campaign that cannot be sent at all (its message does not compile, or fails the
--- pre-flight) ends failed, and, in the same statement, its pending recipients end too, as a
--- cancel ends them: skipped 'campaign_failed' with the campaign's reason, but a resend of an
--- in-doubt send, which the provider may have delivered, failed 'in_doubt'; the counters are
--- raised by exactly the rows changed. A campaign never prepared gets its total_count here.
--- Recipients in flight are left to the lane that holds them; any that come back pending
--- later are ended by the watchdog (wd_sweep_ended). The campaign row is locked before its
--- recipients, the order outcomes and a cancel take them.
+-- A campaign that cannot be sent at all (its message does not compile, it fails the
+-- pre-flight, its rest cannot be prepared) ends failed. Only the campaign row: its pending
+-- recipients are ended by the watchdog's sweep (wd_sweep_ended: skipped 'campaign_failed'
+-- with this reason, a resend of a send in doubt failed 'in_doubt'), a chunk a statement, and
+-- a campaign never prepared gets its total_count there (wd_count_ended_totals). Ending them
+-- here made this one statement rewrite every pending recipient: past statement_timeout (some
+-- millions of them) it was retried, as an outage, at every refresh of the lane, and the
+-- sender's other campaigns were never claimed again. Recipients in flight are left to the
+-- lane that holds them.
 -- $1 sender id, $2 owner, $3 epoch, $4 campaign id, $5 reason
 WITH lane AS (
     SELECT id FROM campaignd.senders
     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
     FOR KEY SHARE
-), failing AS (
-    SELECT id FROM campaignd.campaigns
-    WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
-    FOR NO KEY UPDATE
-), ended AS (
-    UPDATE campaignd.recipients r
-    SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
-        error_code = CASE WHEN r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'campaign_failed' END,
-        error_message = CASE WHEN r.error_code = 'in_doubt'
-            THEN coalesce(r.error_message, 'the campaign failed while this send was in doubt')
-            ELSE $5 END,
-        next_attempt_at = NULL, updated_at = now()
-    WHERE r.campaign_id = (SELECT id FROM failing) AND r.state = 'pending'
-    RETURNING r.state
-), counted AS (
-    SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
-           count(*) FILTER (WHERE state = 'failed')::integer AS failed
-    FROM ended
 )
-UPDATE campaignd.campaigns c
+UPDATE campaignd.campaigns
 SET status = 'failed', status_reason = $5, completed_at = now(), updated_at = now(),
-    lease_owner = NULL, lease_expires_at = NULL,
-    skipped_count = c.skipped_count + counted.skipped,
-    failed_count = c.failed_count + counted.failed,
-    total_count = CASE
-        WHEN c.prepared_at IS NULL THEN (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $4)
-        ELSE c.total_count END
-FROM counted
-WHERE c.id = (SELECT id FROM failing)
-RETURNING c.id;
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $4 AND status = 'sending' AND EXISTS (SELECT 1 FROM lane)
+RETURNING id;
 
 -- name: pause_campaign
 -- The provider rejected the campaign's message, or its failures tripped the circuit breaker.
