@@ -457,3 +457,22 @@ async def daemon_role(database_url: str, conn: asyncpg.Connection) -> AsyncItera
         await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name)
         await conn.execute(f"DROP OWNED BY {name}")
         await conn.execute(f"DROP ROLE {name}")
+
+
+async def hold_lane(conn: asyncpg.Connection, sender_id: str) -> tuple[str, str, int]:
+    """Take the sender's lane as a daemon would; returns its token (sender, owner, epoch)."""
+    epoch = await conn.fetchval(
+        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
+        " lease_expires_at = now() + interval '1 minute' WHERE id = $1 RETURNING lease_epoch",
+        sender_id,
+    )
+    assert epoch is not None
+    return (sender_id, "me", epoch)
+
+
+async def mark_prepared(conn: asyncpg.Connection, campaign_id: str) -> None:
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET prepared_at = now(), started_at = now(),"
+        " total_count = (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
+        campaign_id,
+    )

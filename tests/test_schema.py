@@ -19,7 +19,7 @@ from campaignd import db, schema
 from campaignd.config import DatabaseConfig, load_settings
 from campaignd.schema import SchemaNotReady, current_version, migrate, require_current
 from campaignd.sql import MIGRATIONS, QUERIES, SCHEMA_VERSION
-from tests.conftest import daemon_config, with_database
+from tests.conftest import daemon_config, hold_lane, with_database
 
 
 async def fresh_database(pg_url: str, name: str) -> str:
@@ -479,14 +479,3 @@ async def test_a_pause_applies_only_to_the_status_its_lane_saw(conn: asyncpg.Con
     retried = await conn.fetchrow(QUERIES["pause_campaign"], *token, campaign_id, "breaker", now_seen)
     assert retried is not None and not retried["paused"]
     assert (retried["status"], retried["status_reason"]) == ("paused", "breaker")
-
-
-async def hold_lane(conn: asyncpg.Connection, sender_id: str) -> tuple[str, str, int]:
-    """Take the sender's lane as a daemon would; returns its token (sender, owner, epoch)."""
-    epoch = await conn.fetchval(
-        "UPDATE campaignd.senders SET lease_owner = 'me', lease_epoch = lease_epoch + 1,"
-        " lease_expires_at = now() + interval '1 minute' WHERE id = $1 RETURNING lease_epoch",
-        sender_id,
-    )
-    assert epoch is not None
-    return (sender_id, "me", epoch)

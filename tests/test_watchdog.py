@@ -37,6 +37,7 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    mark_prepared,
     register_sender,
     state_counts,
     wait_for,
@@ -57,14 +58,6 @@ def watchdog(pool: asyncpg.Pool, stuck_after: float = 900.0) -> Watchdog:
 
 def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def mark_prepared(conn: asyncpg.Connection, campaign_id: str) -> None:
-    await conn.execute(
-        "UPDATE campaignd.campaigns SET prepared_at = now(), started_at = now(),"
-        " total_count = (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
-        campaign_id,
-    )
 
 
 async def test_completes_an_orphaned_campaign_whose_recipients_are_all_final(
