@@ -910,3 +910,31 @@ async def test_a_provider_verdict_keeps_the_reason_of_a_pause_already_in_place(
     assert (status["status"], status["status_reason"]) == ("paused", "host: billing")
     resumption = await ops.resume_sender(conn, "sms")
     assert (resumption.paused_reason, resumption.campaigns) == ("host: billing", (campaign_id,))
+
+
+async def test_cancelling_a_campaign_of_many_recipients_takes_bounded_statements(
+    conn: asyncpg.Connection,
+) -> None:
+    # One statement over every pending recipient of 200,000 took longer than this
+    # statement_timeout, which stands for the default 30 s against millions: the cancel
+    # failed, and could not be made from the CLI at all.
+    campaign_id = await create_campaign(conn, "sms", 0)
+    await conn.execute(
+        "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
+        " SELECT $1, '+1555' || lpad(g::text, 7, '0'), '{}'::jsonb FROM generate_series(1, 200000) g",
+        campaign_id,
+    )
+    await conn.execute("SET statement_timeout = '300ms'")
+    try:
+        result = await ops.cancel_campaign(conn, campaign_id)
+    finally:
+        await conn.execute("RESET statement_timeout")
+
+    assert (result.status, result.cancelled, result.in_doubt, result.in_flight) == (
+        "cancelled",
+        200_000,
+        0,
+        0,
+    )
+    assert await state_counts(conn, campaign_id) == {"skipped": 200_000}
+    await assert_counters_match(conn, campaign_id)

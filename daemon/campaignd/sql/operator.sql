@@ -39,7 +39,10 @@ RETURNING id;
 -- twice. In-flight recipients are not touched: the lane holding them records their outcome
 -- (op_campaign_in_flight counts them, once this has committed).
 -- A campaign that was never prepared has no total_count yet; it gets one here.
--- $1 campaign id, $2 error message
+-- At most $3 recipients: one statement over every pending recipient of a campaign of
+-- millions outlasted statement_timeout, and the cancel could not be made. op_cancel_more
+-- ends the rest, a chunk a statement.
+-- $1 campaign id, $2 error message, $3 how many recipients at most
 WITH cancellable AS (
     SELECT id FROM campaignd.campaigns
     WHERE id = $1 AND status IN ('draft', 'sending', 'paused')
@@ -52,7 +55,14 @@ WITH cancellable AS (
             THEN coalesce(r.error_message, 'the campaign was cancelled while this send was in doubt')
             ELSE $2 END,
         next_attempt_at = NULL, updated_at = now()
-    WHERE r.campaign_id = (SELECT id FROM cancellable) AND r.state = 'pending'
+    -- Found by id (see wd_sweep_ended for why not a join); rows a claim holds are waited
+    -- for, and left out if the claim took them.
+    WHERE r.id = ANY (ARRAY(
+            SELECT p.id FROM campaignd.recipients p
+            WHERE p.campaign_id = (SELECT id FROM cancellable) AND p.state = 'pending'
+            LIMIT $3
+            FOR UPDATE))
+      AND r.state = 'pending'
     RETURNING r.state
 ), counted AS (
     SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
@@ -74,6 +84,41 @@ SET status = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN 'cancelle
 FROM counted
 WHERE c.id = $1 AND (counted.skipped + counted.failed > 0 OR c.status IN ('draft', 'sending', 'paused'))
 RETURNING c.status, counted.skipped AS cancelled, counted.failed AS in_doubt;
+
+-- name: op_cancel_more
+-- What op_cancel_campaign did to its first $3 pending recipients, to the next $3 of a
+-- campaign it cancelled (the campaign row locked first, as there); the caller calls again
+-- until a call ends none. No row if the campaign is not cancelled.
+-- $1 campaign id, $2 error message, $3 how many recipients at most
+WITH cancelled AS (
+    SELECT id FROM campaignd.campaigns WHERE id = $1 AND status = 'cancelled' FOR UPDATE
+), ended AS (
+    UPDATE campaignd.recipients r
+    SET state = CASE WHEN r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE WHEN r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'cancelled' END,
+        error_message = CASE WHEN r.error_code = 'in_doubt'
+            THEN coalesce(r.error_message, 'the campaign was cancelled while this send was in doubt')
+            ELSE $2 END,
+        next_attempt_at = NULL, updated_at = now()
+    WHERE r.id = ANY (ARRAY(
+            SELECT p.id FROM campaignd.recipients p
+            WHERE p.campaign_id = (SELECT id FROM cancelled) AND p.state = 'pending'
+            LIMIT $3
+            FOR UPDATE))
+      AND r.state = 'pending'
+    RETURNING r.state
+), counted AS (
+    SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
+           count(*) FILTER (WHERE state = 'failed')::integer AS failed
+    FROM ended
+)
+UPDATE campaignd.campaigns c
+SET skipped_count = c.skipped_count + counted.skipped,
+    failed_count = c.failed_count + counted.failed,
+    updated_at = now()
+FROM counted
+WHERE c.id = (SELECT id FROM cancelled)
+RETURNING counted.skipped AS cancelled, counted.failed AS in_doubt;
 
 -- name: op_campaign_in_flight
 -- Run after op_cancel_campaign has committed, in a statement (and snapshot) of its own: a
