@@ -92,6 +92,10 @@ async def database_url(pg_url: str, template_url: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     yield with_database(pg_url, name)
+    await drop_database(pg_url, name)
+
+
+async def drop_database(pg_url: str, name: str) -> None:
     admin = await asyncpg.connect(pg_url)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -475,4 +479,15 @@ async def mark_prepared(conn: asyncpg.Connection, campaign_id: str) -> None:
         "UPDATE campaignd.campaigns SET prepared_at = now(), started_at = now(),"
         " total_count = (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1) WHERE id = $1",
         campaign_id,
+    )
+
+
+async def add_numbered_recipients(conn: asyncpg.Connection, campaign_id: str, count: int) -> None:
+    """``count`` pending recipients with distinct numbers, inserted by the server itself: a
+    campaign big enough for a statement over all of it to outlast a short statement_timeout."""
+    await conn.execute(
+        "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
+        " SELECT $1, '+1555' || lpad(g::text, 7, '0'), '{}'::jsonb FROM generate_series(1, $2::integer) g",
+        campaign_id,
+        count,
     )

@@ -17,6 +17,7 @@ from campaignd.health import Heartbeats
 from campaignd.sql import QUERIES
 from campaignd.watchdog import Watchdog
 from tests.conftest import (
+    add_numbered_recipients,
     assert_counters_match,
     bug_planted,
     campaign,
@@ -259,11 +260,7 @@ async def test_failing_a_campaign_of_many_recipients_stays_one_cheap_statement(
     # never claimed again. A timeout far below the time it took stands for the default 30 s
     # against millions.
     campaign_id = await create_campaign(conn, "sms", 0)
-    await conn.execute(
-        "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
-        " SELECT $1, '+1555' || lpad(g::text, 7, '0'), '{}'::jsonb FROM generate_series(1, 200000) g",
-        campaign_id,
-    )
+    await add_numbered_recipients(conn, campaign_id, 200_000)
     token = await hold_lane(conn, "sms")
     await conn.execute("SET statement_timeout = '300ms'")
     try:

@@ -44,6 +44,7 @@ from campaignd.operator import (
 )
 from campaignd.sql import QUERIES
 from tests.conftest import (
+    add_numbered_recipients,
     assert_counters_match,
     campaign,
     create_campaign,
@@ -919,11 +920,7 @@ async def test_cancelling_a_campaign_of_many_recipients_takes_bounded_statements
     # statement_timeout, which stands for the default 30 s against millions: the cancel
     # failed, and could not be made from the CLI at all.
     campaign_id = await create_campaign(conn, "sms", 0)
-    await conn.execute(
-        "INSERT INTO campaignd.recipients (campaign_id, address, variables)"
-        " SELECT $1, '+1555' || lpad(g::text, 7, '0'), '{}'::jsonb FROM generate_series(1, 200000) g",
-        campaign_id,
-    )
+    await add_numbered_recipients(conn, campaign_id, 200_000)
     await conn.execute("SET statement_timeout = '300ms'")
     try:
         result = await ops.cancel_campaign(conn, campaign_id)

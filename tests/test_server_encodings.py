@@ -34,6 +34,7 @@ from tests.conftest import (
     bug_planted,
     create_campaign,
     daemon_config,
+    drop_database,
     wait_for,
     wait_status,
     with_database,
@@ -52,14 +53,6 @@ async def _create_database(pg_url: str, encoding: str) -> str:
     return name
 
 
-async def _drop_database(pg_url: str, name: str) -> None:
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def latin1_url(pg_url: str) -> AsyncIterator[str]:
     name = await _create_database(pg_url, "LATIN1")
@@ -70,7 +63,7 @@ async def latin1_url(pg_url: str) -> AsyncIterator[str]:
     finally:
         await connection.close()
     yield url
-    await _drop_database(pg_url, name)
+    await drop_database(pg_url, name)
 
 
 @pytest.fixture
@@ -260,7 +253,7 @@ async def test_every_character_is_storable_in_every_server_encoding(pg_url: str)
             finally:
                 await connection.close()
         finally:
-            await _drop_database(pg_url, name)
+            await drop_database(pg_url, name)
 
 
 def test_utf8_and_sql_ascii_databases_convert_nothing() -> None:

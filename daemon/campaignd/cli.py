@@ -314,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
 def _refused_by_the_database(exc: BaseException) -> bool:
     import asyncpg
 
+    from campaignd.db import LOGIN_REFUSED
+
     return isinstance(
         exc,
         (
-            asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # a wrong password, NOLOGIN
+            LOGIN_REFUSED,  # a wrong password, NOLOGIN
             asyncpg.exceptions.InvalidCatalogNameError,  # no such database
             asyncpg.exceptions.InsufficientPrivilegeError,
         ),

@@ -265,7 +265,7 @@ SELECT id FROM campaignd.campaigns WHERE id = $1 FOR KEY SHARE;
 -- First statement of a tail's transaction: the statements that prepare the rest of a campaign
 -- read all of it (its duplicates, its counters), and may take longer than the session's
 -- statement_timeout, which is sized for the daemon's other statements. For this transaction
--- only (is_local): $1 times the session's (0: none). Returns it in milliseconds (0: none).
+-- only (is_local): $1 times the session's. Returns it in milliseconds (0: the session has none).
 WITH timeout AS (
     SELECT least(setting::bigint * $1::integer, 2147483647) AS ms
     FROM pg_settings
