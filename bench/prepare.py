@@ -1,6 +1,7 @@
 """A campaign's preparation: the checks over its recipients before they are sent.
 
     python bench/prepare.py [--recipients 50000,200000,1000000] [--rounds 2] [--batch-size 1000]
+                            [--no-analyze]
 
 A lane skips the recipients with no address or with variables that cannot fill the message
 (``prepare_skip_no_address``, ``prepare_skip_missing_variables``), then those repeating an
@@ -16,7 +17,9 @@ transaction rolled back after each round so that every round sees the same rows:
 - tail: the rest, while the head is sent.
 
 Embedded PostgreSQL at default durability; per size, a campaign loaded as a host loads it
-(COPY; one variable per recipient, ~0.5% bad rows of each kind), then ANALYZE and CHECKPOINT.
+(COPY; one variable per recipient, ~0.5% bad rows of each kind), then ANALYZE (unless
+``--no-analyze``: a new installation's first campaigns, which the planner knows nothing of) and
+CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ def skips(campaign_id: str, names: list[str], first_id: int, below: int, *, phon
     return [
         ("prepare_skip_no_address", (campaign_id, first_id, below)),
         ("prepare_skip_missing_variables", (campaign_id, first_id, below, names)),
+        ("prepare_duplicates_without_nested_loops", ()),
         (
             "prepare_skip_duplicates" if below == BEYOND_LAST_ID else "prepare_skip_duplicates_in_head",
             (campaign_id, first_id, below, phone),
         ),
+        ("prepare_duplicates_done", ()),
     ]
 
 
@@ -86,20 +91,27 @@ async def timed(connection: asyncpg.Connection, steps: list[Step]) -> float:
     return took
 
 
-async def main_async(postgres: Postgres, sizes: list[int], rounds: int, batch_size: int) -> None:
+async def main_async(
+    postgres: Postgres, sizes: list[int], rounds: int, batch_size: int, *, analyze: bool = True
+) -> None:
     connection = await db.connect(DatabaseConfig(url=postgres.url))  # type: ignore[arg-type]
     head = PREPARE_HEAD_BATCHES * batch_size
     try:
         await migrate(connection)
         names = sorted(Template(MESSAGE_TEMPLATE).variables)
         print(f"head: {PREPARE_HEAD_BATCHES} x batch_size {batch_size} = {head:,} fresh recipients")
+        if not analyze:
+            # A new installation's first campaigns, loaded and started before autovacuum looks.
+            await connection.execute("ALTER TABLE campaignd.recipients SET (autovacuum_enabled = false)")
+            print("recipients never analyzed: the planner knows nothing of the campaigns")
         print("duplicates keyed as phone numbers (WhatsApp, Twilio); 'tail exact': keyed as written (http)")
         print(f"{'recipients':>10} {'round':>5} {'whole':>8} {'head':>8} {'tail':>8} {'tail exact':>10}")
         for size in sizes:
             campaign_id = await create_campaign(connection, size)
             for statement in BAD_ROWS:
                 await connection.execute(statement, campaign_id)
-            await connection.execute("ANALYZE campaignd.recipients")
+            if analyze:
+                await connection.execute("ANALYZE campaignd.recipients")
             await connection.execute("CHECKPOINT")
             whole_steps = [
                 *skips(campaign_id, names, FIRST_ID, BEYOND_LAST_ID),
@@ -160,12 +172,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="timed preparations per size (2)")
     parser.add_argument("--batch-size", type=int, default=1000, help="the daemon's batch_size (1000)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the database folder")
+    parser.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="never ANALYZE the recipients (a campaign loaded and started before autovacuum looks)",
+    )
     args = parser.parse_args()
     with (
         bench_workdir("campaignd-prepare-", keep=args.keep_workdir) as workdir,
         embedded_postgres(workdir) as postgres,
     ):
-        asyncio.run(main_async(postgres, args.recipients, args.rounds, args.batch_size))
+        asyncio.run(
+            main_async(postgres, args.recipients, args.rounds, args.batch_size, analyze=not args.no_analyze)
+        )
     return 0
 
 

@@ -832,9 +832,11 @@ class Lane:
             if below == BEYOND_LAST_ID
             else QUERIES["prepare_skip_duplicates_in_head"]
         )
+        await connection.execute(QUERIES["prepare_duplicates_without_nested_loops"])
         skipped += _affected(
             await connection.execute(duplicates, campaign_id, first_id, below, self._provider.phone_addresses)
         )
+        await connection.execute(QUERIES["prepare_duplicates_done"])
         return skipped
 
     @staticmethod
