@@ -228,6 +228,8 @@ class Lane:
         self._loop = asyncio.get_running_loop()
         self._limiter = SenderLimiter(sender.rate_per_second, sender.burst, smooth_start=True)
         self._rng = random.Random()
+        # Throttled answers since the last sender_throttled line (which reports them).
+        self._throttled_answers = 0
         self._runs: dict[str, CampaignRun] = {}
         # Claimed recipients wait here for one of the lane's send workers: a fixed pool, not
         # a task per recipient, keeps the live objects (and the garbage collector's work) to
@@ -1238,13 +1240,18 @@ class Lane:
             last_message=flight.last_message,
         )
         if result.kind is ResultKind.THROTTLED:
-            self._limiter.throttled(result.retry_after_seconds)
-            self._log.info(
-                "sender_throttled",
-                campaign_id=flight.run.campaign_id,
-                retry_after=result.retry_after_seconds,
-                rate_factor=self._limiter.factor,
-            )
+            self._throttled_answers += 1
+            # One line per cut of the rate, not per answer: a storm answers every request in
+            # the air at once, and a provider throttling for hours would fill the log.
+            if self._limiter.throttled(result.retry_after_seconds):
+                self._log.info(
+                    "sender_throttled",
+                    campaign_id=flight.run.campaign_id,
+                    retry_after=result.retry_after_seconds,
+                    rate_factor=self._limiter.factor,
+                    throttled_answers=self._throttled_answers,
+                )
+                self._throttled_answers = 0
         # A verdict against the sender or campaign that decide() gave up on as this recipient's
         # own pauses nothing: were it the sender's after all, the requests still in the air
         # bring the same verdict for recipients without this history.

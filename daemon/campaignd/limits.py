@@ -196,7 +196,8 @@ class SenderLimiter:
         count = math.ceil(left / spacing)
         return count, now + (left - (count - 1) * spacing)
 
-    def throttled(self, retry_after_seconds: float | None) -> None:
+    def throttled(self, retry_after_seconds: float | None) -> bool:
+        """Slow down for a throttled answer; returns whether this answer cut the rate."""
         now = asyncio.get_running_loop().time()
         if retry_after_seconds:
             self._hold_until = max(self._hold_until, now + retry_after_seconds)
@@ -204,6 +205,8 @@ class SenderLimiter:
         # already in flight together are one signal, not fifty.
         if now - self._last_adjust >= RECOVERY_INTERVAL_SECONDS or self._factor == 1.0:
             self._set_factor(max(MIN_RATE_FACTOR, self._factor * THROTTLE_CUT), now)
+            return True
+        return False
 
     def _maybe_recover(self, now: float) -> None:
         if self._factor < 1.0 and now - self._last_adjust >= RECOVERY_INTERVAL_SECONDS:
