@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ import pytest
 from campaignd import db
 from campaignd.config import DatabaseConfig
 from campaignd.fakeprovider import RECORDS_PATH, Behaviour, FakeProvider
+from campaignd.outcomes import ResultKind, SendResult, decide, outcome_columns, released
 from campaignd.schema import migrate
+from campaignd.sql import QUERIES
 from tests.pgproxy import PgProxy
 
 TEMPLATE_DB = "campaignd_test_template"
@@ -491,3 +494,49 @@ async def add_numbered_recipients(conn: asyncpg.Connection, campaign_id: str, co
         campaign_id,
         count,
     )
+
+
+async def doubted_then(conn: asyncpg.Connection, campaign_id: str, then: str) -> int:
+    """The campaign's first recipient, left pending to be resent after a send of it timed out
+    (which the provider may have delivered) and then ``then`` on its next claim: "503" (a plain
+    retryable answer) or "released" (the claim given back unsent, at a stop). Driven through
+    the lane's statements and decisions, as a lane with resend_in_doubt = true does."""
+    lane = await hold_lane(conn, "sms")
+    await mark_prepared(conn, campaign_id)
+
+    async def claim_and_record(claim: int, result: SendResult | None) -> int:
+        [row] = await conn.fetch(QUERIES["claim_recipients"], *lane, campaign_id, 0, 1, 60.0, claim)
+        if result is None:
+            update = released(row["id"])
+        else:
+            update = decide(
+                row["id"],
+                result,
+                attempts=row["attempts"],
+                max_attempts=5,
+                backoff_base=60.0,
+                backoff_max=60.0,
+                rng=random.Random(0),
+                resend_in_doubt=True,
+            )
+        update.claim = claim
+        recorded = await conn.fetchrow(QUERIES["record_outcomes"], *lane, *outcome_columns([update]))
+        assert recorded is not None and recorded["applied"] == 1
+        return int(row["id"])
+
+    timeout = SendResult(
+        ResultKind.TRANSIENT, error_code="timeout", error_message="no answer", maybe_delivered=True
+    )
+    recipient_id = await claim_and_record(1, timeout)
+    # Due again at once, so that the next claim takes it.
+    await conn.execute("UPDATE campaignd.recipients SET next_attempt_at = now() WHERE id = $1", recipient_id)
+    unavailable = SendResult(ResultKind.TRANSIENT, error_code="http_503", error_message="unavailable")
+    assert await claim_and_record(2, unavailable if then == "503" else None) == recipient_id
+    row = await conn.fetchrow(
+        "SELECT state, error_code, maybe_delivered FROM campaignd.recipients WHERE id = $1", recipient_id
+    )
+    assert tuple(row) == ("pending", "http_503" if then == "503" else None, True)
+    await conn.execute(
+        "UPDATE campaignd.senders SET lease_owner = NULL, lease_expires_at = NULL WHERE id = 'sms'"
+    )
+    return recipient_id

@@ -107,6 +107,73 @@ async def test_sigkill_mid_campaign_then_restart_resumes_without_loss_or_silent_
     assert second.wait() == 0
 
 
+async def test_sigkill_mid_send_then_a_failed_resend_and_a_cancel_end_those_sends_in_doubt(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Claims in flight at the kill may have reached the provider. The next daemon resends them
+    # (same key); its resends meet a 503, whose code replaced "in_doubt" on the rows, and the
+    # campaign is then cancelled: those recipients were ended skipped, "not sent".
+    fake.behaviour.latency_seconds = 0.3
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "rate_per_second": 400.0}},
+        lease_seconds=2.0,
+        backoff_base_seconds=120.0,
+        backoff_max_seconds=120.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", 2000)
+    first = daemons(config)
+
+    async def progressed() -> bool:
+        return (await campaign(conn, campaign_id))["sent_count"] >= 100
+
+    await wait_for(progressed, timeout=60, what="100 sent")
+    first.kill()
+    in_doubt_at_kill = {
+        row["id"]
+        for row in await conn.fetch(
+            "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight'", campaign_id
+        )
+    }
+    assert in_doubt_at_kill, "the kill landed with nothing in flight"
+
+    fake.behaviour.all_status = 503
+    second = daemons(config)
+
+    async def resent_and_refused() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM campaignd.recipients WHERE id = ANY($1::bigint[])"
+                " AND state = 'pending' AND error_code <> 'in_doubt'",
+                list(in_doubt_at_kill),
+            )
+        )
+
+    await wait_for(resent_and_refused, timeout=60, what="a resend refused with a 503")
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", campaign_id)
+
+    async def ended() -> bool:
+        counts = await state_counts(conn, campaign_id)
+        return not counts.get("pending") and not counts.get("in_flight")
+
+    await wait_for(ended, timeout=60, what="every recipient ended")
+    ended_in_doubt = {
+        row["id"]
+        for row in await conn.fetch(
+            "SELECT id FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'failed'"
+            " AND error_code = 'in_doubt' AND maybe_delivered",
+            campaign_id,
+        )
+    }
+    assert ended_in_doubt == in_doubt_at_kill
+    states = await state_counts(conn, campaign_id)
+    assert states == {"sent": states["sent"], "failed": len(in_doubt_at_kill), "skipped": states["skipped"]}
+    await assert_counters_match(conn, campaign_id)
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+
+
 async def test_sigterm_drains_in_flight_sends_and_releases_the_lane(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:

@@ -49,6 +49,7 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    doubted_then,
     state_counts,
     wait_for,
     wait_status,
@@ -144,6 +145,32 @@ async def test_cancel_ends_a_resend_in_doubt_failed_in_doubt_and_says_so(
         doubted,
     )
     assert tuple(row) == ("failed", "in_doubt", "interrupted", None)
+    row = await campaign(conn, campaign_id)
+    assert (row["status"], row["failed_count"], row["skipped_count"]) == ("cancelled", 1, 2)
+    await assert_counters_match(conn, campaign_id)
+
+
+@pytest.mark.parametrize("then", ["503", "released"])
+async def test_cancel_ends_failed_in_doubt_a_recipient_an_earlier_attempt_may_have_reached(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, then: str
+) -> None:
+    """A send that timed out may have been delivered; its retry met a 503 (or was given back
+    at a stop), which overwrote the error code. The cancel took the row for never sent and
+    ended it skipped (cancelled): "not sent", for a message the provider may have."""
+    campaign_id = await _prepared_campaign(conn, 3)
+    doubted = await doubted_then(conn, campaign_id, then)
+
+    ran = await campaignd(ops_config(tmp_path, database_url), "cancel", campaign_id)
+
+    assert ran.returncode == 0, ran.stderr
+    assert "1 recipient was waiting to be resent after a send in doubt: failed (in_doubt)" in ran.stdout
+    row = await conn.fetchrow(
+        "SELECT state, error_code, error_message, maybe_delivered FROM campaignd.recipients WHERE id = $1",
+        doubted,
+    )
+    assert (row["state"], row["error_code"], row["maybe_delivered"]) == ("failed", "in_doubt", True)
+    assert "an earlier attempt may have been delivered" in row["error_message"]
+    assert ("(last error: http_503)" in row["error_message"]) is (then == "503")
     row = await campaign(conn, campaign_id)
     assert (row["status"], row["failed_count"], row["skipped_count"]) == ("cancelled", 1, 2)
     await assert_counters_match(conn, campaign_id)

@@ -444,6 +444,7 @@ def test_outcome_columns_send_empty_columns_as_null() -> None:
         None,
         None,
         None,
+        None,
     )
 
 
@@ -452,14 +453,39 @@ def test_outcome_columns_keep_every_value_of_a_column_that_has_one() -> None:
         RecipientUpdate(1, RecipientState.SENT, provider_message_id="m1"),
         released(2),
         RecipientUpdate(3, RecipientState.FAILED, error_code="131026", error_message="undeliverable"),
+        in_doubt(4, resend=True),
     ]
     batch[1].claim = 7
-    ids, states, message_ids, codes, messages, retry_in, adjust, claims = outcome_columns(batch)
-    assert ids == [1, 2, 3]
-    assert states == [RecipientState.SENT, RecipientState.PENDING, RecipientState.FAILED]
-    assert message_ids == ["m1", None, None]
-    assert codes == [None, None, "131026"]
-    assert messages == [None, None, "undeliverable"]
-    assert retry_in == [None, 0.0, None]
-    assert adjust == [0, -1, 0]
-    assert claims == [None, 7, None]
+    batch[3].claim = 8
+    ids, states, message_ids, codes, messages, retry_in, adjust, claims, maybe_delivered = outcome_columns(
+        batch
+    )
+    assert ids == [1, 2, 3, 4]
+    pending, sent, failed = RecipientState.PENDING, RecipientState.SENT, RecipientState.FAILED
+    assert states == [sent, pending, failed, pending]
+    assert message_ids == ["m1", None, None, None]
+    assert codes == [None, None, "131026", "in_doubt"]
+    assert messages[:3] == [None, None, "undeliverable"]
+    assert retry_in == [None, 0.0, None, 0.0]
+    assert adjust == [0, -1, 0, -1]
+    assert claims == [None, 7, None, 8]
+    assert maybe_delivered == [False, False, False, True]
+
+
+def test_every_send_that_may_have_been_delivered_says_so_for_the_row_to_keep() -> None:
+    timeout = SendResult(ResultKind.TRANSIENT, error_code="timeout", maybe_delivered=True)
+    # Resent (pending) or given up (failed), the row must remember it: a later attempt's
+    # answer overwrites the error code, and a cancel then took it for never sent.
+    assert _decide(timeout, resend_in_doubt=True).maybe_delivered
+    assert _decide(timeout, resend_in_doubt=False).maybe_delivered
+    assert _decide(timeout, attempts=MAX_ATTEMPTS).state is RecipientState.FAILED
+    assert _decide(timeout, attempts=MAX_ATTEMPTS).maybe_delivered
+    assert in_doubt(1, resend=True).maybe_delivered
+    assert in_doubt(1, resend=False).maybe_delivered
+    bug = internal_error(RuntimeError("x"), request_started=True)
+    assert _decide(bug, resend_in_doubt=True).maybe_delivered
+    # Nothing left, or an answer came: not in doubt.
+    assert not _decide(internal_error(RuntimeError("x"), request_started=False)).maybe_delivered
+    assert not _decide(SendResult(ResultKind.TRANSIENT, error_code="http_503")).maybe_delivered
+    assert not _decide(SendResult(ResultKind.SENT, provider_message_id="m")).maybe_delivered
+    assert not released(1).maybe_delivered

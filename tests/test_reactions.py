@@ -171,3 +171,46 @@ async def test_a_bug_in_the_preflight_fails_its_campaign_and_spares_the_senders_
     assert fake.request_count() == 5
     await assert_counters_match(conn, broken)
     assert "preflight_failed" in daemon.log() and "lane_crashed" not in daemon.log()
+
+
+async def test_a_send_that_timed_out_is_remembered_as_maybe_delivered_until_the_recipient_ends(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The provider holds the first request for one recipient past the sender's timeout: it may
+    # have delivered it. The resend waits a backoff; a cancel meanwhile must not call it unsent.
+    held = "+15550000000"
+    fake.behaviour.rules[held] = Rule(200, {"id": "late"}, times=1, delay_seconds=5.0)
+    config = daemon_config(
+        tmp_path,
+        database_url,
+        {"sms": {"url": fake.url, "timeout_seconds": 0.5}},
+        backoff_base_seconds=120.0,
+        backoff_max_seconds=120.0,
+    )
+    campaign_id = await create_campaign(conn, "sms", _recipients("+1555", 3))
+    daemons(config)
+
+    async def waiting_for_its_resend() -> bool:
+        row = await conn.fetchrow(
+            "SELECT state, error_code, maybe_delivered FROM campaignd.recipients WHERE address = $1", held
+        )
+        return row is not None and tuple(row) == ("pending", "timeout", True)
+
+    await wait_for(waiting_for_its_resend, timeout=30)
+    await conn.execute("UPDATE campaignd.campaigns SET status = 'cancelled' WHERE id = $1", campaign_id)
+
+    async def swept() -> bool:
+        return (await state_counts(conn, campaign_id)).get("pending", 0) == 0
+
+    await wait_for(swept, timeout=30)
+    rows = await conn.fetch(
+        "SELECT address, state, error_code, maybe_delivered FROM campaignd.recipients"
+        " WHERE campaign_id = $1 ORDER BY id",
+        campaign_id,
+    )
+    assert [tuple(r) for r in rows] == [
+        (held, "failed", "in_doubt", True),
+        ("+15550000001", "sent", None, False),
+        ("+15550000002", "sent", None, False),
+    ]
+    await assert_counters_match(conn, campaign_id)

@@ -37,6 +37,7 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    doubted_then,
     mark_prepared,
     register_sender,
     state_counts,
@@ -479,6 +480,37 @@ async def test_sweeps_pending_recipients_of_a_failed_campaign(
     await assert_counters_match(conn, campaign_id)
     [swept] = [e for e in events if e["event"] == "failed_recipients_swept"]
     assert (swept["campaign_id"], swept["skipped"], swept["failed_in_doubt"]) == (campaign_id, 2, 1)
+
+
+async def test_the_sweep_ends_failed_in_doubt_a_recipient_an_earlier_attempt_may_have_reached(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Its first send timed out (maybe delivered), its retry met a 503 that overwrote the
+    # error code; then the campaign failed. The sweep ended it skipped (campaign_failed).
+    campaign_id = await create_campaign(conn, "sms", 2)
+    doubted = await doubted_then(conn, campaign_id, "503")
+    await conn.execute(
+        "UPDATE campaignd.campaigns SET status = 'failed', status_reason = 'invalid message: x',"
+        " completed_at = now() WHERE id = $1",
+        campaign_id,
+    )
+
+    assert await watchdog(pool).run_pass()
+
+    rows = await conn.fetch(
+        "SELECT id, state, error_code, error_message FROM campaignd.recipients"
+        " WHERE campaign_id = $1 ORDER BY id",
+        campaign_id,
+    )
+    assert [(r["id"] == doubted, r["state"], r["error_code"]) for r in rows] == [
+        (True, "failed", "in_doubt"),
+        (False, "skipped", "campaign_failed"),
+    ]
+    assert rows[0]["error_message"] == (
+        "the campaign ended while this send was in doubt: an earlier attempt may have been delivered"
+        " (last error: http_503)"
+    )
+    await assert_counters_match(conn, campaign_id)
 
 
 async def test_a_cancelled_campaign_larger_than_a_chunk_is_swept_over_passes_with_exact_counters(

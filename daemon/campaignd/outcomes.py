@@ -77,6 +77,9 @@ class RecipientUpdate:
     # The lane's number of the claim this outcome was decided for, on an outcome that leaves
     # the recipient pending (see record_outcomes); the lane fills it in.
     claim: int | None = None
+    # This send may have reached the provider (its request left, no answer came back): kept on
+    # the row for good (recipients.maybe_delivered), whatever later attempts make of it.
+    maybe_delivered: bool = False
 
 
 OutcomeColumns = tuple[
@@ -88,11 +91,12 @@ OutcomeColumns = tuple[
     list[float | None] | None,
     list[int] | None,
     list[int | None] | None,
+    list[bool] | None,
 ]
 
 
 def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
-    """``record_outcomes``' parallel arrays, from recipient id to claim number.
+    """``record_outcomes``' parallel arrays, from recipient id to whether it may have been delivered.
 
     A column that holds only its default (no retry delays in a batch of sends that all
     succeeded, and every state ``sent``) goes as NULL, which the statement's ``unnest`` pads
@@ -113,6 +117,7 @@ def outcome_columns(batch: Sequence[RecipientUpdate]) -> OutcomeColumns:
         unless_empty([u.retry_in_seconds for u in batch]),
         unless_empty([u.attempt_adjust for u in batch], 0),
         unless_empty([u.claim for u in batch]),
+        unless_empty([u.maybe_delivered for u in batch], False),
     )
 
 
@@ -185,7 +190,7 @@ def decide(
         rng,
         (last_error, last_message),
     )
-    return replace(update, error_class=result.kind.value)
+    return replace(update, error_class=result.kind.value, maybe_delivered=result.maybe_delivered)
 
 
 def _decide(
@@ -297,6 +302,7 @@ def in_doubt(recipient_id: int, *, resend: bool) -> RecipientUpdate:
             retry_in_seconds=0.0,
             attempt_adjust=-1,
             error_class="in_doubt",
+            maybe_delivered=True,
         )
     return RecipientUpdate(
         recipient_id,
@@ -304,6 +310,7 @@ def in_doubt(recipient_id: int, *, resend: bool) -> RecipientUpdate:
         error_code="in_doubt",
         error_message=reason,
         error_class="in_doubt",
+        maybe_delivered=True,
     )
 
 

@@ -147,12 +147,22 @@ def storable_result(storable: StorableText, result: SendResult) -> SendResult:
 
 def storable_columns(storable: StorableText, columns: OutcomeColumns) -> OutcomeColumns:
     """``record_outcomes``' arrays (outcomes.outcome_columns) with their texts storable."""
-    ids, states, message_ids, codes, messages, retry_in, adjustments, claims = columns
+    ids, states, message_ids, codes, messages, retry_in, adjustments, claims, maybe_delivered = columns
 
     def texts(column: list[str | None] | None) -> list[str | None] | None:
         return None if column is None else [_optional(storable, text) for text in column]
 
-    return ids, states, texts(message_ids), texts(codes), texts(messages), retry_in, adjustments, claims
+    return (
+        ids,
+        states,
+        texts(message_ids),
+        texts(codes),
+        texts(messages),
+        retry_in,
+        adjustments,
+        claims,
+        maybe_delivered,
+    )
 
 
 def _bounded(seconds: float | None) -> float | None:

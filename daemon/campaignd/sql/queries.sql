@@ -109,6 +109,7 @@ WITH orphan AS (
         next_attempt_at = CASE WHEN orphan.resend THEN now() END,
         error_code = 'in_doubt',
         error_message = 'the daemon holding this claim stopped before recording its outcome',
+        maybe_delivered = true,
         lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM orphan
@@ -570,9 +571,10 @@ RETURNING r.id, r.address, r.variables::json AS variables, r.attempts, picked.fr
 -- $1 sender id, $2 owner, $3 epoch, then parallel arrays: $4 ids, $5 states,
 -- $6 provider message ids, $7 error codes, $8 error messages, $9 retry delays (seconds,
 -- for state pending), $10 attempt adjustments (-1 gives back an attempt not spent), $11 the
--- claim each outcome was decided for. Any array but the ids may be NULL for "only the
--- default in this batch" (unnest pads it with NULLs): state 'sent', no texts, no delay, no
--- adjustment, no claim number (outcomes.outcome_columns).
+-- claim each outcome was decided for, $12 whether this send may have been delivered (its
+-- request left unanswered: kept on the row for good). Any array but the ids may be NULL for
+-- "only the default in this batch" (unnest pads it with NULLs): state 'sent', no texts, no
+-- delay, no adjustment, no claim number, not in doubt (outcomes.outcome_columns).
 -- A batch whose reply was lost is written again. An outcome that leaves the row pending
 -- must then not land on a later claim of it by this lane, so it names its claim (and is
 -- not applied without one); a final outcome needs no number: once it has committed, the
@@ -591,10 +593,12 @@ WITH lane AS (
     FOR NO KEY UPDATE OF c
 ), outcome AS (
     SELECT id, coalesce(state, 'sent') AS state, provider_message_id, error_code, error_message,
-           retry_in, coalesce(attempt_adjust, 0) AS attempt_adjust, claim
+           retry_in, coalesce(attempt_adjust, 0) AS attempt_adjust, claim,
+           coalesce(maybe_delivered, false) AS maybe_delivered
     FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[],
-                $11::bigint[])
-         AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust, claim)
+                $11::bigint[], $12::boolean[])
+         AS o(id, state, provider_message_id, error_code, error_message, retry_in, attempt_adjust, claim,
+              maybe_delivered)
 ), applied AS (
     UPDATE campaignd.recipients r
     SET state = o.state,
@@ -604,6 +608,7 @@ WITH lane AS (
         error_code = o.error_code,
         error_message = o.error_message,
         sent_at = CASE WHEN o.state = 'sent' THEN now() ELSE r.sent_at END,
+        maybe_delivered = r.maybe_delivered OR o.maybe_delivered,
         lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM outcome o
