@@ -46,6 +46,14 @@ class Explaining:
         self.connection.terminate()
 
 
+def scans(node: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node type, relation) of every node of the plan that reads a table."""
+    found = [(node["Node Type"], node["Relation Name"])] if "Relation Name" in node else []
+    for child in node.get("Plans", []):
+        found.extend(scans(child))
+    return found
+
+
 def nested_loops_over_the_batch(node: dict[str, Any]) -> list[dict[str, Any]]:
     """Nested loops that read the batch's outcomes (the unnest) again for each outer row."""
     found = []
@@ -86,3 +94,37 @@ async def test_a_batch_of_outcomes_is_joined_with_its_claims_in_one_pass_without
     assert explaining.plan is not None
     assert nested_loops_over_the_batch(explaining.plan) == []
     assert not conn.is_in_transaction()
+
+
+async def test_a_batch_of_outcomes_reads_its_own_rows_by_key_beside_many_campaigns_and_lanes(
+    conn: asyncpg.Connection,
+) -> None:
+    # Planned without nested loops, a join finds its rows by hashing what it joins: written
+    # as joins, the batch's campaigns and its counters were found by reading every campaign,
+    # once per batch. Here 50,000 older campaigns and another lane's 5,000 claims.
+    campaign_id = await create_campaign(conn, "sms", 1)
+    await add_numbered_recipients(conn, campaign_id, 50_000)
+    await mark_prepared(conn, campaign_id)
+    other = await create_campaign(conn, "other", 1)
+    await add_numbered_recipients(conn, other, 20_000)
+    await mark_prepared(conn, other)
+    await conn.execute(
+        "INSERT INTO campaignd.campaigns (name, sender_id, message)"
+        " SELECT 'older ' || g, 'other', '{}'::jsonb FROM generate_series(1, 50000) g"
+    )
+    await conn.execute("ANALYZE campaignd.campaigns")
+    await conn.execute("ANALYZE campaignd.recipients")
+    other_lane = await hold_lane(conn, "other")
+    assert len(await conn.fetch(QUERIES["claim_recipients"], *other_lane, other, 0, 5000, 60.0, 1)) == 5000
+    lane = await hold_lane(conn, "sms")
+    claimed = await conn.fetch(QUERIES["claim_recipients"], *lane, campaign_id, 0, 1000, 60.0, 1)
+    batch = [RecipientUpdate(row["id"], RecipientState.SENT, provider_message_id="m") for row in claimed]
+
+    explaining = Explaining(conn)
+    await record_outcomes(explaining, lane, outcome_columns(batch))  # type: ignore[arg-type]
+
+    assert explaining.plan is not None
+    read = scans(explaining.plan)
+    assert ("Seq Scan", "campaigns") not in read
+    assert ("Seq Scan", "recipients") not in read
+    assert nested_loops_over_the_batch(explaining.plan) == []

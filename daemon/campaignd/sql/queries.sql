@@ -575,6 +575,7 @@ BEGIN;
 SET LOCAL enable_nestloop = off;
 
 -- name: record_outcomes_commit
+-- Its own text, not asyncpg's "COMMIT;": a test loses the reply to this commit alone.
 COMMIT;
 
 -- name: record_outcomes_rollback
@@ -603,8 +604,12 @@ WITH lane AS (
     -- The campaign rows are locked before their recipients, the order in which a host's
     -- DELETE of a campaign (cascading to its recipients) takes them: a host deleting a
     -- campaign mid-send waits for this batch instead of deadlocking with it.
+    -- Rows found by key from arrays, here and below, never by a join: planned without nested
+    -- loops (record_outcomes_begin), a join would read every campaign, or every lane's
+    -- claims, to find a batch's own.
     SELECT c.id FROM campaignd.campaigns c
-    WHERE c.id IN (SELECT r.campaign_id FROM campaignd.recipients r WHERE r.id = ANY($4::bigint[]))
+    WHERE c.id = ANY (ARRAY(SELECT DISTINCT r.campaign_id FROM campaignd.recipients r
+                            WHERE r.id = ANY($4::bigint[])))
     ORDER BY c.id
     FOR NO KEY UPDATE OF c
 ), outcome AS (
@@ -628,10 +633,11 @@ WITH lane AS (
         lease_owner = NULL, lease_epoch = NULL, lease_expires_at = NULL, lease_claim = NULL,
         updated_at = now()
     FROM outcome o
-    WHERE r.id = o.id AND r.state = 'in_flight' AND r.lease_owner = $2 AND r.lease_epoch = $3
+    WHERE r.id = o.id AND r.id = ANY($4::bigint[])
+      AND r.state = 'in_flight' AND r.lease_owner = $2 AND r.lease_epoch = $3
       AND (r.lease_claim = o.claim OR (o.claim IS NULL AND o.state <> 'pending'))
       AND EXISTS (SELECT 1 FROM lane)
-      AND r.campaign_id IN (SELECT id FROM campaign_locks)
+      AND r.campaign_id = ANY (ARRAY(SELECT id FROM campaign_locks))
     RETURNING r.campaign_id, r.state
 ), per_campaign AS (
     SELECT campaign_id,
@@ -647,7 +653,8 @@ WITH lane AS (
         skipped_count = c.skipped_count + p.skipped,
         updated_at = now()
     FROM per_campaign p
-    WHERE c.id = p.campaign_id AND (p.sent + p.failed + p.skipped) > 0
+    WHERE c.id = p.campaign_id AND c.id = ANY (ARRAY(SELECT campaign_id FROM per_campaign))
+      AND (p.sent + p.failed + p.skipped) > 0
 )
 SELECT (SELECT count(*) FROM lane) AS lane_held,
        (SELECT count(*) FROM applied) AS applied;
