@@ -19,7 +19,6 @@ import asyncio
 import shutil
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 
@@ -32,8 +31,9 @@ from _common import (
 )
 from campaignd import db
 from campaignd.config import DatabaseConfig
+from campaignd.dispatch import record_outcomes
 from campaignd.logs import configure_logging
-from campaignd.outcomes import RecipientState, RecipientUpdate, outcome_columns
+from campaignd.outcomes import OutcomeColumns, RecipientState, RecipientUpdate, outcome_columns
 from campaignd.schema import migrate
 from campaignd.sql import QUERIES
 
@@ -47,11 +47,10 @@ CLAIM = (
 PLAN_MARKERS = ("Join", "Nested Loop", "Scan", "Rows Removed", "Execution Time")
 
 
-def outcome_arguments(ids: Sequence[int]) -> tuple[Any, ...]:
-    """record_outcomes' parameters, as a lane makes them: every claim sent, with a provider
+def outcome_columns_of(ids: Sequence[int]) -> OutcomeColumns:
+    """record_outcomes' arrays, as a lane makes them: every claim sent, with a provider
     message id."""
-    batch = [RecipientUpdate(i, RecipientState.SENT, provider_message_id="x") for i in ids]
-    return ("bench", OWNER, EPOCH, *outcome_columns(batch))
+    return outcome_columns([RecipientUpdate(i, RecipientState.SENT, provider_message_id="x") for i in ids])
 
 
 def array_literal(values: Sequence[object], cast: str) -> str:
@@ -69,7 +68,8 @@ async def batches(
             await connection.execute(CLAIM, chunk, OWNER, EPOCH)
         await connection.execute(CLAIM, ids[(index + 1) * batch : (index + 2) * batch], OWNER, EPOCH)
         started = time.perf_counter()
-        await connection.fetchrow(QUERIES["record_outcomes"], *outcome_arguments(chunk))
+        # As the lane writes them: in a transaction planned without nested loops.
+        await record_outcomes(connection, ("bench", OWNER, EPOCH), outcome_columns_of(chunk))
         took = 1000 * (time.perf_counter() - started)
         print(f"  batch {index:3d}: record_outcomes of {len(chunk)} took {took:6.0f} ms")
 
@@ -83,22 +83,22 @@ async def explain(connection: asyncpg.Connection, chunk: list[int], mode: str) -
         await connection.execute("DEALLOCATE record_outcomes_plan")
     await connection.execute(
         "PREPARE record_outcomes_plan (text, text, bigint, bigint[], text[], text[], text[], text[],"
-        " float8[], int[], bigint[]) AS " + QUERIES["record_outcomes"]
+        " float8[], int[], bigint[], boolean[]) AS " + QUERIES["record_outcomes"]
     )
     count = len(chunk)
     call = (
         f"EXECUTE record_outcomes_plan ('bench', '{OWNER}', {EPOCH}, {array_literal(chunk, 'bigint[]')},"
         f" {array_literal(['sent'] * count, 'text[]')}, {array_literal(['x'] * count, 'text[]')},"
         f" {array_literal(['NULL'] * count, 'text[]')}, {array_literal(['NULL'] * count, 'text[]')},"
-        f" {array_literal([0] * count, 'float8[]')}, {array_literal([0] * count, 'int[]')}, NULL)"
+        f" {array_literal([0] * count, 'float8[]')}, {array_literal([0] * count, 'int[]')}, NULL, NULL)"
     )
-    transaction = connection.transaction()
-    await transaction.start()
+    # In the transaction the lane writes outcomes in (record_outcomes_begin), rolled back.
+    await connection.execute(QUERIES["record_outcomes_begin"])
     try:
         await connection.execute(f"SET LOCAL plan_cache_mode = {mode}")
         rows = await connection.fetch("EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF) " + call)
     finally:
-        await transaction.rollback()
+        await connection.execute(QUERIES["record_outcomes_rollback"])
     return [row[0] for row in rows]
 
 

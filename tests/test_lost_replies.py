@@ -34,12 +34,14 @@ from tests.pgproxy import PgProxy
 RECIPIENTS = 600
 
 # (statement, which of its executions loses its reply). Statements inside a transaction
-# (the preparation's) lose it before COMMIT, which rolls them back; "COMMIT;" loses the reply
-# to a commit that happened. The claim's second execution has tests of its own (test_outage).
+# (the preparation's, and the outcome writes') lose it before COMMIT, which rolls them back;
+# "COMMIT;" (asyncpg's, the preparation's) and record_outcomes_commit lose the reply to a
+# commit that happened. The claim's second execution has tests of its own (test_outage).
 CASES = [
     ("claim_recipients", 1),
     ("record_outcomes", 1),
-    ("record_outcomes", 3),
+    ("record_outcomes_commit", 1),
+    ("record_outcomes_commit", 3),
     ("acquire_lanes", 1),
     ("recover_orphaned_claims", 1),
     ("sending_campaigns", 1),
@@ -109,7 +111,8 @@ async def test_outcome_writes_losing_replies_while_recipients_retry_send_each_on
     connection = await db.connect(DatabaseConfig(url=database_url))  # type: ignore[arg-type]
     try:
         campaign_id = await create_campaign(connection, "sms", RECIPIENTS)
-        proxy.lose_reply(QUERIES["record_outcomes"], execution=2, then_every=2)
+        # The commit's reply: the batch took effect, and the lane does not know it.
+        proxy.lose_reply(QUERIES["record_outcomes_commit"], execution=2, then_every=2)
         config = daemon_config(
             tmp_path,
             proxy.url,

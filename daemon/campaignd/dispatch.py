@@ -13,7 +13,6 @@ The order of durable steps is what makes a message neither lost nor doubled sile
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import math
 import operator
@@ -211,12 +210,18 @@ async def record_outcomes(
         # unknown either way: its rows are in doubt to the next owner.
         connection.terminate()
         raise
-    except BaseException:
+    except Exception:
         # Rolled back here: the pool would too, but reports a connection handed back in a
-        # transaction to the loop's exception handler.
+        # transaction to the loop's exception handler. One that cannot be rolled back (or
+        # whose rollback a stop cuts off) is terminated: the server rolls it back.
         if not connection.is_closed() and connection.is_in_transaction():
-            with contextlib.suppress(Exception):
+            try:
                 await connection.execute(QUERIES["record_outcomes_rollback"])
+            except asyncio.CancelledError:
+                connection.terminate()
+                raise
+            except Exception:
+                connection.terminate()
         raise
     assert row is not None
     return row
