@@ -130,6 +130,16 @@ async def test_sigkill_mid_send_then_a_failed_resend_and_a_cancel_end_those_send
 
     await wait_for(progressed, timeout=60, what="100 sent")
     first.kill()
+
+    async def its_sessions_ended() -> bool:
+        # A claim the server was running at the kill may still commit: counted once it has.
+        return not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'campaignd'"
+            " AND pid <> pg_backend_pid()"
+        )
+
+    await wait_for(its_sessions_ended, timeout=30, what="the killed daemon's sessions to end")
     in_doubt_at_kill = {
         row["id"]
         for row in await conn.fetch(

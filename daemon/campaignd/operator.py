@@ -317,7 +317,8 @@ async def cmd_cancel(settings: Settings, campaign_id: str) -> int:
     if result.in_flight:
         message += (
             f"; {_recipients(result.in_flight, 'are', 'is')} in flight: the daemon sending them records "
-            "their outcome (any it gives back unsent end skipped too)"
+            "their outcome (any it gives back unsent end skipped too, or failed (in_doubt) when an "
+            "earlier attempt may have been delivered)"
         )
     _say(message)
     return 0
