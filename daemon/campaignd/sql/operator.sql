@@ -30,9 +30,8 @@ RETURNING id;
 -- name: op_cancel_campaign
 -- One statement: the campaign ends cancelled and its pending recipients end skipped, with
 -- skipped_count raised by exactly the rows changed; but one waiting for a resend of a send
--- that may have been delivered (resend_in_doubt = true: recipients.maybe_delivered, or
--- error_code 'in_doubt' on rows from before schema 12) ends failed 'in_doubt', as it would
--- have without a resend, counted in failed_count. The campaign row is locked
+-- that may have been delivered (resend_in_doubt = true; campaignd.sent_in_doubt, migration
+-- 012) ends failed 'in_doubt', as it would have without a resend, counted in failed_count. The campaign row is locked
 -- first, the order a lane's writes take: outcomes lock it before their recipients, and a
 -- preparation holds it (FOR KEY SHARE) while it skips recipients, so a cancel waits for the
 -- one and the other instead of deadlocking with them on the recipients both would change.
@@ -50,15 +49,10 @@ WITH cancellable AS (
     FOR UPDATE
 ), ended AS (
     UPDATE campaignd.recipients r
-    SET state = CASE WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
-        error_code = CASE WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'cancelled' END,
-        error_message = CASE
-            WHEN r.error_code = 'in_doubt'
-                THEN coalesce(r.error_message, 'the campaign was cancelled while this send was in doubt')
-            WHEN r.maybe_delivered
-                THEN 'the campaign was cancelled while this send was in doubt: an earlier attempt may have'
-                     || ' been delivered' || coalesce(' (last error: ' || r.error_code || ')', '')
-            ELSE $2 END,
+    SET state = CASE WHEN campaignd.sent_in_doubt(r) THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE WHEN campaignd.sent_in_doubt(r) THEN 'in_doubt' ELSE 'cancelled' END,
+        error_message = CASE WHEN campaignd.sent_in_doubt(r)
+            THEN campaignd.in_doubt_reason(r, 'the campaign was cancelled') ELSE $2 END,
         next_attempt_at = NULL, updated_at = now()
     -- Found by id (see wd_sweep_ended for why not a join); rows a claim holds are waited
     -- for, and left out if the claim took them.
@@ -99,15 +93,10 @@ WITH cancelled AS (
     SELECT id FROM campaignd.campaigns WHERE id = $1 AND status = 'cancelled' FOR UPDATE
 ), ended AS (
     UPDATE campaignd.recipients r
-    SET state = CASE WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
-        error_code = CASE WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'in_doubt' ELSE 'cancelled' END,
-        error_message = CASE
-            WHEN r.error_code = 'in_doubt'
-                THEN coalesce(r.error_message, 'the campaign was cancelled while this send was in doubt')
-            WHEN r.maybe_delivered
-                THEN 'the campaign was cancelled while this send was in doubt: an earlier attempt may have'
-                     || ' been delivered' || coalesce(' (last error: ' || r.error_code || ')', '')
-            ELSE $2 END,
+    SET state = CASE WHEN campaignd.sent_in_doubt(r) THEN 'failed' ELSE 'skipped' END,
+        error_code = CASE WHEN campaignd.sent_in_doubt(r) THEN 'in_doubt' ELSE 'cancelled' END,
+        error_message = CASE WHEN campaignd.sent_in_doubt(r)
+            THEN campaignd.in_doubt_reason(r, 'the campaign was cancelled') ELSE $2 END,
         next_attempt_at = NULL, updated_at = now()
     WHERE r.id = ANY (ARRAY(
             SELECT p.id FROM campaignd.recipients p

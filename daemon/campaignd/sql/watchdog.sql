@@ -25,8 +25,8 @@ RETURNING s.id;
 -- Claims given back after their campaign was cancelled or failed land as pending; they end
 -- like the rest of the campaign's pending recipients did (op_cancel_campaign, fail_campaign):
 -- skipped 'cancelled' or 'campaign_failed', but one waiting for a resend of a send the
--- provider may have delivered (maybe_delivered, or error_code 'in_doubt' on rows from before
--- schema 12), failed 'in_doubt' (as with resend_in_doubt = false). The
+-- provider may have delivered (campaignd.sent_in_doubt, migration 012), failed 'in_doubt'
+-- (as with resend_in_doubt = false). The
 -- counters are raised by exactly the rows changed, under the campaign row's lock.
 -- At most $1 recipients a call, so that no statement grows with the data: a campaign a host
 -- cancelled with an UPDATE leaves every recipient pending (millions, maybe), and one
@@ -60,17 +60,13 @@ WITH ended AS (
     -- with the ids picked: seconds for a chunk of 5,000 among 200,000. The campaign's status
     -- and reason (final, and its row locked above) are looked up by primary key.
     UPDATE campaignd.recipients r
-    SET state = CASE WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'failed' ELSE 'skipped' END,
+    SET state = CASE WHEN campaignd.sent_in_doubt(r) THEN 'failed' ELSE 'skipped' END,
         error_code = CASE
-            WHEN r.maybe_delivered OR r.error_code = 'in_doubt' THEN 'in_doubt'
+            WHEN campaignd.sent_in_doubt(r) THEN 'in_doubt'
             ELSE (SELECT CASE WHEN c.status = 'cancelled' THEN 'cancelled' ELSE 'campaign_failed' END
                   FROM campaignd.campaigns c WHERE c.id = r.campaign_id) END,
         error_message = CASE
-            WHEN r.error_code = 'in_doubt'
-                THEN coalesce(r.error_message, 'the campaign ended while this send was in doubt')
-            WHEN r.maybe_delivered
-                THEN 'the campaign ended while this send was in doubt: an earlier attempt may have'
-                     || ' been delivered' || coalesce(' (last error: ' || r.error_code || ')', '')
+            WHEN campaignd.sent_in_doubt(r) THEN campaignd.in_doubt_reason(r, 'the campaign ended')
             ELSE (SELECT CASE WHEN c.status = 'cancelled' THEN 'campaign cancelled'
                               ELSE coalesce(c.status_reason, 'campaign failed') END
                   FROM campaignd.campaigns c WHERE c.id = r.campaign_id) END,

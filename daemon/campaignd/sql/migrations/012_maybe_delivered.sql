@@ -10,3 +10,25 @@
 -- it keep their error_code 'in_doubt', which the statements still read as well.
 ALTER TABLE campaignd.recipients
     ADD COLUMN maybe_delivered boolean NOT NULL DEFAULT false;
+
+-- Whether a pending recipient waits for a resend of a send that may have been delivered: a
+-- cancel, or the sweep of a cancelled or failed campaign, ends it failed 'in_doubt', as it would
+-- have without a resend, not skipped. error_code 'in_doubt' says so on rows from before this
+-- version. Inlined by the planner (one expression over the row).
+CREATE FUNCTION campaignd.sent_in_doubt(recipient campaignd.recipients) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT recipient.maybe_delivered OR recipient.error_code IS NOT DISTINCT FROM 'in_doubt' $$;
+
+-- The error_message of such a recipient ended failed 'in_doubt' when its campaign ended ($2:
+-- how, "the campaign was cancelled"): the recovery's own reason when it has one, else that
+-- an earlier attempt may have been delivered, and the last error.
+CREATE FUNCTION campaignd.in_doubt_reason(recipient campaignd.recipients, ended text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE
+        WHEN recipient.error_code = 'in_doubt'
+            THEN coalesce(recipient.error_message, ended || ' while this send was in doubt')
+        ELSE ended || ' while this send was in doubt: an earlier attempt may have been delivered'
+             || coalesce(' (last error: ' || recipient.error_code || ')', '')
+    END
+$$;
