@@ -200,7 +200,7 @@ async def test_cancel_reports_the_claims_that_committed_while_it_waited(
             waiting = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND starts_with(query, left($1, 200))",
-                QUERIES["op_cancel_campaign"],
+                QUERIES["op_cancel_pending"],
             )
             return bool(waiting)
 

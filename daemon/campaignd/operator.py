@@ -238,23 +238,19 @@ CANCEL_CHUNK = 10_000
 
 async def cancel_campaign(connection: Connection, campaign_id: str) -> Cancellation:
     campaign = await _checked(connection, "cancel", campaign_id)
-    row = await connection.fetchrow(
-        QUERIES["op_cancel_campaign"], campaign_id, CANCELLED_BY_OPERATOR, CANCEL_CHUNK
-    )
+    row = await connection.fetchrow(QUERIES["op_cancel_campaign"], campaign_id, CANCELLED_BY_OPERATOR)
     if row is None:
         raise await _raced(connection, "cancel", campaign_id)
-    cancelled, in_doubt = int(row["cancelled"]), int(row["in_doubt"])
-    ended = cancelled + in_doubt
-    # The rest a chunk a statement, each bounded whatever the campaign's size; a cancel cut
-    # short here has cancelled the campaign all the same, and the watchdog ends the rest.
-    while ended:
-        more = await connection.fetchrow(
-            QUERIES["op_cancel_more"], campaign_id, CANCELLED_BY_OPERATOR, CANCEL_CHUNK
+    # Its pending recipients a chunk a statement, each bounded whatever the campaign's size; a
+    # cancel cut short here has cancelled the campaign all the same, and the watchdog ends the rest.
+    cancelled = in_doubt = 0
+    while True:
+        chunk = await connection.fetchrow(
+            QUERIES["op_cancel_pending"], campaign_id, CANCELLED_BY_OPERATOR, CANCEL_CHUNK
         )
-        if more is None:
+        if chunk is None or not chunk["cancelled"] + chunk["in_doubt"]:
             break
-        ended = int(more["cancelled"]) + int(more["in_doubt"])
-        cancelled, in_doubt = cancelled + int(more["cancelled"]), in_doubt + int(more["in_doubt"])
+        cancelled, in_doubt = cancelled + int(chunk["cancelled"]), in_doubt + int(chunk["in_doubt"])
     # Counted once the cancel has committed, in a snapshot of its own: the cancel's snapshot
     # predates the claims it waited for, and would report none of them in flight.
     in_flight = await connection.fetchval(QUERIES["op_campaign_in_flight"], campaign_id)

@@ -28,66 +28,47 @@ WHERE id = $1 AND status = 'paused'
 RETURNING id;
 
 -- name: op_cancel_campaign
--- One statement: the campaign ends cancelled and its pending recipients end skipped, with
--- skipped_count raised by exactly the rows changed; but one waiting for a resend of a send
--- that may have been delivered (resend_in_doubt = true; campaignd.sent_in_doubt, migration
--- 012) ends failed 'in_doubt', as it would have without a resend, counted in failed_count. The campaign row is locked
--- first, the order a lane's writes take: outcomes lock it before their recipients, and a
--- preparation holds it (FOR KEY SHARE) while it skips recipients, so a cancel waits for the
--- one and the other instead of deadlocking with them on the recipients both would change.
--- Rows the preparation skipped meanwhile are not pending any more, so they are not counted
--- twice. In-flight recipients are not touched: the lane holding them records their outcome
--- (op_campaign_in_flight counts them, once this has committed).
+-- The campaign ends cancelled (from draft, sending or paused); its pending recipients are
+-- ended by op_cancel_pending, a chunk a statement: one statement over every pending recipient
+-- of a campaign of millions outlasted statement_timeout, and the cancel could not be made.
+-- No claim starts once this has committed (claim_recipients requires 'sending'); claims given
+-- back after it land as pending and are ended by the next chunk, or by the watchdog's sweep.
 -- A campaign that was never prepared has no total_count yet; it gets one here.
--- At most $3 recipients: one statement over every pending recipient of a campaign of
--- millions outlasted statement_timeout, and the cancel could not be made. op_cancel_more
--- ends the rest, a chunk a statement.
--- $1 campaign id, $2 error message, $3 how many recipients at most
+-- The row is locked FOR UPDATE first, which a preparation's KEY SHARE holds off: a cancel that
+-- cannot wait that long (lock_timeout) changes nothing, rather than cancel a campaign whose
+-- recipients the preparation is still skipping.
+-- No row if the campaign could not be cancelled. $1 campaign id, $2 reason
 WITH cancellable AS (
     SELECT id FROM campaignd.campaigns
     WHERE id = $1 AND status IN ('draft', 'sending', 'paused')
     FOR UPDATE
-), ended AS (
-    UPDATE campaignd.recipients r
-    SET state = CASE WHEN campaignd.sent_in_doubt(r) THEN 'failed' ELSE 'skipped' END,
-        error_code = CASE WHEN campaignd.sent_in_doubt(r) THEN 'in_doubt' ELSE 'cancelled' END,
-        error_message = CASE WHEN campaignd.sent_in_doubt(r)
-            THEN campaignd.in_doubt_reason(r, 'the campaign was cancelled') ELSE $2 END,
-        next_attempt_at = NULL, updated_at = now()
-    -- Found by id (see wd_sweep_ended for why not a join); rows a claim holds are waited
-    -- for, and left out if the claim took them.
-    WHERE r.id = ANY (ARRAY(
-            SELECT p.id FROM campaignd.recipients p
-            WHERE p.campaign_id = (SELECT id FROM cancellable) AND p.state = 'pending'
-            LIMIT $3
-            FOR UPDATE))
-      AND r.state = 'pending'
-    RETURNING r.state
-), counted AS (
-    SELECT count(*) FILTER (WHERE state = 'skipped')::integer AS skipped,
-           count(*) FILTER (WHERE state = 'failed')::integer AS failed
-    FROM ended
 )
 UPDATE campaignd.campaigns c
-SET status = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN 'cancelled' ELSE c.status END,
-    status_reason = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN $2 ELSE c.status_reason END,
-    completed_at = CASE WHEN c.status IN ('draft', 'sending', 'paused') THEN now() ELSE c.completed_at END,
+SET status = 'cancelled',
+    status_reason = $2,
+    completed_at = now(),
     lease_owner = NULL,
     lease_expires_at = NULL,
-    skipped_count = c.skipped_count + counted.skipped,
-    failed_count = c.failed_count + counted.failed,
     total_count = CASE
         WHEN c.prepared_at IS NULL THEN (SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1)
         ELSE c.total_count END,
     updated_at = now()
-FROM counted
-WHERE c.id = $1 AND (counted.skipped + counted.failed > 0 OR c.status IN ('draft', 'sending', 'paused'))
-RETURNING c.status, counted.skipped AS cancelled, counted.failed AS in_doubt;
+WHERE c.id = (SELECT id FROM cancellable)
+RETURNING c.status;
 
--- name: op_cancel_more
--- What op_cancel_campaign did to its first $3 pending recipients, to the next $3 of a
--- campaign it cancelled (the campaign row locked first, as there); the caller calls again
--- until a call ends none. No row if the campaign is not cancelled.
+-- name: op_cancel_pending
+-- Up to $3 pending recipients of a cancelled campaign end skipped, with skipped_count raised
+-- by exactly the rows changed; but one waiting for a resend of a send that may have been
+-- delivered (resend_in_doubt = true; campaignd.sent_in_doubt, migration 012) ends failed
+-- 'in_doubt', as it would have without a resend, counted in failed_count. The caller calls
+-- again until a call ends none. The campaign row is locked first, the order a lane's writes
+-- take: outcomes lock it before their recipients, and a preparation holds it (FOR KEY SHARE)
+-- while it skips recipients, so a cancel waits for the one and the other instead of
+-- deadlocking with them on the recipients both would change. Rows the preparation skipped
+-- meanwhile are not pending any more, so they are not counted twice. Rows a claim holds are
+-- waited for, and left out if the claim took them: in-flight recipients are recorded by the
+-- lane holding them (op_campaign_in_flight counts them, once the cancel has committed).
+-- No row if the campaign is not cancelled.
 -- $1 campaign id, $2 error message, $3 how many recipients at most
 WITH cancelled AS (
     SELECT id FROM campaignd.campaigns WHERE id = $1 AND status = 'cancelled' FOR UPDATE
@@ -98,6 +79,7 @@ WITH cancelled AS (
         error_message = CASE WHEN campaignd.sent_in_doubt(r)
             THEN campaignd.in_doubt_reason(r, 'the campaign was cancelled') ELSE $2 END,
         next_attempt_at = NULL, updated_at = now()
+    -- Found by id (see wd_sweep_ended for why not a join).
     WHERE r.id = ANY (ARRAY(
             SELECT p.id FROM campaignd.recipients p
             WHERE p.campaign_id = (SELECT id FROM cancelled) AND p.state = 'pending'
@@ -119,9 +101,9 @@ WHERE c.id = (SELECT id FROM cancelled)
 RETURNING counted.skipped AS cancelled, counted.failed AS in_doubt;
 
 -- name: op_campaign_in_flight
--- Run after op_cancel_campaign has committed, in a statement (and snapshot) of its own: a
--- claim the cancel waited for committed after the cancel's snapshot was taken, so the
--- cancel itself cannot see those rows in flight. No claim starts after the cancel commits
+-- Run after the cancel has committed, in a statement (and snapshot) of its own: a claim the
+-- cancel waited for committed after the cancel's snapshot was taken, so the cancel itself
+-- cannot see those rows in flight. No claim starts after the cancel commits
 -- (claim_recipients requires status 'sending'). $1 campaign id
 SELECT count(*) FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight';
 

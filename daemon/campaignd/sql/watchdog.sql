@@ -23,7 +23,7 @@ RETURNING s.id;
 
 -- name: wd_sweep_ended
 -- Claims given back after their campaign was cancelled or failed land as pending; they end
--- like the rest of the campaign's pending recipients did (op_cancel_campaign, fail_campaign):
+-- like the rest of the campaign's pending recipients did (op_cancel_pending, fail_campaign):
 -- skipped 'cancelled' or 'campaign_failed', but one waiting for a resend of a send the
 -- provider may have delivered (campaignd.sent_in_doubt, migration 012), failed 'in_doubt'
 -- (as with resend_in_doubt = false). The
