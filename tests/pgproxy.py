@@ -49,6 +49,9 @@ class PgProxy:
         self.statement_held = threading.Event()
         # freeze()'s: set, no byte passes either way and new connections are held.
         self.frozen = threading.Event()
+        # strand()'s: connections opened before it (generation below this) pass nothing more.
+        self._generation = 0
+        self._stranded_below = 0
         self._released: asyncio.Event | None = None
         self._executions = 0
         self.lost = 0
@@ -90,7 +93,7 @@ class PgProxy:
             self._server.close()
             for writer in list(self._connections):
                 writer.transport.abort()
-            if self.frozen.is_set():
+            if self.frozen.is_set() or self._stranded_below:
                 # Held for good in _while_frozen: no closed socket wakes them.
                 for handler in list(self._handlers):
                     handler.cancel()
@@ -108,8 +111,18 @@ class PgProxy:
         held: a server that stops answering without closing anything (frozen, partitioned)."""
         self.frozen.set()
 
-    async def _while_frozen(self) -> None:
-        if self.frozen.is_set():
+    def strand(self) -> None:
+        """From now on no byte passes either way on the connections open now, while new ones
+        work: a partition, or a failover, that leaves a client's sockets open and silent."""
+
+        async def strand() -> None:
+            self._stranded_below = self._generation
+
+        asyncio.run_coroutine_threadsafe(strand(), self._loop).result(timeout=10)
+
+    async def _while_frozen(self, generation: int | None = None) -> None:
+        stranded = generation is not None and generation < self._stranded_below
+        if self.frozen.is_set() or stranded:
             await asyncio.Event().wait()  # for good: the proxy's stop() ends its handlers
 
     def lose_reply(self, query: str, *, execution: int, then_every: int = 0) -> None:
@@ -159,6 +172,8 @@ class PgProxy:
         handler.add_done_callback(self._handlers.discard)
         self._connections.add(client_writer)
         upstream_writer: asyncio.StreamWriter | None = None
+        generation = self._generation
+        self._generation += 1
         try:
             await self._while_frozen()
             if self._unix_path is not None:
@@ -169,12 +184,17 @@ class PgProxy:
             losing = asyncio.Event()
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    self._client_to_server(client_reader, client_writer, upstream_writer, losing)
+                    self._client_to_server(client_reader, client_writer, upstream_writer, losing, generation)
                 )
                 group.create_task(
-                    self._server_to_client(upstream_reader, client_writer, upstream_writer, losing)
+                    self._server_to_client(
+                        upstream_reader, client_writer, upstream_writer, losing, generation
+                    )
                 )
         except* (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        except* asyncio.CancelledError:
+            # stop()'s, of a connection held for good: ended quietly, as a closed one does.
             pass
         finally:
             for writer in (client_writer, upstream_writer):
@@ -188,6 +208,7 @@ class PgProxy:
         client_writer: asyncio.StreamWriter,
         upstream: asyncio.StreamWriter,
         losing: asyncio.Event,
+        generation: int,
     ) -> None:
         # Startup: untyped messages, a length and a code first.
         while True:
@@ -229,7 +250,7 @@ class PgProxy:
                     if self._hold_executions == self._hold_execution and self._released is not None:
                         self.statement_held.set()
                         await self._released.wait()
-            await self._while_frozen()
+            await self._while_frozen(generation)
             upstream.write(head + body)
             await upstream.drain()
 
@@ -239,13 +260,14 @@ class PgProxy:
         client_writer: asyncio.StreamWriter,
         upstream: asyncio.StreamWriter,
         losing: asyncio.Event,
+        generation: int,
     ) -> None:
         held: list[bytes] = []
         while True:
             head = await reader.readexactly(5)
             kind, length = head[:1], struct.unpack("!i", head[1:])[0]
             body = await reader.readexactly(length - 4)
-            await self._while_frozen()
+            await self._while_frozen(generation)
             if not losing.is_set():
                 client_writer.write(head + body)
                 await client_writer.drain()

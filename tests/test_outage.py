@@ -428,6 +428,59 @@ async def test_a_stop_while_the_database_no_longer_answers_ends_within_its_budge
     assert "stop_overran" in daemon.log()
 
 
+async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_campaign_completes(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A partition, or a failover that moves the address to a new primary, leaves the daemon's
+    # sockets to the old server open and silent: no answer, no error. Its statements waited
+    # for good: the lane held its claims and outcomes, its lease ran out, and the campaign
+    # stayed in SENDING with nothing to tell why (the health checks passed).
+    proxy = PgProxy(database_url)
+    proxy.start()
+    try:
+        fake.behaviour.latency_seconds = 0.01
+        campaign_id = await create_campaign(conn, "sms", 3000)
+        config = daemon_config(
+            tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 500.0}}, lease_seconds=2.0
+        )
+        # The server kills a stranded session's transaction (and its locks) soon, too.
+        with_database_settings(
+            config,
+            statement_timeout_seconds=1.0,
+            lock_timeout_seconds=0.5,
+            idle_in_transaction_timeout_seconds=2.0,
+        )
+        daemon = daemons(config)
+        await wait_for(lambda: _sent_at_least(conn, campaign_id, 300), timeout=60, what="300 sent")
+        proxy.strand()
+        stranded_at = time.monotonic()
+        row = await wait_status(conn, campaign_id, "completed", timeout=120)
+        took = time.monotonic() - stranded_at
+    finally:
+        proxy.stop()
+
+    assert (row["sent_count"], row["failed_count"], row["skipped_count"]) == (3000, 0, 0)
+    await assert_counters_match(conn, campaign_id)
+    assert len({a.recipient_id for a in fake.accepted()}) == 3000
+    assert fake.addresses_delivered_under_several_keys() == {}
+    log = daemon.log()
+    assert "database_unavailable" in log and "TimeoutError" in log, log[-3000:]
+    assert "lane_crashed" not in log and "daemon_failed" not in log
+    # Without the stranding, ~3000 / 500 = 6 s; each silent statement now costs its bound.
+    assert took < 90, took
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+
+
+def with_database_settings(config: Path, **settings: float) -> Path:
+    """``config`` with these [database] settings added."""
+    lines = "".join(f"{name} = {value!r}\n" for name, value in settings.items())
+    text = config.read_text()
+    assert "pool_size = 6\n" in text
+    config.write_text(text.replace("pool_size = 6\n", f"pool_size = 6\n{lines}", 1))
+    return config
+
+
 async def _sent_at_least(connection: asyncpg.Connection, campaign_id: str, count: int) -> bool:
     return bool((await campaign(connection, campaign_id))["sent_count"] >= count)
 

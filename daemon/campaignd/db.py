@@ -164,7 +164,24 @@ async def connect(config: DatabaseConfig) -> asyncpg.Connection:
     return connection
 
 
+# How much longer than the server's statement_timeout the daemon waits for an answer before
+# giving a connection up: time for the server's own cancel, and the rows, to arrive.
+ANSWER_MARGIN_SECONDS = 5.0
+
+
+def answer_timeout(statement_timeout_seconds: float) -> float:
+    """How long the daemon waits for the answer to a statement that runs under
+    ``statement_timeout_seconds`` on the server."""
+    return statement_timeout_seconds + ANSWER_MARGIN_SECONDS
+
+
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
+    """The daemon's connections. Every statement on them waits for its answer at most
+    answer_timeout() (a statement that needs longer passes its own timeout): a connection to a
+    server that stopped answering without closing it (a partition, a failover that moved the
+    server's address) is then cancelled and closed, and the caller's retry takes a new one.
+    Waited on, it held a lane's claims and outcomes, and its campaign in SENDING, until the
+    kernel gave the socket up (~15 minutes), or for good where nothing ever did."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         config.url.get_secret_value(),
         min_size=1,
@@ -172,6 +189,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
         server_settings=session_settings(config),
         init=_init_connection,
         timeout=10,
+        command_timeout=answer_timeout(config.statement_timeout_seconds),
         # Connections are recycled after an outage; an idle one is closed after a while so
         # a failover does not leave the pool full of sockets to the old primary.
         max_inactive_connection_lifetime=60,

@@ -31,7 +31,7 @@ from campaignd import leasing, metrics
 from campaignd.asyncutil import Slots, WorkQueue, wait_any
 from campaignd.breaker import FailureBreaker
 from campaignd.config import AnySenderConfig, DispatchConfig
-from campaignd.db import Backoff, is_transient_db_error, note_unavailable
+from campaignd.db import Backoff, answer_timeout, is_transient_db_error, note_unavailable
 from campaignd.leasing import LaneLease, report_in_doubt
 from campaignd.limits import CampaignCap, SenderLimiter
 from campaignd.outcomes import (
@@ -720,9 +720,17 @@ class Lane:
                         timeout_ms = await connection.fetchval(
                             QUERIES["prepare_tail_statement_timeout"], PREPARE_TAIL_TIMEOUT_FACTORS[timeouts]
                         )
+                        # The statements that read the whole rest wait for their answer as long
+                        # as the server lets them run, not the pool's default.
+                        whole_rest = answer_timeout(timeout_ms / 1000) if timeout_ms else None
                         await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
                         await self._skip_unsendable(
-                            connection, campaign_id, template, head_below, BEYOND_LAST_ID
+                            connection,
+                            campaign_id,
+                            template,
+                            head_below,
+                            BEYOND_LAST_ID,
+                            answer_within=whole_rest,
                         )
                         # Fenced before it commits, not from its start: the lane's lock
                         # holds off its lease renewals, and a tail's skips can take seconds.
@@ -736,9 +744,13 @@ class Lane:
                                 PREFLIGHT_SAMPLE - len(head_sample),
                             )
                             sample = [*head_sample, *rest]
-                            if await self._failed_preflight(connection, campaign_id, template, sample, bound):
+                            if await self._failed_preflight(
+                                connection, campaign_id, template, sample, bound, answer_within=whole_rest
+                            ):
                                 return
-                        prepared = await self._finish_preparing(connection, campaign_id)
+                        prepared = await self._finish_preparing(
+                            connection, campaign_id, answer_within=whole_rest
+                        )
                     break
                 except LaneLost:
                     return
@@ -814,11 +826,13 @@ class Lane:
         template: Template,
         sample: list[asyncpg.Record],
         bound: structlog.typing.FilteringBoundLogger,
+        *,
+        answer_within: float | None = None,
     ) -> bool:
         """Fails the campaign, in the preparing transaction, when the pre-flight finds its
         message invalid for the provider; the skips made stand, and are counted. Raises
         _NotSending (the transaction rolls back) if it is no longer SENDING: it is prepared
-        again, and judged again, when it is."""
+        again, and judged again, when it is. ``answer_within``: the recount's (see _skip_unsendable)."""
         try:
             problem = preflight(self._provider, template, sample)
         except Exception as exc:
@@ -836,7 +850,7 @@ class Lane:
             is None
         ):
             raise _NotSending
-        await self._finish_preparing(connection, campaign_id)
+        await self._finish_preparing(connection, campaign_id, answer_within=answer_within)
         bound.warning("campaign_failed", reason=reason)
         return True
 
@@ -846,11 +860,22 @@ class Lane:
             raise LaneLost
 
     async def _skip_unsendable(
-        self, connection: Connection, campaign_id: str, template: Template, first_id: int, below: int
+        self,
+        connection: Connection,
+        campaign_id: str,
+        template: Template,
+        first_id: int,
+        below: int,
+        *,
+        answer_within: float | None = None,
     ) -> int:
-        """Skips the fresh recipients in [first_id, below) that cannot be sent; returns how many."""
+        """Skips the fresh recipients in [first_id, below) that cannot be sent; returns how many.
+        ``answer_within``: how long each statement's answer is waited for (None: the pool's
+        default, see db.create_pool)."""
         skipped = _affected(
-            await connection.execute(QUERIES["prepare_skip_no_address"], campaign_id, first_id, below)
+            await connection.execute(
+                QUERIES["prepare_skip_no_address"], campaign_id, first_id, below, timeout=answer_within
+            )
         )
         if template.variables:
             skipped += _affected(
@@ -860,6 +885,7 @@ class Lane:
                     first_id,
                     below,
                     sorted(template.variables),
+                    timeout=answer_within,
                 )
             )
         # Last, so that a recipient skipped for its variables does not keep its address
@@ -871,15 +897,26 @@ class Lane:
         )
         await connection.execute(QUERIES["prepare_duplicates_without_nested_loops"])
         skipped += _affected(
-            await connection.execute(duplicates, campaign_id, first_id, below, self._provider.phone_addresses)
+            await connection.execute(
+                duplicates,
+                campaign_id,
+                first_id,
+                below,
+                self._provider.phone_addresses,
+                timeout=answer_within,
+            )
         )
         await connection.execute(QUERIES["prepare_duplicates_done"])
         return skipped
 
     @staticmethod
-    async def _finish_preparing(connection: Connection, campaign_id: str) -> asyncpg.Record | None:
+    async def _finish_preparing(
+        connection: Connection, campaign_id: str, *, answer_within: float | None = None
+    ) -> asyncpg.Record | None:
         await connection.execute(QUERIES["prepare_lock_campaign"], campaign_id)
-        prepared: asyncpg.Record | None = await connection.fetchrow(QUERIES["prepare_finish"], campaign_id)
+        prepared: asyncpg.Record | None = await connection.fetchrow(
+            QUERIES["prepare_finish"], campaign_id, timeout=answer_within
+        )
         return prepared
 
     @staticmethod
