@@ -472,6 +472,35 @@ async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_camp
     assert await asyncio.to_thread(daemon.wait, 30) == 0
 
 
+async def test_a_listener_gone_silent_is_replaced_so_new_campaigns_start_at_once(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # The NOTIFY listener idles between notifications: a partition left it open and deaf, and
+    # every campaign after it waited for the next poll (poll_seconds; a minute here) for as
+    # long as the socket stayed open, however quick the pool's new connections were.
+    proxy = PgProxy(database_url)
+    proxy.start()
+    try:
+        config = daemon_config(
+            tmp_path, proxy.url, {"sms": {"url": fake.url}}, poll_seconds=60.0, lease_seconds=2.0
+        )
+        with_database_settings(config, statement_timeout_seconds=1.0, idle_in_transaction_timeout_seconds=2.0)
+        daemon = daemons(config)
+        first = await create_campaign(conn, "sms", 10)
+        await wait_status(conn, first, "completed", timeout=30)
+        proxy.strand()
+        await wait_for(lambda: _logged(daemon, '"listener_silent"'), timeout=60, what="the silent listener")
+        second = await create_campaign(conn, "sms", 10, name="after")
+        row = await wait_status(conn, second, "completed", timeout=15)
+    finally:
+        proxy.stop()
+
+    assert row["sent_count"] == 10
+    assert len({a.recipient_id for a in fake.accepted()}) == 20
+    daemon.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 30) == 0
+
+
 def with_database_settings(config: Path, **settings: float) -> Path:
     """``config`` with these [database] settings added."""
     lines = "".join(f"{name} = {value!r}\n" for name, value in settings.items())

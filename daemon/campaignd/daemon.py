@@ -70,6 +70,10 @@ class DaemonFailed(Exception):
 
 
 LOOP_LAG_PROBE_SECONDS = 0.5
+# How often the NOTIFY listener is asked a question, and how long its answer may take: a
+# listener that went silent is replaced within twice this, instead of leaving every new
+# campaign to the next poll for as long as its socket stays open.
+LISTENER_PROBE_SECONDS = 10.0
 
 
 class Daemon:
@@ -480,8 +484,10 @@ class Daemon:
                 backoff.reset()
                 # Notifications sent while we were not listening are gone: look now.
                 self._wake_everything()
-                await closed.wait()
-                log.warning("listener_disconnected")
+                if await _answers_until_closed(connection, closed):
+                    log.warning("listener_disconnected")
+                else:
+                    log.warning("listener_silent", waited=LISTENER_PROBE_SECONDS, note="replacing it")
             except Exception as exc:
                 if db.is_transient_db_error(exc):
                     await backoff.wait_after(exc, log, "listen")
@@ -496,8 +502,26 @@ class Daemon:
                     await asyncio.sleep(delay)
             finally:
                 if connection is not None:
-                    with contextlib.suppress(Exception):
+                    try:
                         await asyncio.wait_for(connection.close(), timeout=2)
+                    except Exception:
+                        # A silent connection does not close politely; it is dropped.
+                        connection.terminate()
+
+
+async def _answers_until_closed(connection: asyncpg.Connection, closed: asyncio.Event) -> bool:
+    """Asks the listener a question every LISTENER_PROBE_SECONDS: True once its connection
+    closed, False when an answer did not come in time (a partition, a failover that moved the
+    server's address leave it open and silent)."""
+    while not closed.is_set():
+        await wait_any(closed, seconds=LISTENER_PROBE_SECONDS)
+        if closed.is_set():
+            break
+        try:
+            await connection.fetchval(QUERIES["listener_probe"], timeout=LISTENER_PROBE_SECONDS)
+        except TimeoutError:
+            return False
+    return True
 
 
 async def sync_senders(connection: db.Connection, settings: Settings) -> None:

@@ -42,6 +42,11 @@ SELECT to_regclass('campaignd.schema_migrations') IS NOT NULL;
 -- name: schema_version
 SELECT max(version) FROM campaignd.schema_migrations;
 
+-- name: listener_probe
+-- Asked of the NOTIFY listener now and then: a listener that stopped hearing (a partition, a
+-- failover that moved the server's address) says nothing of it until it is asked something.
+SELECT 1;
+
 -- name: upsert_sender
 INSERT INTO campaignd.senders (id, provider, rate_per_second, burst, resend_in_doubt)
 VALUES ($1, $2, $3, $4, $5)
