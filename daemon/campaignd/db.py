@@ -169,9 +169,16 @@ async def connect(config: DatabaseConfig) -> asyncpg.Connection:
 ANSWER_MARGIN_SECONDS = 5.0
 
 
+# What answer_timeout gives where the server has no statement_timeout (0): a session whose
+# startup settings were not applied (a pooler that drops them), with no bound of its own.
+UNBOUNDED_ANSWER_SECONDS = 86_400.0
+
+
 def answer_timeout(statement_timeout_seconds: float) -> float:
     """How long the daemon waits for the answer to a statement that runs under
-    ``statement_timeout_seconds`` on the server."""
+    ``statement_timeout_seconds`` on the server (0: none)."""
+    if statement_timeout_seconds <= 0:
+        return UNBOUNDED_ANSWER_SECONDS
     return statement_timeout_seconds + ANSWER_MARGIN_SECONDS
 
 
