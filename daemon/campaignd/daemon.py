@@ -74,6 +74,9 @@ LOOP_LAG_PROBE_SECONDS = 0.5
 # listener that went silent is replaced within twice this, instead of leaving every new
 # campaign to the next poll for as long as its socket stays open.
 LISTENER_PROBE_SECONDS = 10.0
+# How long the pool's polite close may take at the end of a stop before its connections are
+# dropped; within STOP_MARGIN_SECONDS.
+POOL_CLOSE_SECONDS = 2.0
 
 
 class Daemon:
@@ -167,7 +170,7 @@ class Daemon:
                 await self._retire(pool)
             for provider in providers.values():
                 await provider.close()
-            await pool.close()
+            await db.close_pool(pool, POOL_CLOSE_SECONDS)
         if failed:
             raise DaemonFailed(failed)
 
@@ -477,10 +480,14 @@ class Daemon:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await db.connect(self.settings.database)
                 closed = asyncio.Event()
-                connection.add_termination_listener(lambda _c, closed=closed: closed.set())
-                await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                # Its set-up's statements (codecs, LISTEN) are bounded like the probe: a server
+                # that goes silent as the listener reconnects (an outage, a failover) held it
+                # there, before its probe ever started.
+                async with asyncio.timeout(2 * LISTENER_PROBE_SECONDS):
+                    connection = await db.connect(self.settings.database)
+                    connection.add_termination_listener(lambda _c, closed=closed: closed.set())
+                    await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 backoff.reset()
                 # Notifications sent while we were not listening are gone: look now.
                 self._wake_everything()
@@ -503,7 +510,11 @@ class Daemon:
             finally:
                 if connection is not None:
                     try:
-                        await asyncio.wait_for(connection.close(), timeout=2)
+                        # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that lands
+                        # as the close completes (a stop just as the server goes away), and the
+                        # listener, never ending, held the stop until it overran.
+                        async with asyncio.timeout(2):
+                            await connection.close()
                     except Exception:
                         # A silent connection does not close politely; it is dropped.
                         connection.terminate()

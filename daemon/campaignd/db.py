@@ -204,6 +204,22 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
     return pool
 
 
+async def close_pool(pool: asyncpg.Pool, seconds: float) -> None:
+    """Closes the pool's connections politely where the server answers, within ``seconds``.
+
+    A polite close waits for the server's goodbye, which a connection gone silent (a
+    partition, a failover) never gets: a daemon stopped after one waited until its stop
+    overran its budget and exited 1, its work all done. Past ``seconds`` the rest is dropped.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await pool.close()
+    except TimeoutError:
+        # Interrupted, asyncpg's close terminates what is left; said here too, for the reader.
+        pool.terminate()
+        log.warning("pool_close_timed_out", seconds=seconds, note="connections dropped")
+
+
 class Backoff:
     """Delays for reconnecting: 0.2 s doubling to a cap, with jitter so that many daemons
     coming back after a database restart do not knock at the same instant."""
