@@ -429,39 +429,33 @@ async def test_a_stop_while_the_database_no_longer_answers_ends_within_its_budge
 
 
 async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_campaign_completes(
-    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+    tmp_path: Path, proxy: PgProxy, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
     # A partition, or a failover that moves the address to a new primary, leaves the daemon's
     # sockets to the old server open and silent: no answer, no error. Its statements waited
     # for good: the lane held its claims and outcomes, its lease ran out, and the campaign
     # stayed in SENDING with nothing to tell why (the health checks passed).
-    proxy = PgProxy(database_url)
-    proxy.start()
-    try:
-        fake.behaviour.latency_seconds = 0.01
-        campaign_id = await create_campaign(conn, "sms", 3000)
-        config = daemon_config(
-            tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 500.0}}, lease_seconds=2.0
-        )
-        # The server kills a stranded session's transaction (and its locks) soon, too.
-        with_database_settings(
-            config,
-            statement_timeout_seconds=1.0,
-            lock_timeout_seconds=0.5,
-            idle_in_transaction_timeout_seconds=2.0,
-        )
-        daemon = daemons(config)
-        await wait_for(lambda: _sent_at_least(conn, campaign_id, 300), timeout=60, what="300 sent")
-        proxy.strand()
-        stranded_at = time.monotonic()
-        row = await wait_status(conn, campaign_id, "completed", timeout=120)
-        took = time.monotonic() - stranded_at
-        # Stopped with connections still stranded in its pool: a polite close of those waited
-        # for the server's goodbye until the stop overran and exited 1.
-        daemon.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(daemon.wait, 60)
-    finally:
-        proxy.stop()
+    fake.behaviour.latency_seconds = 0.01
+    campaign_id = await create_campaign(conn, "sms", 3000)
+    config = daemon_config(
+        tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 500.0}}, lease_seconds=2.0
+    )
+    # The server kills a stranded session's transaction (and its locks) soon, too.
+    with_database_settings(
+        config,
+        statement_timeout_seconds=1.0,
+        lock_timeout_seconds=0.5,
+        idle_in_transaction_timeout_seconds=2.0,
+    )
+    daemon = daemons(config)
+    await wait_for(lambda: _sent_at_least(conn, campaign_id, 300), timeout=60, what="300 sent")
+    proxy.strand()
+    stranded_at = time.monotonic()
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+    took = time.monotonic() - stranded_at
+    # Stopped with connections still stranded: it must not wait on them past its budget.
+    daemon.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(daemon.wait, 60)
 
     assert code == 0, daemon.log()[-3000:]
     assert (row["sent_count"], row["failed_count"], row["skipped_count"]) == (3000, 0, 0)
@@ -476,29 +470,24 @@ async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_camp
 
 
 async def test_a_listener_gone_silent_is_replaced_so_new_campaigns_start_at_once(
-    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+    tmp_path: Path, proxy: PgProxy, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
     # The NOTIFY listener idles between notifications: a partition left it open and deaf, and
     # every campaign after it waited for the next poll (poll_seconds; a minute here) for as
     # long as the socket stayed open, however quick the pool's new connections were.
-    proxy = PgProxy(database_url)
-    proxy.start()
-    try:
-        config = daemon_config(
-            tmp_path, proxy.url, {"sms": {"url": fake.url}}, poll_seconds=60.0, lease_seconds=2.0
-        )
-        with_database_settings(config, statement_timeout_seconds=1.0, idle_in_transaction_timeout_seconds=2.0)
-        daemon = daemons(config)
-        first = await create_campaign(conn, "sms", 10)
-        await wait_status(conn, first, "completed", timeout=30)
-        proxy.strand()
-        await wait_for(lambda: _logged(daemon, '"listener_silent"'), timeout=60, what="the silent listener")
-        second = await create_campaign(conn, "sms", 10, name="after")
-        row = await wait_status(conn, second, "completed", timeout=15)
-        daemon.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(daemon.wait, 60)
-    finally:
-        proxy.stop()
+    config = daemon_config(
+        tmp_path, proxy.url, {"sms": {"url": fake.url}}, poll_seconds=60.0, lease_seconds=2.0
+    )
+    with_database_settings(config, statement_timeout_seconds=1.0, idle_in_transaction_timeout_seconds=2.0)
+    daemon = daemons(config)
+    first = await create_campaign(conn, "sms", 10)
+    await wait_status(conn, first, "completed", timeout=30)
+    proxy.strand()
+    await wait_for(lambda: _logged(daemon, '"listener_silent"'), timeout=60, what="the silent listener")
+    second = await create_campaign(conn, "sms", 10, name="after")
+    row = await wait_status(conn, second, "completed", timeout=15)
+    daemon.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(daemon.wait, 60)
 
     assert code == 0, daemon.log()[-3000:]
     assert row["sent_count"] == 10
@@ -527,26 +516,21 @@ async def test_a_stop_just_as_the_database_goes_away_still_exits_zero(
         assert code == 0, f"attempt {attempt}: {daemon.log()[-3000:]}"
 
 
-async def test_closing_a_pool_whose_connections_went_silent_ends_within_its_bound(database_url: str) -> None:
+async def test_closing_a_pool_whose_connections_went_silent_ends_within_its_bound(proxy: PgProxy) -> None:
     # A polite close waits for the server's goodbye, which connections stranded by a partition
     # never get: asyncpg's Pool.close() gave up only after the pool's command_timeout, and a
     # daemon's stop with them overran its budget and exited 1.
-    proxy = PgProxy(database_url)
-    proxy.start()
-    try:
-        # The default statement_timeout: a polite close waits for an answer as long as any
-        # statement does (35 s), past a stop's margin.
-        pool = await db.create_pool(DatabaseConfig(url=proxy.url))  # type: ignore[arg-type]
-        held = [await pool.acquire() for _ in range(3)]
-        for connection in held:
-            assert await connection.fetchval("SELECT 1") == 1
-            await pool.release(connection)
-        proxy.strand()
-        started = time.monotonic()
-        await db.close_pool(pool, 1.0)
-        took = time.monotonic() - started
-    finally:
-        proxy.stop()
+    # The default statement_timeout: a polite close waits for an answer as long as any
+    # statement does (35 s), past a stop's margin.
+    pool = await db.create_pool(DatabaseConfig(url=proxy.url))  # type: ignore[arg-type]
+    held = [await pool.acquire() for _ in range(3)]
+    for connection in held:
+        assert await connection.fetchval("SELECT 1") == 1
+        await pool.release(connection)
+    proxy.strand()
+    started = time.monotonic()
+    await db.close_pool(pool, 1.0)
+    took = time.monotonic() - started
     assert took < 10, took
 
 
