@@ -504,9 +504,9 @@ async def test_a_stop_just_as_the_database_goes_away_still_exits_zero(
     for attempt in range(4):
         proxy = PgProxy(database_url)
         proxy.start()
+        config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url}}, name=f"c{attempt}.toml")
+        daemon = daemons(config)
         try:
-            config = daemon_config(tmp_path, proxy.url, {"sms": {"url": fake.url}}, name=f"c{attempt}.toml")
-            daemon = daemons(config)
             campaign_id = await create_campaign(conn, "sms", 5, name=f"before stop {attempt}")
             await wait_status(conn, campaign_id, "completed", timeout=30)
         finally:
@@ -531,7 +531,8 @@ async def test_closing_a_pool_whose_connections_went_silent_ends_within_its_boun
     started = time.monotonic()
     await db.close_pool(pool, 1.0)
     took = time.monotonic() - started
-    assert took < 10, took
+    # Waited its bound (the connections were still open and silent), and no longer.
+    assert 0.9 <= took < 10, took
 
 
 def with_database_settings(config: Path, **settings: float) -> Path:

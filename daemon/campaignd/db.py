@@ -160,7 +160,12 @@ async def connect(config: DatabaseConfig) -> asyncpg.Connection:
     connection: asyncpg.Connection = await asyncpg.connect(
         config.url.get_secret_value(), server_settings=session_settings(config), timeout=10
     )
-    await _init_connection(connection)
+    try:
+        await _init_connection(connection)
+    except BaseException:
+        # Cut off (a caller's timeout, a server gone silent) before the caller holds it.
+        connection.terminate()
+        raise
     return connection
 
 

@@ -720,13 +720,13 @@ class Lane:
                         timeout_ms = await connection.fetchval(
                             QUERIES["prepare_tail_statement_timeout"], PREPARE_TAIL_TIMEOUT_FACTORS[timeouts]
                         )
-                        # Every statement of this transaction waits for its answer as long as
-                        # the server lets it run, not the pool's default: cut off sooner, the
-                        # attempt would be retried as an outage, at the same timeout, forever.
+                        # The statements that read the whole rest wait for their answer as long
+                        # as the server lets them run, not the pool's default: cut off sooner,
+                        # the attempt would be retried as an outage, at the same timeout, for
+                        # ever. (The others, row locks and settings, keep the default: a
+                        # connection gone silent there is given up sooner.)
                         whole_rest = answer_timeout(timeout_ms / 1000)
-                        await connection.execute(
-                            QUERIES["prepare_hold_campaign"], campaign_id, timeout=whole_rest
-                        )
+                        await connection.execute(QUERIES["prepare_hold_campaign"], campaign_id)
                         await self._skip_unsendable(
                             connection,
                             campaign_id,
@@ -737,7 +737,7 @@ class Lane:
                         )
                         # Fenced before it commits, not from its start: the lane's lock
                         # holds off its lease renewals, and a tail's skips can take seconds.
-                        await self._lock_lane(connection, answer_within=whole_rest)
+                        await self._lock_lane(connection)
                         if len(head_sample) < PREFLIGHT_SAMPLE:
                             rest = await connection.fetch(
                                 QUERIES["preflight_sample"],
@@ -849,17 +849,17 @@ class Lane:
         if problem is None:
             return False
         reason = self._storable_text(f"pre-flight: {problem}")
-        failed = await connection.fetchval(
-            QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason, timeout=answer_within
-        )
-        if failed is None:
+        if (
+            await connection.fetchval(QUERIES["fail_campaign"], *self.lease.token, campaign_id, reason)
+            is None
+        ):
             raise _NotSending
         await self._finish_preparing(connection, campaign_id, answer_within=answer_within)
         bound.warning("campaign_failed", reason=reason)
         return True
 
-    async def _lock_lane(self, connection: Connection, *, answer_within: float | None = None) -> None:
-        if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token, timeout=answer_within) is None:
+    async def _lock_lane(self, connection: Connection) -> None:
+        if await connection.fetchval(QUERIES["lock_lane"], *self.lease.token) is None:
             self.lease.lost = True
             raise LaneLost
 
@@ -899,7 +899,7 @@ class Lane:
             if below == BEYOND_LAST_ID
             else QUERIES["prepare_skip_duplicates_in_head"]
         )
-        await connection.execute(QUERIES["prepare_duplicates_without_nested_loops"], timeout=answer_within)
+        await connection.execute(QUERIES["prepare_duplicates_without_nested_loops"])
         skipped += _affected(
             await connection.execute(
                 duplicates,
@@ -910,14 +910,14 @@ class Lane:
                 timeout=answer_within,
             )
         )
-        await connection.execute(QUERIES["prepare_duplicates_done"], timeout=answer_within)
+        await connection.execute(QUERIES["prepare_duplicates_done"])
         return skipped
 
     @staticmethod
     async def _finish_preparing(
         connection: Connection, campaign_id: str, *, answer_within: float | None = None
     ) -> asyncpg.Record | None:
-        await connection.execute(QUERIES["prepare_lock_campaign"], campaign_id, timeout=answer_within)
+        await connection.execute(QUERIES["prepare_lock_campaign"], campaign_id)
         prepared: asyncpg.Record | None = await connection.fetchrow(
             QUERIES["prepare_finish"], campaign_id, timeout=answer_within
         )
