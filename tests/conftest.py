@@ -351,6 +351,17 @@ async def register_sender(
     )
 
 
+async def wait_sent(
+    connection: asyncpg.Connection, campaign_id: str, count: int, *, timeout: float = 60, what: str = ""
+) -> None:
+    """Waits until the campaign has at least ``count`` recipients counted sent."""
+
+    async def sent() -> bool:
+        return bool((await campaign(connection, campaign_id))["sent_count"] >= count)
+
+    await wait_for(sent, timeout=timeout, what=what or f"{count} sent")
+
+
 async def create_campaign(
     connection: asyncpg.Connection,
     sender_id: str,

@@ -17,6 +17,7 @@ from tests.conftest import (
     daemon_config,
     state_counts,
     wait_for,
+    wait_sent,
     wait_status,
 )
 
@@ -71,10 +72,7 @@ async def test_sigkill_mid_campaign_then_restart_resumes_without_loss_or_silent_
     campaign_id = await create_campaign(conn, "sms", 2000)
     first = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, campaign_id))["sent_count"] >= 400
-
-    await wait_for(progressed, timeout=60, what="400 sent")
+    await wait_sent(conn, campaign_id, 400)
     first.kill()
     in_flight_at_kill = (await state_counts(conn, campaign_id)).get("in_flight", 0)
     requests_at_kill = fake.request_count()
@@ -125,10 +123,7 @@ async def test_sigkill_mid_send_then_a_failed_resend_and_a_cancel_end_those_send
     campaign_id = await create_campaign(conn, "sms", 2000)
     first = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, campaign_id))["sent_count"] >= 100
-
-    await wait_for(progressed, timeout=60, what="100 sent")
+    await wait_sent(conn, campaign_id, 100)
     first.kill()
 
     async def its_sessions_ended() -> bool:
@@ -192,10 +187,7 @@ async def test_sigterm_drains_in_flight_sends_and_releases_the_lane(
     campaign_id = await create_campaign(conn, "sms", 3000)
     daemon = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, campaign_id))["sent_count"] >= 100
-
-    await wait_for(progressed, timeout=60, what="100 sent")
+    await wait_sent(conn, campaign_id, 100)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
 
@@ -446,10 +438,7 @@ async def test_frozen_daemon_is_fenced_after_takeover(
     campaign_id = await create_campaign(conn, "sms", 800)
     frozen = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, campaign_id))["sent_count"] >= 50
-
-    await wait_for(progressed, timeout=60, what="50 sent")
+    await wait_sent(conn, campaign_id, 50)
     frozen.signal(signal.SIGSTOP)
     epoch_before = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     daemon_config,
     state_counts,
     wait_for,
+    wait_sent,
     wait_status,
     with_database,
     write_config,
@@ -38,10 +39,7 @@ async def test_host_pauses_then_resumes_a_campaign(
     campaign_id = await create_campaign(conn, "sms", 600)
     daemon = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, campaign_id))["sent_count"] >= 50
-
-    await wait_for(progressed, timeout=30, what="50 sent")
+    await wait_sent(conn, campaign_id, 50, timeout=30)
     await conn.execute("UPDATE campaignd.campaigns SET status = 'paused' WHERE id = $1", campaign_id)
 
     async def quiet() -> bool:
@@ -108,10 +106,7 @@ async def test_campaign_deleted_while_sending_stops_its_work_without_crashing(
     doomed = await create_campaign(conn, "sms", 1000, name="doomed")
     daemon = daemons(config)
 
-    async def progressed() -> bool:
-        return (await campaign(conn, doomed))["sent_count"] >= 30
-
-    await wait_for(progressed, timeout=30, what="30 sent")
+    await wait_sent(conn, doomed, 30, timeout=30)
     await conn.execute("DELETE FROM campaignd.campaigns WHERE id = $1", doomed)
     await asyncio.sleep(1.0)
     after_delete = fake.request_count()

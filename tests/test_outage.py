@@ -28,6 +28,7 @@ from tests.conftest import (
     daemon_config,
     state_counts,
     wait_for,
+    wait_sent,
     wait_status,
 )
 from tests.pgproxy import PgProxy
@@ -333,9 +334,7 @@ async def test_a_database_that_turns_read_only_is_waited_out_and_the_campaign_co
     campaign_id = await create_campaign(conn, "sms", 2000)
     config = daemon_config(tmp_path, database_url, {"sms": {"url": fake.url, "rate_per_second": 300.0}})
     daemon = daemons(config)
-    await wait_for(
-        lambda: _sent_at_least(conn, campaign_id, 200), timeout=60, what="200 sent before the failover"
-    )
+    await wait_sent(conn, campaign_id, 200, what="200 sent before the failover")
 
     database = await conn.fetchval("SELECT current_database()")
     await conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
@@ -374,7 +373,7 @@ async def test_logins_refused_while_running_are_waited_out_and_nothing_ends_in_d
         tmp_path, url, {"sms": {"url": fake.url, "rate_per_second": 300.0, "resend_in_doubt": False}}
     )
     daemon = daemons(config)
-    await wait_for(lambda: _sent_at_least(conn, campaign_id, 200), timeout=60, what="200 sent")
+    await wait_sent(conn, campaign_id, 200)
 
     await conn.execute(f"ALTER ROLE {role} NOLOGIN")
     await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
@@ -411,7 +410,7 @@ async def test_a_stop_while_the_database_no_longer_answers_ends_within_its_budge
             tmp_path, proxy.url, {"sms": {"url": fake.url, "rate_per_second": 100.0}}, drain_seconds=2.0
         )
         daemon = daemons(config)
-        await wait_for(lambda: _sent_at_least(conn, campaign_id, 100), timeout=60, what="100 sent")
+        await wait_sent(conn, campaign_id, 100)
         proxy.freeze()
         await asyncio.sleep(0.5)
         stopped_at = time.monotonic()
@@ -448,7 +447,7 @@ async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_camp
         idle_in_transaction_timeout_seconds=2.0,
     )
     daemon = daemons(config)
-    await wait_for(lambda: _sent_at_least(conn, campaign_id, 300), timeout=60, what="300 sent")
+    await wait_sent(conn, campaign_id, 300)
     proxy.strand()
     stranded_at = time.monotonic()
     row = await wait_status(conn, campaign_id, "completed", timeout=120)
@@ -542,10 +541,6 @@ def with_database_settings(config: Path, **settings: float) -> Path:
     assert "pool_size = 6\n" in text
     config.write_text(text.replace("pool_size = 6\n", f"pool_size = 6\n{lines}", 1))
     return config
-
-
-async def _sent_at_least(connection: asyncpg.Connection, campaign_id: str, count: int) -> bool:
-    return bool((await campaign(connection, campaign_id))["sent_count"] >= count)
 
 
 async def _logged(daemon: Any, text: str) -> bool:
