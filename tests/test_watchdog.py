@@ -33,6 +33,7 @@ from campaignd.watchdog import (
     stuck_reason,
 )
 from tests.conftest import (
+    DaemonRole,
     assert_counters_match,
     campaign,
     create_campaign,
@@ -44,6 +45,7 @@ from tests.conftest import (
     wait_for,
     wait_status,
 )
+from tests.pgproxy import PgProxy
 
 
 @pytest.fixture
@@ -639,6 +641,107 @@ async def test_one_watchdog_pass_at_a_time_across_daemons(
     finally:
         await conn.fetchval("SELECT pg_advisory_unlock(hashtext('campaignd.watchdog'))")
     assert await watchdog(pool).run_pass()
+
+
+async def finished_orphan(conn: asyncpg.Connection) -> str:
+    """A campaign whose lane died after writing every outcome: only a watchdog pass completes it."""
+    campaign_id = await create_campaign(conn, "sms", 5, name="finished")
+    await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 5 WHERE id = $1", campaign_id)
+    return campaign_id
+
+
+async def session_exists(conn: asyncpg.Connection, pid: int) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid))
+
+
+async def test_a_session_sitting_idle_on_the_watchdogs_lock_is_ended_and_the_pass_runs(
+    conn: asyncpg.Connection, daemon_role: DaemonRole, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a daemon lost mid-pass leaves behind: a session that holds the lock and sits idle,
+    # which the server keeps until TCP keepalive gives it up (hours), or for good where the
+    # daemon is frozen. Every daemon's watchdog skipped every pass meanwhile. The daemons'
+    # own role, not a superuser, must be enough to end it.
+    finished = await finished_orphan(conn)
+    holder = await asyncpg.connect(daemon_role.url)
+    pool = await db.create_pool(DatabaseConfig(url=daemon_role.url, pool_size=2))  # type: ignore[arg-type]
+    try:
+        assert await holder.fetchval(QUERIES["wd_try_lock"])
+        dog = watchdog(pool)
+        # Idle for less than the limit (a minute): it may be a live pass between statements.
+        assert not await dog.run_pass()
+        assert await session_exists(conn, holder.get_server_pid())
+        assert (await campaign(conn, finished))["status"] == "sending"
+
+        monkeypatch.setattr(watchdog_module, "LOCK_HOLDER_IDLE_LIMIT_SECONDS", 1.0)
+        await asyncio.sleep(1.2)
+        with capture_logs() as events:
+            assert await dog.run_pass()
+        ended = [e for e in events if e["event"] == "watchdog_lock_holder_ended"]
+        assert [(e["pid"], e["ended"]) for e in ended] == [(holder.get_server_pid(), True)]
+        assert not await session_exists(conn, holder.get_server_pid())
+        assert (await campaign(conn, finished))["status"] == "completed"
+        # The pass let its lock go: the next one (of any daemon) runs.
+        assert await dog.run_pass()
+    finally:
+        holder.terminate()
+        await pool.close()
+
+
+async def test_a_watchdog_lost_mid_pass_does_not_stop_every_other_watchdog(
+    conn: asyncpg.Connection, database_url: str, proxy: PgProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A daemon's connection goes silent in the middle of its pass (held at the proxy, which
+    # keeps the server's side of it open, as a partition does): the server's session keeps
+    # the lock. Another daemon's watchdog ends that session once it has sat idle past the
+    # limit, and its pass completes the campaign that only a pass can complete.
+    monkeypatch.setattr(watchdog_module, "LOCK_HOLDER_IDLE_LIMIT_SECONDS", 2.0)
+    finished = await finished_orphan(conn)
+    lost_pool = await db.create_pool(DatabaseConfig(url=proxy.url, pool_size=2))  # type: ignore[arg-type]
+    other_pool = await db.create_pool(DatabaseConfig(url=database_url, pool_size=2))  # type: ignore[arg-type]
+    try:
+        proxy.hold_statement(QUERIES["wd_expire_lanes"], execution=1)
+        lost_pass = asyncio.create_task(watchdog(lost_pool).run_pass())
+        held = await asyncio.to_thread(proxy.statement_held.wait, 30)
+        assert held, "the pass was not held mid-way: this test tested nothing"
+        other = watchdog(other_pool)
+        with capture_logs() as events:
+            await wait_for(other.run_pass, timeout=60, interval=0.5, what="the other daemon's watchdog pass")
+        assert [e["event"] for e in events if e["event"].startswith("watchdog_lock_holder")] == [
+            "watchdog_lock_holder_ended"
+        ]
+        assert (await campaign(conn, finished))["status"] == "completed"
+        # The lost daemon learns that its connection is gone, as an outage, and goes on.
+        with pytest.raises(Exception) as lost:
+            await asyncio.wait_for(lost_pass, timeout=30)
+        assert db.is_transient_db_error(lost.value), lost.value
+    finally:
+        await other_pool.close()
+        await db.close_pool(lost_pool, 2.0)
+
+
+async def test_a_lock_holder_this_role_may_not_end_is_reported_once_and_the_passes_skip(
+    conn: asyncpg.Connection, daemon_role: DaemonRole, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemons' role sees every session (pg_read_all_stats) but may not end a superuser's.
+    await conn.execute(f"GRANT pg_read_all_stats TO {daemon_role.name}")
+    monkeypatch.setattr(watchdog_module, "LOCK_HOLDER_IDLE_LIMIT_SECONDS", 0.5)
+    pool = await db.create_pool(DatabaseConfig(url=daemon_role.url, pool_size=2))  # type: ignore[arg-type]
+    try:
+        assert await conn.fetchval(QUERIES["wd_try_lock"])
+        await asyncio.sleep(0.7)
+        dog = watchdog(pool)
+        with capture_logs() as events:
+            for _ in range(3):
+                assert not await dog.run_pass()
+        stuck = [e for e in events if e["event"] == "watchdog_lock_holder_stuck"]
+        assert len(stuck) == 1, events
+        assert await session_exists(conn, conn.get_server_pid())
+        await conn.fetchval(QUERIES["wd_unlock"])
+        assert await dog.run_pass()
+    finally:
+        await pool.close()
 
 
 def facts(**overrides: Any) -> StuckFacts:

@@ -1,7 +1,8 @@
 """The in-process watchdog: what operators did by hand in the seeds' "Stuck Campaigns" runbook.
 
-Every daemon runs it; an advisory lock lets one pass run at a time across all daemons. A
-pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
+Every daemon runs it; an advisory lock lets one pass run at a time across all daemons (a
+session that sits on the lock idle, a daemon lost or frozen mid-pass, is ended after a
+minute). A pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
 campaigns (a chunk of recipients a statement, for a few seconds a pass at most), completes
 campaigns whose recipients are all final (recounting their counters as it does; one that
 sent and failed nothing fails instead), repairs counters that drifted from recipient states
@@ -47,6 +48,12 @@ DRIFT_BATCH = 200
 # goes on sweeping before it leaves the rest to the next pass.
 SWEEP_CHUNK = 5_000
 SWEEP_BUDGET_SECONDS = 5.0
+
+# How long a session may hold the watchdog's lock while waiting on its client before another
+# daemon's watchdog ends it (wd_end_idle_lock_holder). A live pass keeps its session waiting
+# for moments between statements; an event loop stalled this long already fails the health
+# check.
+LOCK_HOLDER_IDLE_LIMIT_SECONDS = 60.0
 
 # sent, failed, skipped, total: a campaign's counters, stored or counted from its recipients.
 Counters = tuple[int, int, int, int]
@@ -173,6 +180,7 @@ class Watchdog:
         # In memory: each daemon's watchdog walks the candidates on the passes it runs, so
         # each covers them all in a bounded number of its own passes.
         self._drift_walk = DriftWalk()
+        self._told_holder_unendable = False
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -190,7 +198,7 @@ class Watchdog:
     async def run_pass(self) -> bool:
         """One pass; False when another daemon's watchdog is running one."""
         async with self._pool.acquire() as connection:
-            if not await connection.fetchval(QUERIES["wd_try_lock"]):
+            if not await self._take_lock(connection):
                 metrics.WATCHDOG_RUNS.labels("skipped").inc()
                 await self._update_gauges(connection)
                 return False
@@ -207,6 +215,37 @@ class Watchdog:
                 await connection.fetchval(QUERIES["wd_unlock"])
         metrics.WATCHDOG_RUNS.labels("ran").inc()
         return True
+
+    async def _take_lock(self, connection: Connection) -> bool:
+        """The lock of a pass; taken from a session that sits on it waiting on its client
+        past the limit."""
+        if await connection.fetchval(QUERIES["wd_try_lock"]):
+            self._told_holder_unendable = False
+            return True
+        try:
+            ended = await connection.fetch(QUERIES["wd_end_idle_lock_holder"], LOCK_HOLDER_IDLE_LIMIT_SECONDS)
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            # A holder of another role (a superuser's session, say) that this role may see but
+            # not end. Said once, not at every skipped pass; the operator ends it.
+            if not self._told_holder_unendable:
+                self._told_holder_unendable = True
+                log.warning(
+                    "watchdog_lock_holder_stuck",
+                    idle_limit_seconds=LOCK_HOLDER_IDLE_LIMIT_SECONDS,
+                    message=str(exc),
+                    note="a stalled session holds the watchdog's lock and this role may not end it",
+                )
+            return False
+        for row in ended:
+            log.warning(
+                "watchdog_lock_holder_ended",
+                pid=row["pid"],
+                application_name=row["application_name"],
+                client_addr=row["client_addr"],
+                idle_seconds=round(row["idle_seconds"], 1),
+                ended=row["ended"],
+            )
+        return bool(ended) and bool(await connection.fetchval(QUERIES["wd_try_lock"]))
 
     async def _expire_lanes(self, connection: Connection) -> None:
         for row in await connection.fetch(QUERIES["wd_expire_lanes"]):

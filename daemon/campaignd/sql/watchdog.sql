@@ -7,6 +7,31 @@ SELECT pg_try_advisory_lock(hashtext('campaignd.watchdog'));
 -- name: wd_unlock
 SELECT pg_advisory_unlock(hashtext('campaignd.watchdog'));
 
+-- name: wd_end_idle_lock_holder
+-- Ends the session that holds the watchdog's lock while it has waited on its client for more
+-- than $1 seconds (idle, or in the middle of a statement's messages): no live pass leaves it
+-- waiting that long. It is a daemon's session that the server still thinks alive after the
+-- daemon lost it mid-pass (a partition, a failover that moved the daemon's address), or a
+-- daemon frozen mid-pass: left alone, it kept the lock, and every watchdog skipped its passes,
+-- until TCP keepalive ended it (about two hours by default; never for a frozen process).
+-- Waits up to 2 s for it to exit, so the lock is free on return. pg_locks shows the lock's
+-- bigint key as its high and low 32 bits. Only sessions this role may see (its own, or all
+-- with pg_read_all_stats) are found.
+WITH lock_key AS (SELECT hashtext('campaignd.watchdog')::int8 AS k)
+SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr,
+       extract(epoch FROM now() - a.state_change)::float8 AS idle_seconds,
+       pg_terminate_backend(a.pid, 2000) AS ended
+FROM pg_locks l
+CROSS JOIN lock_key
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = ((lock_key.k >> 32) & 4294967295)::oid
+  AND l.objid = (lock_key.k & 4294967295)::oid
+  AND a.wait_event_type = 'Client' AND a.wait_event = 'ClientRead'
+  AND a.state_change < now() - make_interval(secs => $1)
+  AND a.pid <> pg_backend_pid();
+
 -- name: wd_expire_lanes
 -- Lanes whose owner stopped renewing: released, and the epoch bumped so that the old owner,
 -- should it wake up, is fenced out of every write.
