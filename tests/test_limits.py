@@ -13,7 +13,15 @@ import pytest
 
 import campaignd.limits as limits
 from campaignd.fakeprovider import max_in_window
-from campaignd.limits import MIN_RATE_FACTOR, THROTTLE_CUT, CampaignCap, SenderLimiter, TokenBucket
+from campaignd.limits import (
+    MIN_RATE_FACTOR,
+    THROTTLE_CUT,
+    THROTTLE_PAUSE_MIN_ANSWERS,
+    CampaignCap,
+    SenderLimiter,
+    TokenBucket,
+    throttled_too_long,
+)
 
 
 async def _acquire_times(acquire: Callable[[], Awaitable[Any]], count: int) -> list[float]:
@@ -319,3 +327,14 @@ async def test_campaign_cap_with_slow_rate_has_burst_of_one() -> None:
 
     assert first < 0.05
     assert second >= 0.2
+
+
+def test_a_sender_is_paused_only_after_enough_throttles_in_a_row_over_the_whole_limit() -> None:
+    def judged(since: float, now: float, answers: int, limit: float = 60.0) -> bool:
+        return throttled_too_long(since=since, now=now, answers=answers, pause_after_seconds=limit)
+
+    assert judged(0.0, 60.0, THROTTLE_PAUSE_MIN_ANSWERS)
+    assert not judged(0.0, 59.9, 1_000), "not before the limit, however many answers"
+    # A streak picked up again after a quiet spell is not judged by its first answers.
+    assert not judged(0.0, 3_600.0, THROTTLE_PAUSE_MIN_ANSWERS - 1)
+    assert not judged(0.0, 1e9, 1_000_000, limit=0.0), "0 disables the pause"

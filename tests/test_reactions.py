@@ -5,6 +5,7 @@ Real ``campaignd run`` processes, a real PostgreSQL, the fake generic provider.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,75 @@ async def test_breaker_ratio_rule_pauses_when_most_sends_fail_with_one_code(
     assert "of the last 100 sends failed with http error invalid_number" in paused["status_reason"]
     assert fake.request_count() < 300
     await assert_counters_match(conn, doomed)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_a_sender_throttled_on_every_answer_for_too_long_is_paused_with_nothing_spent(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # A provider that never lets up: a quota spent for the day, a proxy answering 429 to
+    # everything. The sender used to be asked for ever, at its limiter's floor, with the
+    # campaign in SENDING; now it is paused, each recipient pending with its attempts intact.
+    fake.behaviour.fail_prefix_rules["+1555"] = Rule(
+        429, {"error": {"code": "rate_limited", "message": "daily quota spent"}}
+    )
+    sender = {"url": fake.url, "rate_per_second": 200.0, "throttle_pause_after_seconds": 2}
+    config = daemon_config(tmp_path, database_url, {"sms": sender})
+    throttled = await create_campaign(conn, "sms", _recipients("+1555", 300))
+    daemon = daemons(config)
+
+    paused = await wait_status(conn, throttled, "paused", timeout=60)
+
+    reason = await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'")
+    assert paused["status_reason"] == reason
+    assert reason.startswith("provider throttled every request for "), reason
+    assert "the last rate_limited: HTTP 429: daily quota spent" in reason, reason
+    assert reason.endswith("resume the sender once its limit has reset")
+    await wait_for(
+        lambda: conn.fetchval(
+            "SELECT count(*) = 0 FROM campaignd.recipients WHERE campaign_id = $1 AND state = 'in_flight'",
+            throttled,
+        ),
+        timeout=30,
+        what="the requests in the air recorded",
+    )
+    assert await state_counts(conn, throttled) == {"pending": 300}
+    assert (
+        await conn.fetchval(
+            "SELECT max(attempts) FROM campaignd.recipients WHERE campaign_id = $1", throttled
+        )
+        == 0
+    ), "a throttled try spends no attempt"
+    await assert_counters_match(conn, throttled)
+    # Paused, it asks the provider nothing more.
+    asked = fake.request_count()
+    assert "sender_paused" in daemon.log()
+    await asyncio.sleep(1.5)
+    assert fake.request_count() == asked
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+async def test_throttling_broken_by_accepted_sends_never_pauses_the_sender(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
+) -> None:
+    # Half of the requests throttled for longer than the limit: the sender slows down (to
+    # about 5 requests a second), and every acceptance starts the streak again, so the
+    # campaign completes. A streak of 5 s would take about 25 throttles in a row: never here.
+    fake.behaviour.throttle_rate = 0.5
+    fake.behaviour.throttle_retry_after = "0"
+    sender = {"url": fake.url, "rate_per_second": 100.0, "throttle_pause_after_seconds": 5}
+    config = daemon_config(tmp_path, database_url, {"sms": sender})
+    campaign_id = await create_campaign(conn, "sms", _recipients("+1555", 120))
+    daemon = daemons(config)
+
+    row = await wait_status(conn, campaign_id, "completed", timeout=120)
+
+    assert row["sent_count"] == 120
+    assert (row["completed_at"] - row["started_at"]).total_seconds() > 5, "throttled for less than the limit"
+    assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
+    assert "sender_throttled" in daemon.log()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
 

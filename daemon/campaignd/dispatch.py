@@ -33,7 +33,7 @@ from campaignd.breaker import FailureBreaker
 from campaignd.config import AnySenderConfig, DispatchConfig
 from campaignd.db import Backoff, answer_timeout, is_transient_db_error, note_unavailable
 from campaignd.leasing import LaneLease, report_in_doubt
-from campaignd.limits import CampaignCap, SenderLimiter
+from campaignd.limits import CampaignCap, SenderLimiter, throttled_too_long
 from campaignd.outcomes import (
     OutcomeColumns,
     RecipientState,
@@ -265,6 +265,10 @@ class Lane:
         self._rng = random.Random()
         # Throttled answers since the last sender_throttled line (which reports them).
         self._throttled_answers = 0
+        # Answers in a row that were throttles (any other answer from the provider ends the
+        # streak), and when the streak began: a sender throttled for too long is paused.
+        self._throttled_in_a_row = 0
+        self._throttled_since = 0.0
         self._runs: dict[str, CampaignRun] = {}
         # Claimed recipients wait here for one of the lane's send workers: a fixed pool, not
         # a task per recipient, keeps the live objects (and the garbage collector's work) to
@@ -1328,26 +1332,54 @@ class Lane:
                     throttled_answers=self._throttled_answers,
                 )
                 self._throttled_answers = 0
+            self._extend_throttle_streak(result)
         # A verdict against the sender or campaign that decide() gave up on as this recipient's
         # own pauses nothing: were it the sender's after all, the requests still in the air
         # bring the same verdict for recipients without this history.
         elif update.state is RecipientState.FAILED:
             pass
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
-            # As stored: _pause_sender compares it with the reason read back.
-            self._pause_reason = self._storable_text(
+            self._pause_sender_for(
                 f"provider rejected the sender: {result.error_code}: {result.error_message}"
             )
-            self._pause_changes_seen = self.lease.pause_changes
-            self._wake.set()
         elif result.kind is ResultKind.CAMPAIGN_FATAL:
             self._pause_campaign(
                 flight.run, f"provider rejected the campaign: {result.error_code}: {result.error_message}"
             )
+        if result.kind is not ResultKind.THROTTLED and result.kind is not ResultKind.SKIPPED:
+            self._throttled_in_a_row = 0
         tripped = flight.run.breaker.record(result)
         if tripped is not None:
             self._pause_campaign(flight.run, f"circuit breaker: {tripped}")
         self._record(update, flight)
+
+    def _extend_throttle_streak(self, result: SendResult) -> None:
+        """Counts a throttled answer; pauses the sender once every answer has been one for
+        throttle_pause_after_seconds. Unpaused, a provider that never lets up was asked for
+        ever, at the limiter's floor, and the campaign stayed in SENDING."""
+        now = self._loop.time()
+        if not self._throttled_in_a_row:
+            self._throttled_since = now
+        self._throttled_in_a_row += 1
+        if self._pause_reason is not None or not throttled_too_long(
+            since=self._throttled_since,
+            now=now,
+            answers=self._throttled_in_a_row,
+            pause_after_seconds=self._sender.throttle_pause_after_seconds,
+        ):
+            return
+        last = ": ".join(part for part in (result.error_code, result.error_message) if part)
+        self._pause_sender_for(
+            f"provider throttled every request for {now - self._throttled_since:.0f} s"
+            f" ({self._throttled_in_a_row} answers in a row, the last {last or 'without a code'});"
+            " resume the sender once its limit has reset"
+        )
+
+    def _pause_sender_for(self, reason: str) -> None:
+        # As stored: _pause_sender compares it with the reason read back.
+        self._pause_reason = self._storable_text(reason)
+        self._pause_changes_seen = self.lease.pause_changes
+        self._wake.set()
 
     def _record(self, update: RecipientUpdate, flight: Flight) -> None:
         if update.state is RecipientState.PENDING:

@@ -18,6 +18,19 @@ RECOVERY_INTERVAL_SECONDS = 2.0
 # The window guard counts rate + burst over one second plus this margin, as far as the
 # burst allows without lowering the sustained rate: (1 + margin) * rate <= rate + burst.
 JITTER_MARGIN_SECONDS = 0.1
+# A streak of throttled answers is judged only once it holds this many: one picked up again
+# after a quiet spell (a campaign paused, then resumed) is not judged by its first answer.
+THROTTLE_PAUSE_MIN_ANSWERS = 10
+
+
+def throttled_too_long(*, since: float, now: float, answers: int, pause_after_seconds: float) -> bool:
+    """Whether a sender whose every answer since ``since`` was one of ``answers`` throttles
+    should be paused (``pause_after_seconds`` 0: never)."""
+    return (
+        pause_after_seconds > 0
+        and answers >= THROTTLE_PAUSE_MIN_ANSWERS
+        and now - since >= pause_after_seconds
+    )
 
 
 class TokenBucket:
