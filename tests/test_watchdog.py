@@ -63,6 +63,15 @@ def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+async def finished_orphan(conn: asyncpg.Connection) -> str:
+    """A campaign whose lane died after writing every outcome: only a watchdog pass completes it."""
+    campaign_id = await create_campaign(conn, "sms", 5, name="finished")
+    await mark_prepared(conn, campaign_id)
+    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", campaign_id)
+    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 5 WHERE id = $1", campaign_id)
+    return campaign_id
+
+
 async def test_completes_an_orphaned_campaign_whose_recipients_are_all_final(
     conn: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
@@ -591,11 +600,7 @@ async def test_a_cancelled_campaign_larger_than_a_chunk_is_swept_over_passes_wit
 async def test_a_sweep_that_outlasts_statement_timeout_stops_no_other_step_of_the_pass(
     conn: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A campaign whose lane died after writing every outcome: only the watchdog completes it.
-    done = await create_campaign(conn, "sms", 5, name="done")
-    await mark_prepared(conn, done)
-    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", done)
-    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 5 WHERE id = $1", done)
+    done = await finished_orphan(conn)
     # Beside it, a big campaign a host cancelled with an UPDATE before it was ever prepared:
     # ending all of it in one statement outlasts the statement_timeout below (0.1 s standing
     # for 30 s, 100,000 recipients for a hundred million). That statement failed every pass,
@@ -643,15 +648,6 @@ async def test_one_watchdog_pass_at_a_time_across_daemons(
     assert await watchdog(pool).run_pass()
 
 
-async def finished_orphan(conn: asyncpg.Connection) -> str:
-    """A campaign whose lane died after writing every outcome: only a watchdog pass completes it."""
-    campaign_id = await create_campaign(conn, "sms", 5, name="finished")
-    await mark_prepared(conn, campaign_id)
-    await conn.execute("UPDATE campaignd.recipients SET state = 'sent' WHERE campaign_id = $1", campaign_id)
-    await conn.execute("UPDATE campaignd.campaigns SET sent_count = 5 WHERE id = $1", campaign_id)
-    return campaign_id
-
-
 async def session_exists(conn: asyncpg.Connection, pid: int) -> bool:
     return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid))
 
@@ -669,7 +665,7 @@ async def test_a_session_sitting_idle_on_the_watchdogs_lock_is_ended_and_the_pas
     try:
         assert await holder.fetchval(QUERIES["wd_try_lock"])
         dog = watchdog(pool)
-        # Idle for less than the limit (a minute): it may be a live pass between statements.
+        # Idle for less than the limit (90 s): it may be a live pass between statements.
         assert not await dog.run_pass()
         assert await session_exists(conn, holder.get_server_pid())
         assert (await campaign(conn, finished))["status"] == "sending"

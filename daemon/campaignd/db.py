@@ -187,6 +187,11 @@ def answer_timeout(statement_timeout_seconds: float) -> float:
     return statement_timeout_seconds + ANSWER_MARGIN_SECONDS
 
 
+# Seconds a pool connection may sit unused before it is closed: a failover must not leave the
+# pool full of sockets to the old primary. The watchdog relies on it too (watchdog.py).
+MAX_INACTIVE_CONNECTION_SECONDS = 60.0
+
+
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
     """The daemon's connections. Every statement on them waits for its answer at most
     answer_timeout() (a statement that needs longer passes its own timeout): a connection to a
@@ -202,9 +207,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
         init=_init_connection,
         timeout=10,
         command_timeout=answer_timeout(config.statement_timeout_seconds),
-        # Connections are recycled after an outage; an idle one is closed after a while so
-        # a failover does not leave the pool full of sockets to the old primary.
-        max_inactive_connection_lifetime=60,
+        max_inactive_connection_lifetime=MAX_INACTIVE_CONNECTION_SECONDS,
     )
     return pool
 

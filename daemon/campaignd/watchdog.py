@@ -1,8 +1,8 @@
 """The in-process watchdog: what operators did by hand in the seeds' "Stuck Campaigns" runbook.
 
 Every daemon runs it; an advisory lock lets one pass run at a time across all daemons (a
-session that sits on the lock idle, a daemon lost or frozen mid-pass, is ended after a
-minute). A pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
+session that sits on the lock idle, a daemon lost or frozen mid-pass, is ended after 90 s).
+A pass takes back expired lanes and their orphaned claims, sweeps cancelled and failed
 campaigns (a chunk of recipients a statement, for a few seconds a pass at most), completes
 campaigns whose recipients are all final (recounting their counters as it does; one that
 sent and failed nothing fails instead), repairs counters that drifted from recipient states
@@ -28,7 +28,7 @@ import structlog
 from campaignd import leasing, metrics
 from campaignd.asyncutil import wait_any
 from campaignd.config import WatchdogConfig
-from campaignd.db import is_transient_db_error, note_unavailable
+from campaignd.db import MAX_INACTIVE_CONNECTION_SECONDS, is_transient_db_error, note_unavailable
 from campaignd.health import Heartbeats
 from campaignd.sql import QUERIES
 
@@ -51,9 +51,10 @@ SWEEP_BUDGET_SECONDS = 5.0
 
 # How long a session may hold the watchdog's lock while waiting on its client before another
 # daemon's watchdog ends it (wd_end_idle_lock_holder). A live pass keeps its session waiting
-# for moments between statements; an event loop stalled this long already fails the health
-# check.
-LOCK_HOLDER_IDLE_LIMIT_SECONDS = 60.0
+# for moments between statements. Longer than a pool connection ever sits unused: the
+# statement reads pg_locks and pg_stat_activity at two moments, and a connection idle for
+# longer, seen before it took the lock for its pass, would be ended mid-pass.
+LOCK_HOLDER_IDLE_LIMIT_SECONDS = MAX_INACTIVE_CONNECTION_SECONDS + 30.0
 
 # sent, failed, skipped, total: a campaign's counters, stored or counted from its recipients.
 Counters = tuple[int, int, int, int]
@@ -224,16 +225,21 @@ class Watchdog:
             return True
         try:
             ended = await connection.fetch(QUERIES["wd_end_idle_lock_holder"], LOCK_HOLDER_IDLE_LIMIT_SECONDS)
-        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        except asyncpg.PostgresError as exc:
+            if is_transient_db_error(exc):
+                raise
             # A holder of another role (a superuser's session, say) that this role may see but
-            # not end. Said once, not at every skipped pass; the operator ends it.
+            # not end, or a server that refuses the statement: a busy lock was a quiet skip
+            # before, and must not become a traceback at every pass. Said once; the operator
+            # ends the session.
             if not self._told_holder_unendable:
                 self._told_holder_unendable = True
                 log.warning(
                     "watchdog_lock_holder_stuck",
                     idle_limit_seconds=LOCK_HOLDER_IDLE_LIMIT_SECONDS,
+                    error=type(exc).__name__,
                     message=str(exc),
-                    note="a stalled session holds the watchdog's lock and this role may not end it",
+                    note="a session may hold the watchdog's lock for good; this role could not end it",
                 )
             return False
         for row in ended:

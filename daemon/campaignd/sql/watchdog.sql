@@ -14,13 +14,14 @@ SELECT pg_advisory_unlock(hashtext('campaignd.watchdog'));
 -- daemon lost it mid-pass (a partition, a failover that moved the daemon's address), or a
 -- daemon frozen mid-pass: left alone, it kept the lock, and every watchdog skipped its passes,
 -- until TCP keepalive ended it (about two hours by default; never for a frozen process).
--- Waits up to 2 s for it to exit, so the lock is free on return. pg_locks shows the lock's
--- bigint key as its high and low 32 bits. Only sessions this role may see (its own, or all
--- with pg_read_all_stats) are found.
+-- Waits up to 1 s for it to exit (an idle backend exits at once), so the lock is free on
+-- return. pg_locks shows the lock's bigint key as its high and low 32 bits. Only sessions
+-- this role may see (its own, or all with pg_read_all_stats) are found, and none where
+-- track_activities is off. $1 must exceed the pool's idle lifetime (watchdog.py).
 WITH lock_key AS (SELECT hashtext('campaignd.watchdog')::int8 AS k)
 SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr,
        extract(epoch FROM now() - a.state_change)::float8 AS idle_seconds,
-       pg_terminate_backend(a.pid, 2000) AS ended
+       pg_terminate_backend(a.pid, 1000) AS ended
 FROM pg_locks l
 CROSS JOIN lock_key
 JOIN pg_stat_activity a ON a.pid = l.pid
