@@ -156,8 +156,8 @@ async def test_a_sender_throttled_on_every_answer_for_too_long_is_paused_with_no
     ), "a throttled try spends no attempt"
     await assert_counters_match(conn, throttled)
     # Paused, it asks the provider nothing more.
+    await wait_for(lambda: asyncio.to_thread(lambda: "sender_paused" in daemon.log()), what="sender_paused")
     asked = fake.request_count()
-    assert "sender_paused" in daemon.log()
     await asyncio.sleep(1.5)
     assert fake.request_count() == asked
     daemon.signal(signal.SIGTERM)
@@ -167,12 +167,14 @@ async def test_a_sender_throttled_on_every_answer_for_too_long_is_paused_with_no
 async def test_throttling_broken_by_accepted_sends_never_pauses_the_sender(
     tmp_path: Path, database_url: str, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
-    # Half of the requests throttled for longer than the limit: the sender slows down (to
-    # about 5 requests a second), and every acceptance starts the streak again, so the
-    # campaign completes. A streak of 5 s would take about 25 throttles in a row: never here.
+    # Half of the requests throttled, for far longer than the limit: the sender slows down,
+    # and every acceptance starts the streak again, so the campaign completes. The fake's
+    # draws are seeded: none of its first 3,000 requests is the 9th throttle in a row, short
+    # of the 10 a pause needs, so a streak that nothing ended would pause it within seconds.
     fake.behaviour.throttle_rate = 0.5
     fake.behaviour.throttle_retry_after = "0"
-    sender = {"url": fake.url, "rate_per_second": 100.0, "throttle_pause_after_seconds": 5}
+    fake.behaviour.seed = 3
+    sender = {"url": fake.url, "rate_per_second": 100.0, "throttle_pause_after_seconds": 1}
     config = daemon_config(tmp_path, database_url, {"sms": sender})
     campaign_id = await create_campaign(conn, "sms", _recipients("+1555", 120))
     daemon = daemons(config)
@@ -180,7 +182,7 @@ async def test_throttling_broken_by_accepted_sends_never_pauses_the_sender(
     row = await wait_status(conn, campaign_id, "completed", timeout=120)
 
     assert row["sent_count"] == 120
-    assert (row["completed_at"] - row["started_at"]).total_seconds() > 5, "throttled for less than the limit"
+    assert (row["completed_at"] - row["started_at"]).total_seconds() > 3, "throttled for less than the limit"
     assert await conn.fetchval("SELECT paused_reason FROM campaignd.senders WHERE id = 'sms'") is None
     assert "sender_throttled" in daemon.log()
     daemon.signal(signal.SIGTERM)

@@ -332,8 +332,10 @@ class _SenderBase(_Section):
     breaker_failure_ratio: float = Field(default=0.9, gt=0, le=1)
     # A sender whose every answer has been a throttle for this long is paused with that reason,
     # its recipients pending and unspent: a provider that never lets up (a quota spent, a proxy
-    # that answers 429 to everything) is not asked again and again for ever. 0 disables it.
-    throttle_pause_after_seconds: float = Field(default=1800.0, ge=0, le=604_800)
+    # that answers 429 to everything) is not asked again and again for ever. Longer than a few
+    # of the longest waits a provider may ask for (1 h) and than a maintenance window's 503s,
+    # which used to pass by themselves and should still. 0 disables it.
+    throttle_pause_after_seconds: float = Field(default=14_400.0, ge=0, le=604_800)
 
 
 class HttpSenderConfig(_SenderBase):

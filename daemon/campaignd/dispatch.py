@@ -265,8 +265,9 @@ class Lane:
         self._rng = random.Random()
         # Throttled answers since the last sender_throttled line (which reports them).
         self._throttled_answers = 0
-        # Answers in a row that were throttles (any other answer from the provider ends the
-        # streak), and when the streak began: a sender throttled for too long is paused.
+        # Answers in a row that were throttles (any other result of a send ends the streak, a
+        # skip aside), and when the streak began: a sender throttled for too long is paused.
+        # Per lane: a handover or a restart starts it afresh.
         self._throttled_in_a_row = 0
         self._throttled_since = 0.0
         self._runs: dict[str, CampaignRun] = {}
@@ -1339,7 +1340,7 @@ class Lane:
         elif update.state is RecipientState.FAILED:
             pass
         elif result.kind is ResultKind.SENDER_FATAL and self._pause_reason is None:
-            self._pause_sender_for(
+            self._decide_sender_pause(
                 f"provider rejected the sender: {result.error_code}: {result.error_message}"
             )
         elif result.kind is ResultKind.CAMPAIGN_FATAL:
@@ -1369,13 +1370,13 @@ class Lane:
         ):
             return
         last = ": ".join(part for part in (result.error_code, result.error_message) if part)
-        self._pause_sender_for(
+        self._decide_sender_pause(
             f"provider throttled every request for {now - self._throttled_since:.0f} s"
-            f" ({self._throttled_in_a_row} answers in a row, the last {last or 'without a code'});"
+            f" ({self._throttled_in_a_row} answers in a row, the last {last or 'one without a code'});"
             " resume the sender once its limit has reset"
         )
 
-    def _pause_sender_for(self, reason: str) -> None:
+    def _decide_sender_pause(self, reason: str) -> None:
         # As stored: _pause_sender compares it with the reason read back.
         self._pause_reason = self._storable_text(reason)
         self._pause_changes_seen = self.lease.pause_changes
