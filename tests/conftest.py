@@ -254,6 +254,15 @@ def daemon_config(
     return write_config(tmp_path / name, sections)
 
 
+def with_database_settings(config: Path, **settings: float) -> Path:
+    """``config`` with these [database] settings added."""
+    lines = "".join(f"{name} = {value!r}\n" for name, value in settings.items())
+    text = config.read_text()
+    assert "pool_size = 6\n" in text
+    config.write_text(text.replace("pool_size = 6\n", f"pool_size = 6\n{lines}", 1))
+    return config
+
+
 class DaemonProcess:
     """A real ``campaignd run`` in a subprocess, its log in a file."""
 

@@ -30,6 +30,7 @@ from tests.conftest import (
     wait_for,
     wait_sent,
     wait_status,
+    with_database_settings,
 )
 from tests.pgproxy import PgProxy
 
@@ -468,6 +469,58 @@ async def test_connections_that_go_silent_mid_campaign_are_replaced_and_the_camp
     assert took < 90, took
 
 
+async def test_a_daemon_frozen_inside_an_outcome_write_is_replaced_once_the_server_ends_it(
+    tmp_path: Path,
+    database_url: str,
+    proxy: PgProxy,
+    conn: asyncpg.Connection,
+    fake: FakeProvider,
+    daemons: Any,
+) -> None:
+    # SIGSTOP between an outcome write and its COMMIT (the COMMIT held at the proxy stands for
+    # the freeze landing there) leaves the sender's row locked FOR KEY SHARE. A takeover locks
+    # it FOR UPDATE to fence the owner, so it waits, past the lease, until the server ends the
+    # frozen transaction (idle_in_transaction_timeout_seconds); then the lane goes on, and the
+    # thawed daemon, fenced, changes nothing.
+    fake.behaviour.latency_seconds = 0.05
+    campaign_id = await create_campaign(conn, "sms", 400)
+    senders = {"sms": {"url": fake.url, "rate_per_second": 100.0}}
+    frozen_config = daemon_config(tmp_path, proxy.url, senders, lease_seconds=2.0)
+    successor_config = daemon_config(
+        tmp_path, database_url, senders, name="successor.toml", lease_seconds=2.0
+    )
+    for config in (frozen_config, successor_config):
+        with_database_settings(config, idle_in_transaction_timeout_seconds=4.0)
+    frozen = daemons(frozen_config)
+    await wait_sent(conn, campaign_id, 50)
+    proxy.hold_statement(QUERIES["record_outcomes_commit"], execution=1)
+    assert await asyncio.to_thread(proxy.statement_held.wait, 30), "no outcome write was held"
+    frozen.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    epoch_before = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    successor = daemons(successor_config)
+
+    async def taken_over() -> bool:
+        epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+        return bool(epoch > epoch_before)
+
+    await wait_for(taken_over, timeout=60, what="takeover")
+    took = time.monotonic() - frozen_at
+    # Not at the lease's end (2 s): the server ended the transaction 4 s after it went idle,
+    # which was before the freeze.
+    assert took > 3.0, took
+    final = await wait_status(conn, campaign_id, "completed", timeout=120)
+    frozen.signal(signal.SIGCONT)
+    await wait_for(lambda: _logged(frozen, "lane_taken_over"), timeout=30, what="the thawed daemon fenced")
+    assert dict(await campaign(conn, campaign_id)) == dict(final)
+    assert await state_counts(conn, campaign_id) == {"sent": 400}
+    await assert_counters_match(conn, campaign_id)
+    assert fake.addresses_delivered_under_several_keys() == {}
+    for daemon in (frozen, successor):
+        daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 60) == 0
+
+
 async def test_a_listener_gone_silent_is_replaced_so_new_campaigns_start_at_once(
     tmp_path: Path, proxy: PgProxy, conn: asyncpg.Connection, fake: FakeProvider, daemons: Any
 ) -> None:
@@ -532,15 +585,6 @@ async def test_closing_a_pool_whose_connections_went_silent_ends_within_its_boun
     took = time.monotonic() - started
     # Waited its bound (the connections were still open and silent), and no longer.
     assert 0.9 <= took < 10, took
-
-
-def with_database_settings(config: Path, **settings: float) -> Path:
-    """``config`` with these [database] settings added."""
-    lines = "".join(f"{name} = {value!r}\n" for name, value in settings.items())
-    text = config.read_text()
-    assert "pool_size = 6\n" in text
-    config.write_text(text.replace("pool_size = 6\n", f"pool_size = 6\n{lines}", 1))
-    return config
 
 
 async def _logged(daemon: Any, text: str) -> bool:
