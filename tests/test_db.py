@@ -23,7 +23,7 @@ async def test_sessions_have_timeouts_and_plan_per_execution(conn: asyncpg.Conne
     assert settings == {
         "statement_timeout": "30s",
         "lock_timeout": "5s",
-        "idle_in_transaction_session_timeout": "1min",
+        "idle_in_transaction_session_timeout": "15s",
         # Generic plans for the unnest batch statements can go quadratic after an ANALYZE.
         "plan_cache_mode": "force_custom_plan",
         "application_name": "campaignd",

@@ -177,7 +177,11 @@ class DatabaseConfig(_Section):
     # at most 2^31 - 1 of them (~24.8 days); 0 would mean no guard at all.
     statement_timeout_seconds: float = Field(default=30.0, ge=0.001, le=86_400)
     lock_timeout_seconds: float = Field(default=5.0, ge=0.001, le=86_400)
-    idle_in_transaction_timeout_seconds: float = Field(default=60.0, ge=0.001, le=86_400)
+    # The daemon's transactions are milliseconds of work; one left open this long is a client
+    # that froze or went away inside it. Its locks hold up a takeover of its lane (the sender's
+    # row) until the server ends it: at the lease's length, a frozen owner is replaced as fast
+    # whether or not the freeze landed in a transaction.
+    idle_in_transaction_timeout_seconds: float = Field(default=15.0, ge=0.001, le=86_400)
 
     @field_validator("url")
     @classmethod
