@@ -360,6 +360,23 @@ async def register_sender(
     )
 
 
+async def lane_epoch(conn: asyncpg.Connection, sender_id: str) -> int:
+    """The sender's lane epoch: bumped at every acquisition, so a takeover shows in it."""
+    epoch: int = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = $1", sender_id)
+    return epoch
+
+
+async def wait_taken_over(
+    conn: asyncpg.Connection, sender_id: str, epoch_before: int, *, timeout: float
+) -> None:
+    """Until the sender's lane has been acquired again since it was at ``epoch_before``."""
+
+    async def taken_over() -> bool:
+        return await lane_epoch(conn, sender_id) > epoch_before
+
+    await wait_for(taken_over, timeout=timeout, what=f"a takeover of {sender_id}'s lane")
+
+
 async def wait_sent(
     connection: asyncpg.Connection, campaign_id: str, count: int, *, timeout: float = 60, what: str = ""
 ) -> None:

@@ -15,10 +15,12 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    lane_epoch,
     state_counts,
     wait_for,
     wait_sent,
     wait_status,
+    wait_taken_over,
     with_database_settings,
 )
 
@@ -446,15 +448,11 @@ async def test_frozen_daemon_is_fenced_after_takeover(
 
     await wait_sent(conn, campaign_id, 50)
     frozen.signal(signal.SIGSTOP)
-    epoch_before = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    epoch_before = await lane_epoch(conn, "sms")
 
     successor = daemons(config)
 
-    async def taken_over() -> bool:
-        epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
-        return bool(epoch > epoch_before)
-
-    await wait_for(taken_over, timeout=30, what="takeover")
+    await wait_taken_over(conn, "sms", epoch_before, timeout=30)
     await wait_status(conn, campaign_id, "completed", timeout=120)
     final = dict(await campaign(conn, campaign_id))
 

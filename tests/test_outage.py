@@ -26,10 +26,12 @@ from tests.conftest import (
     campaign,
     create_campaign,
     daemon_config,
+    lane_epoch,
     state_counts,
     wait_for,
     wait_sent,
     wait_status,
+    wait_taken_over,
     with_database_settings,
 )
 from tests.pgproxy import PgProxy
@@ -497,14 +499,9 @@ async def test_a_daemon_frozen_inside_an_outcome_write_is_replaced_once_the_serv
     assert await asyncio.to_thread(proxy.statement_held.wait, 30), "no outcome write was held"
     frozen.signal(signal.SIGSTOP)
     frozen_at = time.monotonic()
-    epoch_before = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    epoch_before = await lane_epoch(conn, "sms")
     successor = daemons(successor_config)
-
-    async def taken_over() -> bool:
-        epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
-        return bool(epoch > epoch_before)
-
-    await wait_for(taken_over, timeout=60, what="takeover")
+    await wait_taken_over(conn, "sms", epoch_before, timeout=60)
     took = time.monotonic() - frozen_at
     # Not at the lease's end (2 s): the server ended the transaction 4 s after it went idle,
     # which was before the freeze.

@@ -39,6 +39,7 @@ from tests.conftest import (
     create_campaign,
     daemon_config,
     doubted_then,
+    lane_epoch,
     mark_prepared,
     register_sender,
     state_counts,
@@ -127,7 +128,7 @@ async def test_takes_over_the_expired_lane_of_a_killed_daemon_and_recovers_its_c
     await wait_for(in_flight, timeout=30, what="claims in flight")
     victim.kill()
     orphaned = (await state_counts(conn, campaign_id))["in_flight"]
-    epoch = await conn.fetchval("SELECT lease_epoch FROM campaignd.senders WHERE id = 'sms'")
+    epoch = await lane_epoch(conn, "sms")
     resent_before = sample("campaignd_in_doubt_recipients_total", sender_id="sms", action="resent")
 
     async def expired() -> bool:
